@@ -1,0 +1,12 @@
+"""qcb-ptq-plugin: purify quantization-conditioned backdoors as a step of post-training quantization.
+
+>>> report = qcb_ptq_plugin.purify(prepared, float_model, calib)   # between calibration and convert
+"""
+
+from .api import purify
+from .config import PDAMode, PurifyConfig, Solver
+from .grid import WeightGrid
+from .report import PurifyReport, UnitReport
+
+__all__ = ["purify", "PurifyConfig", "Solver", "PDAMode", "WeightGrid", "PurifyReport", "UnitReport"]
+__version__ = "0.1.0"

@@ -1,0 +1,130 @@
+"""Pieces every PyTorch adapter shares: frozen observers, float-model matching, BN lookup."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.ao.quantization.observer import ObserverBase, PlaceholderObserver
+
+from ..lac import Unit, _StopForward
+
+log = logging.getLogger(__name__)
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+@dataclass
+class Plan:
+    """What an adapter hands to the algorithm, and how to write the result back."""
+
+    units: list[Unit]
+    simulator: nn.Module
+    commit: Callable[[list[torch.Tensor]], None]
+
+
+class FrozenQuant(nn.Module):
+    """An observer turned into a fixed fake-quantizer with the qparams convert will use."""
+
+    def __init__(self, observer: ObserverBase, name: str = "") -> None:
+        super().__init__()
+        self.identity = (observer.dtype in (torch.float, torch.float16, torch.bfloat16)
+                         or isinstance(observer, PlaceholderObserver) or getattr(observer, "is_dynamic", False))
+        if not self.identity:
+            mn, mx = getattr(observer, "min_val", None), getattr(observer, "max_val", None)
+            if mn is not None and (mn.numel() == 0 or not torch.isfinite(mn).all() or not torch.isfinite(mx).all()):
+                raise RuntimeError(
+                    f"observer {name or type(observer).__name__} has not seen any data: run calibration "
+                    "(`for x in calib: prepared(x)`) before purify")
+            scale, zp = observer.calculate_qparams()
+            self.register_buffer("scale", scale.detach().float())
+            self.register_buffer("zero_point", zp.detach().to(torch.int32))
+            self.qmin, self.qmax = int(observer.quant_min), int(observer.quant_max)
+            self.axis = getattr(observer, "ch_axis", -1) if self.scale.numel() > 1 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return x
+        if self.axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, self.scale.reshape(()), self.zero_point.reshape(()),
+                                                         self.qmin, self.qmax)
+        return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis, self.qmin, self.qmax)
+
+
+def freeze_observers(model: nn.Module) -> int:
+    """Replace every observer submodule by a FrozenQuant (in place); returns how many."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, ObserverBase)]
+    for name, obs in found:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, FrozenQuant(obs, name))
+    return len(found)
+
+
+def execution_order(model: nn.Module, x: torch.Tensor, stop_at: nn.Module | None = None) -> list[nn.Module]:
+    """Leaf modules in the order a forward pass first calls them."""
+    order: list[nn.Module] = []
+    seen: set[int] = set()
+
+    def hook(m, _args):
+        if id(m) not in seen:
+            seen.add(id(m))
+            order.append(m)
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def following_bn(fp_layer: nn.Module, order: list[nn.Module]) -> nn.Module | None:
+    """The BatchNorm a float Conv/Linear feeds: the next module called, if it is a BN of its width."""
+    try:
+        nxt = order[order.index(fp_layer) + 1]
+    except (ValueError, IndexError):
+        return None
+    out = fp_layer.weight.shape[0]
+    return nxt if isinstance(nxt, _BN) and nxt.num_features == out and nxt.track_running_stats else None
+
+
+def fold_bn(w: torch.Tensor, b: torch.Tensor | None, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conv/Linear + eval BN -> one layer (what FX/PT2E prepare does)."""
+    f = bn.weight.detach() * torch.rsqrt(bn.running_var + bn.eps) if bn.affine else torch.rsqrt(bn.running_var + bn.eps)
+    shift = bn.bias.detach() if bn.affine else torch.zeros_like(f)
+    b0 = torch.zeros_like(bn.running_mean) if b is None else b.detach()
+    return w.detach() * f.reshape(-1, *([1] * (w.dim() - 1))), (b0 - bn.running_mean) * f + shift
+
+
+def match_float_layer(name: str, prepared_weight: torch.Tensor, fp_layer: nn.Module,
+                      bn: nn.Module | None) -> nn.Module | None:
+    """Check the float layer (+BN) really is the prepared layer; returns the BN if it was folded.
+
+    Raises a ValueError naming the unit when the float model does not match the prepared one.
+    """
+    w_fp = getattr(fp_layer, "weight", None)
+    if not isinstance(w_fp, torch.Tensor) or w_fp.shape != prepared_weight.shape:
+        raise ValueError(
+            f"float model does not match the prepared model at '{name}': prepared weight "
+            f"{tuple(prepared_weight.shape)}, float layer {type(fp_layer).__name__} "
+            f"{tuple(w_fp.shape) if isinstance(w_fp, torch.Tensor) else 'without weight'}. Pass the float model "
+            "you prepared (before fusion), not another one")
+
+    def close(a, b):
+        return (a - b).norm() <= 1e-4 * b.norm() + 1e-12
+
+    if close(prepared_weight, w_fp.detach()):
+        return bn  # BN not folded (or absent); PDA can still read it if it follows
+    if bn is not None and close(prepared_weight, fold_bn(w_fp, getattr(fp_layer, "bias", None), bn)[0]):
+        return bn
+    raise ValueError(
+        f"float model does not match the prepared model at '{name}': its weights differ "
+        f"{'from the float layer and from the layer with its BatchNorm folded' if bn is not None else 'from the float layer'}. "
+        "Pass the same float model (same weights, eval-mode BN) that was given to prepare")

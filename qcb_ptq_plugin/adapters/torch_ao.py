@@ -1,0 +1,174 @@
+"""torch.ao eager (``prepare``/``convert``) and FX (``prepare_fx``/``convert_fx``).
+
+Both flows keep each quantized layer as a float module carrying ``.qconfig``; activation
+observers are submodules; the weight observer does not exist yet: ``convert`` builds
+``qconfig.weight()`` and observes the *current* float weight (FX: ``convert_weighted_module``,
+eager: ``from_float``). So we
+
+* read the grid by running exactly that observer on the (BN-folded) weight,
+* write back W = s (q - z) and swap the layer's qconfig for one whose weight observer returns
+  the frozen (s, z): convert then rounds W back to exactly q, and
+* never forward the user's prepared model (observers would re-observe): the simulator is a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+from torch.ao.nn import intrinsic as nni
+from torch.ao.quantization import QConfig
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+from torch.ao.quantization.observer import ObserverBase, PlaceholderObserver
+from torch.fx import GraphModule
+
+from ..grid import WeightGrid
+from ..lac import LayerOp, Unit
+from ._common import Plan, execution_order, following_bn, freeze_observers, match_float_layer
+
+log = logging.getLogger(__name__)
+
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+_QUANTIZED_MODULE_PREFIXES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
+
+
+class PinnedWeightObserver(ObserverBase):
+    """Weight "observer" that returns fixed qparams, so convert keeps the purified integers."""
+
+    def __init__(self, scale, zero_point, qscheme, ch_axis, quant_min, quant_max, dtype=torch.qint8) -> None:
+        super().__init__(dtype=dtype)
+        self.qscheme, self.ch_axis = qscheme, ch_axis
+        self.quant_min, self.quant_max = quant_min, quant_max
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("zero_point", zero_point.detach().clone())
+
+    def forward(self, x):
+        return x
+
+    def calculate_qparams(self):
+        return self.scale, self.zero_point
+
+    def extra_repr(self) -> str:
+        return f"pinned {tuple(self.scale.shape)}, range=[{self.quant_min}, {self.quant_max}]"
+
+
+def matches(prepared: nn.Module) -> bool:
+    if _is_pt2e(prepared):
+        return False
+    fx_prepared = isinstance(prepared, GraphModule) and "_observed_graph_module_attrs" in prepared.meta
+    return fx_prepared or any(isinstance(m, ObserverBase) for m in prepared.modules())
+
+
+def mode_of(prepared: nn.Module) -> str:
+    return "fx" if isinstance(prepared, GraphModule) else "eager"
+
+
+def _is_pt2e(m: nn.Module) -> bool:
+    return isinstance(m, GraphModule) and any(
+        n.op == "call_function" and getattr(n.target, "namespace", None) == "aten" for n in m.graph.nodes)
+
+
+def _layer(m: nn.Module) -> nn.Module | None:
+    """The Conv/Linear inside a (possibly fused) module, else None."""
+    if isinstance(m, nni._FusedModule):
+        m = m[0]
+    return m if type(m) in _LAYERS else None
+
+
+def _activation(m: nn.Module):
+    return torch.relu if isinstance(m, nni._FusedModule) and any(isinstance(c, nn.ReLU) for c in m) else None
+
+
+def _weight_grid(name: str, qconfig: QConfig, weight: torch.Tensor) -> tuple[WeightGrid, tuple]:
+    obs = qconfig.weight()
+    act = qconfig.activation()
+    if isinstance(obs, FakeQuantizeBase) or isinstance(act, FakeQuantizeBase):
+        raise ValueError(f"'{name}' has a QAT (fake-quantize) qconfig; purify is a post-training pass: "
+                         "use a PTQ qconfig (e.g. get_default_qconfig_mapping('x86')) with prepare_fx/prepare")
+    if obs.dtype not in (torch.qint8, torch.quint8):
+        raise ValueError(f"'{name}' quantizes weights to {obs.dtype}; purify handles integer weights "
+                         "(torch.qint8/quint8 with any quant_min/quant_max, e.g. -8..7 for 4 bits)")
+    if isinstance(act, PlaceholderObserver) or getattr(act, "is_dynamic", False):
+        raise ValueError(f"'{name}' is dynamically or weight-only quantized; LAC needs statically calibrated "
+                         "activations: use a static qconfig (e.g. get_default_qconfig_mapping('x86'))")
+    obs(weight.detach())
+    grid = WeightGrid.from_observer(obs)
+    scale, zp = obs.calculate_qparams()
+    pin = dict(scale=scale, zero_point=zp, qscheme=obs.qscheme, ch_axis=getattr(obs, "ch_axis", 0),
+               quant_min=obs.quant_min, quant_max=obs.quant_max, dtype=obs.dtype)
+    return grid, pin
+
+
+def plan(prepared: nn.Module, float_model: nn.Module, example: torch.Tensor) -> Plan:
+    if any(type(m).__module__.startswith(_QUANTIZED_MODULE_PREFIXES) for m in prepared.modules()):
+        raise ValueError("the model is already converted to INT8; call purify after calibration and before convert")
+    if any(isinstance(m, FakeQuantizeBase) for m in prepared.modules()):
+        raise ValueError("the model was prepared for QAT (it holds FakeQuantize modules); purify is a "
+                         "post-training pass: prepare with prepare_fx/prepare and a PTQ qconfig")
+
+    simulator = copy.deepcopy(prepared).eval()
+    freeze_observers(simulator)
+    sim_modules = dict(simulator.named_modules())
+
+    candidates = {}
+    for name, mod in prepared.named_modules():
+        layer = _layer(mod)
+        if layer is None or getattr(mod, "qconfig", None) is None or getattr(mod.qconfig, "weight", None) is None:
+            continue
+        if name in candidates or any(name.startswith(c + ".") for c in candidates):
+            continue  # the Conv inside a fused module we already hold
+        candidates[name] = mod
+
+    # Execution order of the quantized layers (sequential purification follows it)
+    order = execution_order(simulator, example)
+    rank = {id(m): i for i, m in enumerate(order)}
+    sim_layer = {n: _layer(sim_modules[n]) for n in candidates}
+    ordered = sorted((n for n in candidates if id(sim_layer[n]) in rank), key=lambda n: rank[id(sim_layer[n])])
+    for n in candidates.keys() - set(ordered):
+        log.info("'%s' is not called in forward(); left as is", n)
+
+    fp_modules = dict(float_model.named_modules())
+    fp_order = execution_order(float_model, example)
+    units, pins, targets = [], [], []
+    for name in ordered:
+        mod = candidates[name]
+        layer = _layer(mod)
+        LayerOp.from_module(layer)  # raises on unsupported layer flavours
+        fp = fp_modules.get(name)
+        if fp is None:
+            raise ValueError(f"float model does not match the prepared model: it has no module '{name}'. "
+                             "Pass the float model that was given to prepare")
+        fp_layer = _layer(fp) or fp
+        bn = match_float_layer(name, layer.weight, fp_layer, following_bn(fp_layer, fp_order))
+        grid, pin = _weight_grid(name, mod.qconfig, layer.weight)
+        w_sim = sim_layer[name].weight
+        with torch.no_grad():
+            w_sim.copy_(grid.fake_quantize(layer.weight))
+
+        def write(w, _p=w_sim):
+            with torch.no_grad():
+                _p.copy_(w)
+
+        units.append(Unit(name=name, layer=sim_modules[name], fp_layer=fp_layer,
+                          weight=layer.weight.detach().clone(), bias=None if layer.bias is None else layer.bias.detach().clone(),
+                          grid=grid, write=write, bn=bn, activation=_activation(mod)))
+        pins.append(pin)
+        targets.append(mod)
+
+    if not units:
+        raise ValueError("no quantized Conv/Linear layer found in the prepared model; check the qconfig mapping "
+                         "(purify handles statically quantized Linear, Conv1d and Conv2d)")
+
+    def commit(codes: list[torch.Tensor]) -> None:
+        for mod, unit, q, pin in zip(targets, units, codes, pins):
+            layer = _layer(mod)
+            with torch.no_grad():
+                layer.weight.copy_(unit.grid.dequantize(q))
+            qconfig = QConfig(activation=mod.qconfig.activation, weight=PinnedWeightObserver.with_args(**pin))
+            mod.qconfig = qconfig
+            if layer is not mod:
+                layer.qconfig = qconfig  # eager from_float reads the inner layer's qconfig
+
+    return Plan(units=units, simulator=simulator, commit=commit)

@@ -1,0 +1,74 @@
+"""``purify``: the one line between calibration and convert."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+
+from . import adapters, lac
+from ._data import as_batches
+from .config import PurifyConfig
+from .report import PurifyReport
+
+log = logging.getLogger(__name__)
+
+__all__ = ["purify"]
+
+
+def purify(prepared: nn.Module, float_model: nn.Module, calib_data, config: PurifyConfig | None = None,
+           **overrides) -> PurifyReport:
+    """Purify quantization-conditioned backdoors of a calibrated model, in place (LAC+PDA).
+
+    Call it after calibration and before convert; the INT8 model convert produces is purified::
+
+        prepared = prepare_fx(model, qconfig_mapping, example_inputs)
+        for x in calib: prepared(x)
+        qcb_ptq_plugin.purify(prepared, model, calib)
+        int8 = convert_fx(prepared)
+
+    Args:
+        prepared: the calibrated model from torch.ao ``prepare_fx``/``prepare`` or torchao
+            ``prepare_pt2e``. Its quantized layers' weights (and how convert reads their
+            scales) are changed in place; its activation observers are left as calibrated.
+        float_model: the float model that was prepared, with its BatchNorm layers (they are
+            folded in ``prepared``; PDA reads their running statistics). Never modified.
+        calib_data: unlabelled calibration samples: a Tensor ``(N, ...)``, a list of batches,
+            or a DataLoader yielding ``x`` or ``(x, y)`` (labels are ignored).
+        config: a :class:`PurifyConfig`; keyword ``overrides`` replace its fields.
+
+    Returns:
+        A :class:`PurifyReport` with one row per quantized layer (error before/after, rounding
+        flips, PDA applied or why skipped, seconds).
+    """
+    cfg = (config or PurifyConfig()).replace(**overrides) if overrides or config is None else config
+    if prepared is float_model:
+        raise ValueError("`prepared` and `float_model` are the same object; pass the calibrated model returned "
+                         "by prepare_fx/prepare/prepare_pt2e and the original float model")
+    adapter = adapters.detect(prepared)
+    batches = as_batches(calib_data, cfg.batch_size, cfg.num_samples)
+    fp = _frozen_copy(float_model)
+    try:
+        with torch.no_grad():
+            fp(batches[0])
+    except Exception as e:  # the user's forward raised: say which input did not fit
+        raise ValueError(f"calibration batch of shape {tuple(batches[0].shape)} does not fit the float model "
+                         f"({type(e).__name__}: {e}); pass samples shaped like the model's input") from e
+    plan = adapter.plan(prepared, fp, batches[0])
+    codes, report = lac.run(plan.units, plan.simulator, fp, batches, cfg)
+    plan.commit(codes)
+    report.mode = adapter.mode_of(prepared)
+    log.info("purified %d layers in %.1fs", len(report.units), report.seconds)
+    return report
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"float_model must be the float nn.Module that was prepared, got {type(model).__name__}")
+    fp = copy.deepcopy(model).eval()
+    fp.requires_grad_(False)
+    if any(p.is_quantized for p in fp.parameters()) or any(b.is_quantized for b in fp.buffers()):
+        raise ValueError("float_model holds quantized tensors; pass the original float model")
+    return fp

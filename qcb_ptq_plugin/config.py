@@ -1,0 +1,96 @@
+"""Typed configuration of :func:`qcb_ptq_plugin.purify`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from enum import Enum
+
+__all__ = ["PurifyConfig", "Solver", "PDAMode"]
+
+
+class Solver(str, Enum):
+    """How LAC searches the integer weights of a unit."""
+
+    #: Fast default. Accumulates H = I·Iᵀ and C = T·Iᵀ over the calibration set, jumps to the
+    #: least-squares optimum, rounds it with GPTQ error feedback and polishes the integers with
+    #: exact coordinate descent on the same quadratic (early stop when no integer moves).
+    GRAM = "gram"
+    #: The paper's release: learn an additive offset on the weight with Adam through a
+    #: straight-through rounding, one random cached minibatch per step.
+    ADAM = "adam"
+
+
+class PDAMode(str, Enum):
+    """Poisoned distribution approximation before each unit's LAC."""
+
+    AUTO = "auto"  #: where the unit feeds a BatchNorm; skipped with a logged reason elsewhere
+    ON = "on"  #: like AUTO, but an error if no unit of the model has a BatchNorm
+    OFF = "off"  #: LAC only
+
+
+@dataclass
+class PurifyConfig:
+    """Settings of LAC+PDA. Defaults are the fast CPU solver; :meth:`paper` reproduces the paper.
+
+    Attributes:
+        solver: :class:`Solver`; ``"gram"`` (default, seconds per layer) or ``"adam"`` (paper).
+        steps: gram: coordinate-descent passes after the GPTQ rounding (stops early once no
+            integer changes); adam: optimisation steps per unit (paper: 10000).
+        lr: Adam learning rate of the weight offset (adam only; paper: 1e-3).
+        batch_size: samples per forward pass, and Adam's minibatch (paper: 32).
+        damp: ridge added to H as a fraction of its mean diagonal; pulls directions the
+            calibration data never excites towards the float weight (gram only).
+        pda: :class:`PDAMode`; ``"auto"`` (default), ``"on"`` or ``"off"``.
+        gamma: l_inf bound of the PDA input perturbation (paper: 1e-3; 1e-4..1e-2 all work).
+        pda_steps: signed-gradient PGD steps of PDA; the step halves half-way (paper: 500).
+        pda_step_size: PGD step (paper: 1e-3 = gamma).
+        num_samples: use at most this many calibration samples (None: all of them).
+        seed: seeds minibatch sampling of the adam solver.
+        progress: show a tqdm bar over units.
+    """
+
+    solver: Solver = Solver.GRAM
+    steps: int = 4
+    lr: float = 1e-3
+    batch_size: int = 32
+    damp: float = 0.01
+    pda: PDAMode = PDAMode.AUTO
+    gamma: float = 1e-3
+    pda_steps: int = 20
+    pda_step_size: float = 2.5e-4
+    num_samples: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        try:
+            self.solver = Solver(self.solver)
+        except ValueError:
+            raise ValueError(f"solver={self.solver!r} is unknown; use one of {[s.value for s in Solver]}") from None
+        try:
+            self.pda = PDAMode(self.pda)
+        except ValueError:
+            raise ValueError(f"pda={self.pda!r} is unknown; use one of {[m.value for m in PDAMode]}") from None
+        for name in ("batch_size", "pda_steps", "steps"):
+            if getattr(self, name) < (1 if name == "batch_size" else 0):
+                raise ValueError(f"{name}={getattr(self, name)} must be {'positive' if name == 'batch_size' else '>= 0'}")
+        for name in ("lr", "gamma", "pda_step_size", "damp"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ValueError(f"num_samples={self.num_samples} must be positive or None")
+
+    @classmethod
+    def paper(cls, **overrides) -> PurifyConfig:
+        """The paper's schedule (GPU-scale: ~10000 Adam steps per unit)."""
+        base = dict(solver=Solver.ADAM, steps=10000, lr=1e-3, batch_size=32,
+                    gamma=1e-3, pda_steps=500, pda_step_size=1e-3)
+        return cls(**{**base, **overrides})
+
+    def replace(self, **overrides) -> PurifyConfig:
+        return replace(self, **overrides)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["solver"], d["pda"] = self.solver.value, self.pda.value
+        return d

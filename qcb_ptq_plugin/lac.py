@@ -1,0 +1,436 @@
+"""LAC+PDA, top to bottom. Knows nothing about torch.ao, torchao or ONNX.
+
+Paper: "Purifying Quantization-conditioned Backdoors via Layer-wise Activation Correction with
+Distribution Approximation" (ICML 2024). Notation as in the paper:
+
+* a *unit* l is a Conv/Linear layer with the BatchNorm folded into it and its activation;
+* I_l is the unit's input taken from the **quantized** model in which units 1..l-1 have
+  already been purified (sequential, like BRECQ/GPTQ), T_l = W_o I_l^fp + b the **float**
+  model's output of the same unit on the same samples;
+* LAC (Eq. 3):  min_q  D(W_o I^fp, Q(W) I)  with  Q(W) = s (q - z),  D = squared error summed
+  over channels, averaged over samples and positions;
+* PDA (Sec. 4.3): before LAC, nudge I within ||dI||_inf <= gamma so that the statistics of the
+  float unit's BN input match the BN running statistics, which remember the poisoned training
+  distribution; LAC then fits the nudged inputs to the unnudged targets.
+
+The adapters hand us :class:`Unit` objects and a *simulator*: a copy of the calibrated model
+whose observers are frozen into fake-quantizers, so a forward pass computes what the INT8
+model will compute. We read each unit's input from it with a hook, choose integers, and
+write the fake-quantized weight back through ``unit.write`` before moving on.
+
+Two solvers minimise the same objective:
+
+* ``gram`` (default): D is quadratic in the weight, D(W) = tr(W H Wᵀ) - 2 tr(W Cᵀ) + t with
+  H = Σ I Iᵀ and C = Σ T Iᵀ, so one pass over the data is enough. We jump to the ridge
+  least-squares optimum W*, round it with GPTQ's error feedback (Frantar et al., 2022) and
+  polish with exact coordinate descent over integers.
+* ``adam`` (the paper's release): learn an offset delta on the weight through a straight-through
+  rounding with Adam, one random cached minibatch per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import PDAMode, PurifyConfig, Solver
+from .grid import WeightGrid
+from .report import PurifyReport, UnitReport
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Unit", "LayerOp", "run"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Units
+
+
+@dataclass(frozen=True)
+class LayerOp:
+    """How a unit applies its weight: Conv1d/Conv2d (as 2-D) or Linear."""
+
+    kind: str  # "conv1d" | "conv2d" | "linear"
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    kernel: tuple[int, int] = (1, 1)
+
+    @classmethod
+    def from_module(cls, m: nn.Module) -> LayerOp:
+        if isinstance(m, nn.Linear):
+            return cls("linear")
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
+            if m.padding_mode != "zeros" or isinstance(m.padding, str):
+                raise NotImplementedError(
+                    f"{type(m).__name__} with padding={m.padding!r}, padding_mode={m.padding_mode!r} is not "
+                    "supported; use numeric zero padding")
+            two = (lambda v: (1, v[0])) if isinstance(m, nn.Conv1d) else (lambda v: tuple(v))
+            pad = (0, m.padding[0]) if isinstance(m, nn.Conv1d) else tuple(m.padding)
+            return cls("conv1d" if isinstance(m, nn.Conv1d) else "conv2d",
+                       two(m.stride), pad, two(m.dilation), m.groups, two(m.kernel_size))
+        raise NotImplementedError(
+            f"{type(m).__name__} layers are not supported by LAC; supported: Linear, Conv1d, Conv2d "
+            "(exclude the layer from quantization or open an issue)")
+
+    def _as2d(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(-2) if self.kind == "conv1d" else x
+
+    def apply(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if self.kind == "linear":
+            return F.linear(x, w, b)
+        y = F.conv2d(self._as2d(x), self._as2d(w), b, self.stride, self.padding, self.dilation, self.groups)
+        return y.squeeze(-2) if self.kind == "conv1d" else y
+
+    def columns(self, x: torch.Tensor) -> torch.Tensor:
+        """Input columns the weight multiplies: (G, K, N) with K = in_features per group."""
+        if self.kind == "linear":
+            return x.reshape(-1, x.shape[-1]).T.unsqueeze(0)  # (1, K, N)
+        cols = F.unfold(self._as2d(x), self.kernel, self.dilation, self.padding, self.stride)  # (B, Cin*kh*kw, L)
+        b, k, l = cols.shape
+        g = self.groups
+        return cols.view(b, g, k // g, l).permute(1, 2, 0, 3).reshape(g, k // g, b * l)
+
+    def outputs(self, y: torch.Tensor) -> torch.Tensor:
+        """Layer outputs in the same layout: (G, O/G, N)."""
+        if self.kind == "linear":
+            return y.reshape(-1, y.shape[-1]).T.unsqueeze(0)
+        y = y.flatten(2)  # (B, O, L)
+        b, o, l = y.shape
+        return y.view(b, self.groups, o // self.groups, l).permute(1, 2, 0, 3).reshape(self.groups, o // self.groups, b * l)
+
+
+@dataclass
+class Unit:
+    """One quantized layer, as the algorithm sees it. Built by an adapter.
+
+    Attributes:
+        name: the layer's name in the user's prepared model (for the report).
+        layer: module of the *simulator* whose input is the unit input I (hook point).
+        fp_layer: module of the *float* model whose input is I^fp; it is the plain float
+            Conv/Linear, so its output is the BN input PDA looks at.
+        weight: W_o, the float weight the quantizer sees (BN already folded), (O, ...).
+        bias: the unit's bias (BN folded), kept as is.
+        grid: the weight grid convert will use.
+        write: stores a fake-quantized weight into the simulator.
+        bn: float BatchNorm fed by ``fp_layer`` (PDA), or None.
+        activation: the unit's activation after the layer (adam objective), or None.
+    """
+
+    name: str
+    layer: nn.Module
+    fp_layer: nn.Module
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    grid: WeightGrid
+    write: Callable[[torch.Tensor], None]
+    bn: nn.Module | None = None
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def op(self) -> LayerOp:
+        return LayerOp.from_module(self.fp_layer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Capture: read a unit's input, stop the forward there (BRECQ's StopForwardException)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@contextmanager
+def _input_tap(module: nn.Module):
+    box: list[torch.Tensor] = []
+
+    def hook(_m, args):
+        box.append(args[0].detach())
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def _unit_input(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with _input_tap(module) as box:
+        try:
+            model(x)
+        except _StopForward:
+            pass
+    if not box:
+        raise RuntimeError(f"the forward pass never reached {type(module).__name__}; is the layer used in forward()?")
+    inp = box[0]
+    return inp.dequantize() if inp.is_quantized else inp.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# PDA
+
+
+def _bn_input_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample spatial mean/std (B, C) for conv maps; batch mean/std (1, C) for vectors."""
+    dims = tuple(range(2, z.dim())) if z.dim() > 2 else (0,)
+    return z.mean(dims), (z.var(dims, unbiased=False) + 1e-6).sqrt()
+
+
+def _pda(x: torch.Tensor, unit: Unit, cfg: PurifyConfig) -> tuple[torch.Tensor, float, float]:
+    """Signed-gradient PGD on dI (||dI||_inf <= gamma) matching BN-input stats to running stats."""
+    bn = unit.bn
+    mu, sd = bn.running_mean.detach(), (bn.running_var.detach() + 1e-6).sqrt()
+    delta = torch.zeros_like(x, requires_grad=True)
+    step, first = cfg.pda_step_size, None
+    loss = None
+    for it in range(cfg.pda_steps):
+        if it == cfg.pda_steps // 2:
+            step /= 2  # the release halves the step half-way (at 250 of 500)
+        m, s = _bn_input_stats(unit.fp_layer(x + delta))
+        loss = ((m - mu) ** 2).sum(1).mean() + ((s - sd) ** 2).sum(1).mean()
+        (grad,) = torch.autograd.grad(loss, delta)
+        first = loss.item() if first is None else first
+        with torch.no_grad():
+            delta -= step * grad.sign()
+            delta.clamp_(-cfg.gamma, cfg.gamma)
+    with torch.no_grad():
+        m, s = _bn_input_stats(unit.fp_layer(x + delta))
+        last = (((m - mu) ** 2).sum(1).mean() + ((s - sd) ** 2).sum(1).mean()).item()
+    return (x + delta).detach(), (first if first is not None else last), last
+
+
+# ---------------------------------------------------------------------------------------------
+# LAC, gram solver
+
+
+class _Gram:
+    """Running H = Σ I Iᵀ, C = Σ T' Iᵀ (T' = target minus bias) and t = Σ ||T'||², per group.
+
+    Incremental like GPTQ's ``add_batch``: one batch in memory at a time.
+    """
+
+    def __init__(self) -> None:
+        self.H = self.C = None
+        self.t = 0.0
+        self.n = 0
+
+    def add(self, cols: torch.Tensor, tgt: torch.Tensor) -> None:  # (G, K, N), (G, O/G, N)
+        h = torch.bmm(cols, cols.transpose(1, 2)).double()
+        c = torch.bmm(tgt, cols.transpose(1, 2)).double()
+        self.H = h if self.H is None else self.H.add_(h)
+        self.C = c if self.C is None else self.C.add_(c)
+        self.t += tgt.double().pow(2).sum().item()
+        self.n += cols.shape[-1]
+
+    def error(self, w: torch.Tensor) -> float:
+        """D(W) = (tr(W H Wᵀ) - 2 tr(W Cᵀ) + t) / N for w of shape (G, O/G, K)."""
+        w = w.double()
+        quad = (torch.bmm(w, self.H) * w).sum() - 2 * (w * self.C).sum()
+        return max((quad.item() + self.t) / self.n, 0.0)
+
+
+def _solve_gram(g: _Gram, w_o: torch.Tensor, grid: WeightGrid, cfg: PurifyConfig) -> torch.Tensor:
+    """Integers (G, O/G, K) minimising tr((W - W*) Hd (W - W*)ᵀ) on the grid, Hd = H + λI."""
+    G, Og, K = w_o.shape
+    H = g.H.clone()
+    diag = H.diagonal(dim1=1, dim2=2)
+    lam = cfg.damp * diag.mean(1).clamp_min(1e-12)  # (G,)
+    diag.add_(lam[:, None])
+    # Ridge optimum towards the float weight: W* = (C + λ W_o) Hd⁻¹
+    L = _cholesky(H)
+    rhs = (g.C + lam[:, None, None] * w_o.double()).transpose(1, 2)  # (G, K, Og)
+    w_star = torch.cholesky_solve(rhs, L).transpose(1, 2)  # (G, Og, K)
+
+    s = grid.scale.double().view(G, Og, 1) if grid.per_channel else grid.scale.double().expand(G, Og, 1)
+    z = grid.zero_point.view(G, Og, 1) if grid.per_channel else grid.zero_point.expand(G, Og, 1)
+    q = _gptq(w_star, H, s, z, grid)
+    return _coordinate_descent(q, w_star, H, s, z, grid, cfg.steps)
+
+
+def _cholesky(H: torch.Tensor) -> torch.Tensor:
+    for extra in (0.0, 1e-6, 1e-4, 1e-2):
+        A = H + extra * H.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * torch.eye(H.shape[-1], dtype=H.dtype)
+        L, info = torch.linalg.cholesky_ex(A)
+        if not info.any():
+            return L
+    raise RuntimeError("the input Gram matrix is not positive definite even with damping; are the inputs finite?")
+
+
+def _gptq(w: torch.Tensor, H: torch.Tensor, s, z, grid: WeightGrid, block: int = 128) -> torch.Tensor:
+    """GPTQ rounding (act-order, lazy block updates), batched over groups. Returns codes."""
+    G, Og, K = w.shape
+    perm = torch.argsort(H.diagonal(dim1=1, dim2=2), dim=1, descending=True)  # (G, K)
+    inv = torch.argsort(perm, dim=1)
+    W = torch.gather(w, 2, perm[:, None, :].expand(G, Og, K)).clone()
+    Hp = torch.gather(torch.gather(H, 1, perm[:, :, None].expand(G, K, K)), 2, perm[:, None, :].expand(G, K, K))
+    U = torch.linalg.cholesky(torch.cholesky_inverse(_cholesky(Hp)), upper=True)  # chol(H⁻¹)ᵀ, upper
+    Q = torch.empty_like(W, dtype=torch.int64)
+    for i0 in range(0, K, block):
+        i1 = min(i0 + block, K)
+        E = torch.empty(G, Og, i1 - i0, dtype=W.dtype)
+        for i in range(i0, i1):
+            col = W[:, :, i : i + 1]
+            q = (torch.round(col / s) + z).clamp(grid.qmin, grid.qmax)
+            Q[:, :, i] = q[..., 0].long()
+            d = U[:, i, i].view(G, 1, 1)
+            err = (col - s * (q - z)) / d  # (G, Og, 1)
+            W[:, :, i:i1] -= err * U[:, i : i + 1, i:i1]
+            E[:, :, i - i0] = err[..., 0]
+        W[:, :, i1:] -= torch.bmm(E, U[:, i0:i1, i1:])
+    return torch.gather(Q, 2, inv[:, None, :].expand(G, Og, K))
+
+
+def _coordinate_descent(q, w_star, H, s, z, grid: WeightGrid, passes: int) -> torch.Tensor:
+    """Exact per-integer minimisation of (W - W*) H (W - W*)ᵀ; each move never increases it."""
+    q = q.clone()
+    grad = torch.bmm(s * (q - z).double() - w_star, H)  # (G, Og, K) = R H
+    hdiag = H.diagonal(dim1=1, dim2=2)  # (G, K)
+    for _ in range(passes):
+        moved = 0
+        for k in range(q.shape[-1]):
+            qk = q[:, :, k : k + 1]
+            new = (qk - torch.round(grad[:, :, k : k + 1] / (hdiag[:, k].view(-1, 1, 1) * s))).clamp(grid.qmin, grid.qmax)
+            dq = new - qk
+            if not dq.any():
+                continue
+            moved += int(dq.count_nonzero())
+            q[:, :, k : k + 1] = new
+            grad += (s * dq.double()) * H[:, k : k + 1, :]  # rank-1 update of R H
+        if moved == 0:
+            break
+    return q
+
+
+# ---------------------------------------------------------------------------------------------
+# LAC, adam solver (the paper's release)
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def _solve_adam(inputs: torch.Tensor, targets: torch.Tensor, unit: Unit, cfg: PurifyConfig) -> torch.Tensor:
+    """W_q = s (clamp(round_ste((W + delta)/s) + z) - z); min D(act(T), act(W_q I + b)) with Adam."""
+    grid, op = unit.grid, unit.op
+    w_o = unit.weight.detach().float()
+    s, z = grid._bcast(grid.scale, w_o), grid._bcast(grid.zero_point, w_o).float()
+    delta = torch.zeros_like(w_o, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.lr)
+    act = unit.activation or (lambda t: t)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tgt_all = act(targets)
+    for _ in range(cfg.steps):
+        idx = torch.randint(0, inputs.shape[0], (min(cfg.batch_size, inputs.shape[0]),), generator=gen)
+        q = (_RoundSTE.apply((w_o + delta) / s) + z).clamp(grid.qmin, grid.qmax)
+        out = act(op.apply(inputs[idx], s * (q - z), unit.bias))
+        loss = (out - tgt_all[idx]).pow(2).sum(1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return grid.quantize(w_o + delta)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _grouped(w: torch.Tensor, groups: int) -> torch.Tensor:
+    return w.reshape(groups, w.shape[0] // groups, -1)  # (G, O/G, K)
+
+
+def run(units: Sequence[Unit], simulator: nn.Module, float_model: nn.Module,
+        batches: Sequence[torch.Tensor], cfg: PurifyConfig) -> tuple[list[torch.Tensor], PurifyReport]:
+    """Purify ``units`` in order; returns the chosen integer weights and the report."""
+    if cfg.pda is PDAMode.ON and not any(u.bn is not None for u in units):
+        raise ValueError("pda='on' but no quantized layer of this model feeds a BatchNorm; use pda='auto' or 'off'")
+    report = PurifyReport(config=cfg.to_dict())
+    codes: list[torch.Tensor] = []
+    t_all = time.perf_counter()
+    bar = tqdm(units, desc="purify", unit="unit", disable=not cfg.progress)
+    for unit in bar:
+        bar.set_postfix_str(unit.name)
+        t0 = time.perf_counter()
+        q, row = _purify_unit(unit, simulator, float_model, batches, cfg)
+        row.seconds = time.perf_counter() - t0
+        unit.write(unit.grid.dequantize(q))  # later units see this unit purified
+        codes.append(q)
+        report.codes[unit.name] = q
+        report.units.append(row)
+        log.info("%s: error %.4g -> %.4g, %d flips, PDA %s, %.2fs", row.name, row.error_before,
+                 row.error_after, row.flips, row.pda, row.seconds)
+    report.seconds = time.perf_counter() - t_all
+    report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return codes, report
+
+
+def _pda_skip_reason(unit: Unit, cfg: PurifyConfig) -> str | None:
+    if cfg.pda is PDAMode.OFF:
+        return "skipped: pda='off'"
+    if unit.bn is None:
+        return "skipped: no BatchNorm after this layer in the float model"
+    if cfg.pda_steps == 0 or cfg.gamma == 0:
+        return "skipped: pda_steps or gamma is 0"
+    return None
+
+
+def _purify_unit(unit: Unit, simulator: nn.Module, float_model: nn.Module,
+                 batches: Sequence[torch.Tensor], cfg: PurifyConfig) -> tuple[torch.Tensor, UnitReport]:
+    op, grid = unit.op, unit.grid
+    w_o = unit.weight.detach().float()
+    q_rtn = grid.quantize(w_o)
+    skip = _pda_skip_reason(unit, cfg)
+    if skip and unit.bn is None and cfg.pda is not PDAMode.OFF:
+        log.info("%s: PDA %s", unit.name, skip)
+    gram = _Gram()
+    cache_in, cache_tgt = [], []
+    pda_first = pda_last = 0.0
+    for x in batches:
+        i_q = _unit_input(simulator, unit.layer, x)
+        i_fp = _unit_input(float_model, unit.fp_layer, x)
+        with torch.no_grad():
+            target = op.apply(i_fp, w_o, unit.bias)  # T = W_o I^fp + b (unnudged)
+        if skip is None:
+            i_q, a, b = _pda(i_q, unit, cfg)
+            pda_first, pda_last = pda_first + a, pda_last + b
+        with torch.no_grad():
+            bias = 0 if unit.bias is None else unit.bias.view(-1, *([1] * (target.dim() - 2)))
+            gram.add(op.columns(i_q), op.outputs(target - bias))
+        if cfg.solver is Solver.ADAM:
+            cache_in.append(i_q)
+            cache_tgt.append(target)
+    if skip is None:
+        log.debug("%s: PDA BN-statistics gap %.4g -> %.4g", unit.name, pda_first, pda_last)
+
+    G = op.groups
+    if cfg.solver is Solver.GRAM:
+        q = _solve_gram(gram, _grouped(w_o, G), grid, cfg).reshape(w_o.shape)
+    else:
+        q = _solve_adam(torch.cat(cache_in), torch.cat(cache_tgt), unit, cfg)
+    err = lambda codes: gram.error(_grouped(grid.dequantize(codes), G))  # noqa: E731
+    row = UnitReport(
+        name=unit.name, kind=type(unit.fp_layer).__name__, weights=w_o.numel(), levels=grid.levels,
+        error_before=err(q_rtn), error_after=err(q), target_energy=gram.t / gram.n,
+        flips=int((q != q_rtn).sum()), pda="applied" if skip is None else skip, seconds=0.0)
+    if not math.isfinite(row.error_after):
+        raise FloatingPointError(f"{unit.name}: LAC produced a non-finite error; inputs or weights contain NaN/Inf")
+    return q, row

@@ -1,0 +1,77 @@
+"""Small hand-written models (torchvision does not import beside torch 2.13 CPU here).
+
+``SmallCNN``: the demo/test network, Conv-BN-ReLU blocks and a Linear head::
+
+    x -> [conv3x3-BN-ReLU] x2 -> maxpool -> [conv3x3-BN-ReLU] x2 -> avgpool -> fc
+
+``resnet18_cifar``: the CIFAR-style ResNet-18 (11M parameters) for the speed benchmark.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["SmallCNN", "resnet18_cifar", "BasicBlock", "ResNet"]
+
+
+def _cbr(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(*_cbr(in_channels, w), *_cbr(w, w), nn.MaxPool2d(2),
+                                      *_cbr(w, 2 * w), *_cbr(2 * w, 2 * w), nn.AdaptiveAvgPool2d(1))
+        self.fc = nn.Linear(2 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu2 = nn.ReLU()
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu2(out + identity)
+
+
+class ResNet(nn.Module):
+    def __init__(self, blocks=(2, 2, 2, 2), num_classes: int = 10, in_channels: int = 3, width: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        layers, cin = [], width
+        for i, n in enumerate(blocks):
+            cout = width * 2**i
+            layers.append(nn.Sequential(*[BasicBlock(cin if j == 0 else cout, cout, 2 if (i > 0 and j == 0) else 1)
+                                          for j in range(n)]))
+            cin = cout
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def resnet18_cifar(num_classes: int = 10, in_channels: int = 3) -> ResNet:
+    return ResNet((2, 2, 2, 2), num_classes, in_channels)
