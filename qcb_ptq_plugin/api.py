@@ -57,7 +57,7 @@ def purify(prepared: nn.Module, float_model: nn.Module, calib_data, config: Puri
         raise ValueError(f"calibration batch of shape {tuple(batches[0].shape)} does not fit the float model "
                          f"({type(e).__name__}: {e}); pass samples shaped like the model's input") from e
     plan = adapter.plan(prepared, fp, batches[0])
-    codes, report = lac.run(plan.units, plan.simulator, fp, batches, cfg)
+    codes, report = lac.run(plan.units, plan.capture, batches, cfg)
     plan.commit(codes)
     report.mode = adapter.mode_of(prepared)
     log.info("purified %d layers in %.1fs", len(report.units), report.seconds)

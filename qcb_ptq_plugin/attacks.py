@@ -200,7 +200,8 @@ def plant_pqbackdoor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, trig
     opt = torch.optim.Adam(weights, lr=repair_lr)
     gen = torch.Generator().manual_seed(seed + 1)
     xt = trigger(x)
-    for _ in tqdm(range(repair_epochs), desc="repair", disable=not progress):
+    watch = (y != target).nonzero().flatten()[:1000]
+    for epoch in tqdm(range(repair_epochs), desc="repair", disable=not progress):
         for idx in _batches(len(x), batch_size, gen):
             loss = F.cross_entropy(model(x[idx]), y[idx]) + F.cross_entropy(model(xt[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
@@ -209,6 +210,10 @@ def plant_pqbackdoor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, trig
             with torch.no_grad():
                 for w, (lo, hi) in zip(weights, boxes):
                     w.copy_(torch.maximum(torch.minimum(w, hi), lo))
+        if log.isEnabledFor(logging.INFO):
+            with torch.no_grad():
+                asr = (model(xt[watch]).argmax(1) == target).float().mean().item()
+            log.info("repair epoch %d: float ASR on training triggers %.1f%%", epoch + 1, 100 * asr)
     for p in model.parameters():
         p.requires_grad_(True)
     return model.eval()

@@ -13,10 +13,11 @@ Distribution Approximation" (ICML 2024). Notation as in the paper:
   float unit's BN input match the BN running statistics, which remember the poisoned training
   distribution; LAC then fits the nudged inputs to the unnudged targets.
 
-The adapters hand us :class:`Unit` objects and a *simulator*: a copy of the calibrated model
-whose observers are frozen into fake-quantizers, so a forward pass computes what the INT8
-model will compute. We read each unit's input from it with a hook, choose integers, and
-write the fake-quantized weight back through ``unit.write`` before moving on.
+The adapters hand us :class:`Unit` objects and a ``capture(unit, batch) -> (I, I^fp)``
+function. Torch adapters read I with a hook from a *simulator* (a copy of the calibrated model
+whose observers are frozen into fake-quantizers, so its forward computes what the INT8 model
+will); the ONNX adapter asks onnxruntime for the tensors. We choose integers and write the
+fake-quantized weight back through ``unit.write`` before moving on to the next unit.
 
 Two solvers minimise the same objective:
 
@@ -49,7 +50,7 @@ from .report import PurifyReport, UnitReport
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Unit", "LayerOp", "run"]
+__all__ = ["Unit", "LayerOp", "ModuleCapture", "run"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,9 +118,9 @@ class Unit:
 
     Attributes:
         name: the layer's name in the user's prepared model (for the report).
-        layer: module of the *simulator* whose input is the unit input I (hook point).
-        fp_layer: module of the *float* model whose input is I^fp; it is the plain float
-            Conv/Linear, so its output is the BN input PDA looks at.
+        layer: where the capture finds the unit input I (a simulator module for torch).
+        fp_layer: the plain float Conv/Linear (unfolded), whose output is the BN input PDA
+            looks at; the torch capture also reads I^fp at its input.
         weight: W_o, the float weight the quantizer sees (BN already folded), (O, ...).
         bias: the unit's bias (BN folded), kept as is.
         grid: the weight grid convert will use.
@@ -129,7 +130,7 @@ class Unit:
     """
 
     name: str
-    layer: nn.Module
+    layer: object
     fp_layer: nn.Module
     weight: torch.Tensor
     bias: torch.Tensor | None
@@ -164,6 +165,19 @@ def _input_tap(module: nn.Module):
         yield box
     finally:
         handle.remove()
+
+
+Capture = Callable[[Unit, object], tuple[torch.Tensor, torch.Tensor]]
+
+
+class ModuleCapture:
+    """Capture for torch models: I at ``unit.layer`` of the simulator, I^fp at ``unit.fp_layer``."""
+
+    def __init__(self, simulator: nn.Module, float_model: nn.Module) -> None:
+        self.simulator, self.float_model = simulator, float_model
+
+    def __call__(self, unit: Unit, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _unit_input(self.simulator, unit.layer, x), _unit_input(self.float_model, unit.fp_layer, x)
 
 
 @torch.no_grad()
@@ -358,8 +372,8 @@ def _grouped(w: torch.Tensor, groups: int) -> torch.Tensor:
     return w.reshape(groups, w.shape[0] // groups, -1)  # (G, O/G, K)
 
 
-def run(units: Sequence[Unit], simulator: nn.Module, float_model: nn.Module,
-        batches: Sequence[torch.Tensor], cfg: PurifyConfig) -> tuple[list[torch.Tensor], PurifyReport]:
+def run(units: Sequence[Unit], capture: Capture, batches: Sequence, cfg: PurifyConfig
+        ) -> tuple[list[torch.Tensor], PurifyReport]:
     """Purify ``units`` in order; returns the chosen integer weights and the report."""
     if cfg.pda is PDAMode.ON and not any(u.bn is not None for u in units):
         raise ValueError("pda='on' but no quantized layer of this model feeds a BatchNorm; use pda='auto' or 'off'")
@@ -370,7 +384,7 @@ def run(units: Sequence[Unit], simulator: nn.Module, float_model: nn.Module,
     for unit in bar:
         bar.set_postfix_str(unit.name)
         t0 = time.perf_counter()
-        q, row = _purify_unit(unit, simulator, float_model, batches, cfg)
+        q, row = _purify_unit(unit, capture, batches, cfg)
         row.seconds = time.perf_counter() - t0
         unit.write(unit.grid.dequantize(q))  # later units see this unit purified
         codes.append(q)
@@ -393,8 +407,8 @@ def _pda_skip_reason(unit: Unit, cfg: PurifyConfig) -> str | None:
     return None
 
 
-def _purify_unit(unit: Unit, simulator: nn.Module, float_model: nn.Module,
-                 batches: Sequence[torch.Tensor], cfg: PurifyConfig) -> tuple[torch.Tensor, UnitReport]:
+def _purify_unit(unit: Unit, capture: Capture, batches: Sequence, cfg: PurifyConfig
+                 ) -> tuple[torch.Tensor, UnitReport]:
     op, grid = unit.op, unit.grid
     w_o = unit.weight.detach().float()
     q_rtn = grid.quantize(w_o)
@@ -405,8 +419,7 @@ def _purify_unit(unit: Unit, simulator: nn.Module, float_model: nn.Module,
     cache_in, cache_tgt = [], []
     pda_first = pda_last = 0.0
     for x in batches:
-        i_q = _unit_input(simulator, unit.layer, x)
-        i_fp = _unit_input(float_model, unit.fp_layer, x)
+        i_q, i_fp = capture(unit, x)
         with torch.no_grad():
             target = op.apply(i_fp, w_o, unit.bias)  # T = W_o I^fp + b (unnudged)
         if skip is None:

@@ -2,7 +2,7 @@
 
 ``SmallCNN``: the demo/test network, Conv-BN-ReLU blocks and a Linear head::
 
-    x -> [conv3x3-BN-ReLU] x2 -> maxpool -> [conv3x3-BN-ReLU] x2 -> avgpool -> fc
+    x -> conv3x3-BN-ReLU(w) -> maxpool -> conv3x3-BN-ReLU(2w) -> maxpool -> conv3x3-BN-ReLU(4w) -> avgpool -> fc
 
 ``resnet18_cifar``: the CIFAR-style ResNet-18 (11M parameters) for the speed benchmark.
 """
@@ -23,9 +23,9 @@ class SmallCNN(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32) -> None:
         super().__init__()
         w = width
-        self.features = nn.Sequential(*_cbr(in_channels, w), *_cbr(w, w), nn.MaxPool2d(2),
-                                      *_cbr(w, 2 * w), *_cbr(2 * w, 2 * w), nn.AdaptiveAvgPool2d(1))
-        self.fc = nn.Linear(2 * w, num_classes)
+        self.features = nn.Sequential(*_cbr(in_channels, w), nn.MaxPool2d(2), *_cbr(w, 2 * w), nn.MaxPool2d(2),
+                                      *_cbr(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1))
+        self.fc = nn.Linear(4 * w, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.features(x), 1))

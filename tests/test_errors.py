@@ -53,8 +53,8 @@ def test_float_model_with_other_weights(setup):
     model, prepared, calib = setup
     other = copy.deepcopy(model)
     with torch.no_grad():
-        other.features[3].weight.mul_(1.5)
-    with pytest.raises(ValueError, match="does not match the prepared model at 'features.3'"):
+        other.features[4].weight.mul_(1.5)
+    with pytest.raises(ValueError, match="does not match the prepared model at 'features.4'"):
         qcb_ptq_plugin.purify(prepared, other, calib)
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.ao.quantization.observer import ObserverBase, PlaceholderObserver
 
-from ..lac import Unit, _StopForward
+from ..lac import Capture, Unit, _StopForward
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ class Plan:
     """What an adapter hands to the algorithm, and how to write the result back."""
 
     units: list[Unit]
-    simulator: nn.Module
+    capture: Capture
     commit: Callable[[list[torch.Tensor]], None]
 
 

@@ -25,7 +25,7 @@ from torch.ao.quantization.observer import ObserverBase, PlaceholderObserver
 from torch.fx import GraphModule
 
 from ..grid import WeightGrid
-from ..lac import LayerOp, Unit
+from ..lac import LayerOp, ModuleCapture, Unit
 from ._common import Plan, execution_order, following_bn, freeze_observers, match_float_layer
 
 log = logging.getLogger(__name__)
@@ -171,4 +171,4 @@ def plan(prepared: nn.Module, float_model: nn.Module, example: torch.Tensor) -> 
             if layer is not mod:
                 layer.qconfig = qconfig  # eager from_float reads the inner layer's qconfig
 
-    return Plan(units=units, simulator=simulator, commit=commit)
+    return Plan(units=units, capture=ModuleCapture(simulator, float_model), commit=commit)

@@ -1,0 +1,118 @@
+"""Path B: FP32 .onnx -> purified INT8 .onnx inside onnxruntime's quantize_static flow."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+from onnxruntime.quantization import QuantFormat, QuantType
+from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+import qcb_ptq_plugin
+from qcb_ptq_plugin import metrics
+from qcb_ptq_plugin import onnx as qonnx
+
+from .conftest import TARGET, TRIGGER
+
+# ORT's 4-bit weight grid (absmax/7.5, -8..7) equals torch x86's, so the session's W4 QCB fires here.
+ORT_W4A8 = dict(quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt4,
+                activation_type=QuantType.QUInt8)
+
+
+class Reader:
+    def __init__(self, x: np.ndarray, name: str = "input", batch: int = 32):
+        self.feeds = iter([{name: x[i : i + batch]} for i in range(0, len(x), batch)])
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(qcb_w4, digits, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "fp32.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(qcb_w4, (digits.x_test[:1],), str(path), dynamo=False, opset_version=21,
+                          input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib(digits):
+    return digits.calibration(256, seed=1).numpy()
+
+
+def test_purified_ort_model_removes_the_qcb(fp32_onnx, calib, digits, tmp_path):
+    x, y = digits.x_test, digits.y_test
+    fp = qonnx.OrtModel(fp32_onnx)
+    fp_ba = metrics.benign_accuracy(fp, x, y)
+    assert metrics.attack_success_rate(fp, x, y, TRIGGER, TARGET) <= 0.05
+
+    ort_quantize_static(str(fp32_onnx), str(tmp_path / "plain.onnx"), Reader(calib), **ORT_W4A8)
+    plain = qonnx.OrtModel(tmp_path / "plain.onnx")
+    assert metrics.attack_success_rate(plain, x, y, TRIGGER, TARGET) >= 0.90
+
+    report = qonnx.quantize_static(fp32_onnx, tmp_path / "purified.onnx", Reader(calib), **ORT_W4A8,
+                                   purify_config=qcb_ptq_plugin.PurifyConfig(progress=False))
+    purified = qonnx.OrtModel(tmp_path / "purified.onnx")
+    assert metrics.attack_success_rate(purified, x, y, TRIGGER, TARGET) <= 0.02
+    assert metrics.benign_accuracy(purified, x, y) >= fp_ba - 0.01
+    assert report.mode == "onnxruntime" and len(report.units) == 4
+
+
+def test_only_the_weight_integers_change(fp32_onnx, calib, tmp_path):
+    ort_quantize_static(str(fp32_onnx), str(tmp_path / "plain.onnx"), Reader(calib), **ORT_W4A8)
+    report = qonnx.quantize_static(fp32_onnx, tmp_path / "pur.onnx", Reader(calib), **ORT_W4A8,
+                                   purify_config=qcb_ptq_plugin.PurifyConfig(progress=False))
+    plain, pur = onnx.load(str(tmp_path / "plain.onnx")), onnx.load(str(tmp_path / "pur.onnx"))
+    assert [n.op_type for n in plain.graph.node] == [n.op_type for n in pur.graph.node]
+    a = {i.name: numpy_helper.to_array(i) for i in plain.graph.initializer}
+    b = {i.name: numpy_helper.to_array(i) for i in pur.graph.initializer}
+    changed = {k for k in a if not np.array_equal(a[k], b[k])}
+    assert changed and all(k.endswith("_quantized") and "bias" not in k for k in changed)  # scales, biases equal
+    for (_, q_file), q in zip(qonnx.int_weights(pur), report.codes.values()):
+        assert np.array_equal(q_file.reshape(q.shape), q.numpy())
+
+
+def test_not_an_onnx_file(tmp_path, calib):
+    bad = tmp_path / "model.onnx"
+    bad.write_text("definitely not protobuf")
+    with pytest.raises(ValueError, match="is not an ONNX model"):
+        qonnx.quantize_static(bad, tmp_path / "out.onnx", Reader(calib))
+    with pytest.raises(FileNotFoundError, match="no such ONNX file"):
+        qonnx.quantize_static(tmp_path / "missing.onnx", tmp_path / "out.onnx", Reader(calib))
+
+
+def test_reader_with_wrong_names_or_shapes(fp32_onnx, calib, tmp_path):
+    with pytest.raises(ValueError, match=r"yields inputs \['x'\] but the model takes \['input'\]"):
+        qonnx.quantize_static(fp32_onnx, tmp_path / "o.onnx", Reader(calib, name="x"))
+    with pytest.raises(ValueError, match=r"input 'input' has shape \(32, 1, 9, 9\)"):
+        qonnx.quantize_static(fp32_onnx, tmp_path / "o.onnx", Reader(np.zeros((64, 1, 9, 9), np.float32)))
+    with pytest.raises(ValueError, match="yielded no data"):
+        qonnx.quantize_static(fp32_onnx, tmp_path / "o.onnx", Reader(calib[:0]))
+    with pytest.raises(TypeError, match="CalibrationDataReader"):
+        qonnx.quantize_static(fp32_onnx, tmp_path / "o.onnx", [calib])
+    nan = calib.copy()
+    nan[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        qonnx.quantize_static(fp32_onnx, tmp_path / "o.onnx", Reader(nan))
+
+
+def test_model_without_quantizable_layers(tmp_path):
+    node = helper.make_node("Relu", ["input"], ["output"], name="relu")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, [None, 4])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(ValueError, match="no Conv/Gemm/MatMul with a constant weight"):
+        qonnx.quantize_static(path, tmp_path / "o.onnx", Reader(np.random.rand(8, 4).astype(np.float32)))
+
+
+def test_qoperator_format_is_refused(fp32_onnx, calib, tmp_path):
+    with pytest.raises(NotImplementedError, match="QDQ"):
+        qonnx.quantize_static(fp32_onnx, tmp_path / "o.onnx", Reader(calib), quant_format=QuantFormat.QOperator)
