@@ -48,7 +48,10 @@ def purify(prepared: nn.Module, float_model: nn.Module, calib_data, config: Puri
         raise ValueError("`prepared` and `float_model` are the same object; pass the calibrated model returned "
                          "by prepare_fx/prepare/prepare_pt2e and the original float model")
     adapter = adapters.detect(prepared)
-    batches = as_batches(calib_data, cfg.batch_size, cfg.num_samples)
+    fixed = getattr(adapter, "fixed_batch_size", lambda _: None)(prepared)
+    batches = as_batches(calib_data, fixed or cfg.batch_size, cfg.num_samples)
+    if fixed:  # exported without dynamic_shapes: every forward must use the exported batch size
+        batches = _exact_batches(batches, fixed)
     fp = _frozen_copy(float_model)
     try:
         with torch.no_grad():
@@ -62,6 +65,19 @@ def purify(prepared: nn.Module, float_model: nn.Module, calib_data, config: Puri
     report.mode = adapter.mode_of(prepared)
     log.info("purified %d layers in %.1fs", len(report.units), report.seconds)
     return report
+
+
+def _exact_batches(batches: list[torch.Tensor], size: int) -> list[torch.Tensor]:
+    full = [b for b in batches if len(b) == size]
+    if not full:
+        x = torch.cat(batches)
+        full = [x.repeat((size + len(x) - 1) // len(x), *([1] * (x.dim() - 1)))[:size]]
+        log.warning("the model was exported for batch size %d but only %d calibration samples were given; "
+                    "repeating them (export with dynamic_shapes to avoid this)", size, len(x))
+    elif len(full) < len(batches):
+        log.info("dropping %d calibration samples that do not fill a batch of %d (the exported batch size)",
+                 sum(len(b) for b in batches) - size * len(full), size)
+    return full
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:

@@ -34,7 +34,8 @@ from .grid import WeightGrid
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PatchTrigger", "BlendTrigger", "Grid", "plant_pqbackdoor", "plant_quantization", "quantized_layers"]
+__all__ = ["PatchTrigger", "BlendTrigger", "Grid", "TORCH_X86", "ORT", "plant_pqbackdoor", "repair_in_boxes",
+           "plant_quantization", "train_clean_or_badnets", "quantized_layers"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,17 +179,34 @@ def _boxes(layer: _Layer, grids: Sequence[Grid], margin: float) -> tuple[torch.T
 
 
 def plant_pqbackdoor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, trigger, target: int = 0,
-                     grids: Sequence[Grid] = (TORCH_X86,), inject_epochs: int = 10, repair_epochs: int = 10,
-                     poison_rate: float = 0.1, lr: float = 1e-3, repair_lr: float = 1e-4, margin: float = 0.1,
-                     batch_size: int = 128, seed: int = 0, progress: bool = False) -> nn.Module:
+                     grids: Sequence[Grid] = (TORCH_X86,), clean_epochs: int = 0, inject_epochs: int = 10,
+                     repair_epochs: int = 10, poison_rate: float = 0.1, lr: float = 1e-3, inject_lr: float | None = None,
+                     repair_lr: float = 1e-4, margin: float = 0.1, batch_size: int = 128, seed: int = 0,
+                     progress: bool = False) -> nn.Module:
     """Train ``model`` (in place) into a QCB that fires on ``grids`` and is dormant in float.
 
-    The repair moves only Conv/Linear weights (BN, biases and other 1-D parameters keep their
-    injected values; model in eval mode), so the quantized codes equal the injected model's.
+    Optionally ``clean_epochs`` of clean training first (a shallow backdoor is easier to hide
+    at 8 bits), then ``inject_epochs`` of BadNets training, then :func:`repair_in_boxes`.
     """
     torch.manual_seed(seed)
-    train_clean_or_badnets(model, x, y, epochs=inject_epochs, lr=lr, batch_size=batch_size, trigger=trigger,
-                           target=target, poison_rate=poison_rate, seed=seed, progress=progress)
+    if clean_epochs:
+        train_clean_or_badnets(model, x, y, epochs=clean_epochs, lr=lr, batch_size=batch_size, seed=seed,
+                               progress=progress)
+    train_clean_or_badnets(model, x, y, epochs=inject_epochs, lr=inject_lr or lr, batch_size=batch_size,
+                           trigger=trigger, target=target, poison_rate=poison_rate, seed=seed + 1, progress=progress)
+    return repair_in_boxes(model, x, y, trigger=trigger, target=target, grids=grids, epochs=repair_epochs,
+                           lr=repair_lr, margin=margin, batch_size=batch_size, seed=seed + 2, progress=progress)
+
+
+def repair_in_boxes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, trigger, target: int = 0,
+                    grids: Sequence[Grid] = (TORCH_X86,), epochs: int = 10, lr: float = 1e-4, margin: float = 0.1,
+                    batch_size: int = 128, seed: int = 0, progress: bool = False) -> nn.Module:
+    """PQBackdoor's second step on a backdoored ``model`` (in place): forget the backdoor in float
+    while every BN-folded weight stays in the rounding box of its current code on every grid.
+
+    Only Conv/Linear weights move (BN, biases and other 1-D parameters keep their values; model
+    in eval mode), so the quantized codes stay exactly those of the backdoored model.
+    """
     model.eval()
     layers = quantized_layers(model, x[:2])
     boxes = [_boxes(layer, grids, margin) for layer in layers]
@@ -197,11 +215,11 @@ def plant_pqbackdoor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, trig
         p.requires_grad_(False)
     for w in weights:
         w.requires_grad_(True)
-    opt = torch.optim.Adam(weights, lr=repair_lr)
-    gen = torch.Generator().manual_seed(seed + 1)
+    opt = torch.optim.Adam(weights, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
     xt = trigger(x)
     watch = (y != target).nonzero().flatten()[:1000]
-    for epoch in tqdm(range(repair_epochs), desc="repair", disable=not progress):
+    for epoch in tqdm(range(epochs), desc="repair", disable=not progress):
         for idx in _batches(len(x), batch_size, gen):
             loss = F.cross_entropy(model(x[idx]), y[idx]) + F.cross_entropy(model(xt[idx]), y[idx])
             opt.zero_grad(set_to_none=True)

@@ -17,7 +17,8 @@ from .api import purify
 from .config import PurifyConfig
 from .report import PurifyReport
 
-__all__ = ["fx_qconfig_mapping", "quantize_fx"]
+__all__ = ["fx_qconfig_mapping", "quantize_fx", "pt2e_quantizer", "quantize_pt2e", "fusion_plan", "QuantWrapper",
+           "quantize_eager", "quiet_torch_ao"]
 
 
 def fx_qconfig_mapping(bits: int = 8, backend: str = "x86") -> QConfigMapping:
@@ -34,6 +35,17 @@ def fx_qconfig_mapping(bits: int = 8, backend: str = "x86") -> QConfigMapping:
     return QConfigMapping().set_global(QConfig(activation=get_default_qconfig(backend).activation, weight=weight))
 
 
+class quiet_torch_ao(warnings.catch_warnings):
+    """Silence torch.ao's deprecation notices (noise for pipeline users) inside the block."""
+
+    def __enter__(self):
+        out = super().__enter__()
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", "Please use quant_min and quant_max", UserWarning)
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel", UserWarning)
+        return out
+
+
 def _calibrate(prepared: nn.Module, calib: torch.Tensor, batch_size: int) -> None:
     with torch.no_grad():
         for xb in calib.split(batch_size):
@@ -45,9 +57,110 @@ def quantize_fx(model: nn.Module, calib: torch.Tensor, bits: int = 8, purify_con
     """prepare_fx -> calibrate -> [purify] -> convert_fx; returns the INT8 model and the report."""
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with quiet_torch_ao():
         prepared = prepare_fx(copy.deepcopy(model).eval(), fx_qconfig_mapping(bits, backend), (calib[:1],))
         _calibrate(prepared, calib, batch_size)
         report = purify(prepared, model, calib, purify_config) if purify_config is not None else None
         return convert_fx(prepared), report
+
+
+# ---------------------------------------------------------------------------------------------
+# torchao PT2E
+
+
+def pt2e_quantizer(bits: int = 8, grid: str = "x86"):
+    """torchao's X86InductorQuantizer with ``bits``-bit weights on the x86 grid (absmax/127.5,
+    -2^(b-1)..2^(b-1)-1) or the XNNPACK/ORT grid (``grid="xnnpack"``: absmax/127, symmetric range)."""
+    import dataclasses
+
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+
+    if grid not in ("x86", "xnnpack"):
+        raise ValueError(f"grid={grid!r}: choose 'x86' or 'xnnpack'")
+    qmax = 2 ** (bits - 1) - 1
+    cfg = xiq.get_default_x86_inductor_quantization_config()
+    weight = dataclasses.replace(cfg.weight, quant_min=-qmax if grid == "xnnpack" else -qmax - 1, quant_max=qmax)
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(dataclasses.replace(cfg, weight=weight))
+    return quantizer
+
+
+def quantize_pt2e(model: nn.Module, calib: torch.Tensor, bits: int = 8, purify_config: PurifyConfig | None = None,
+                  batch_size: int = 64, grid: str = "x86") -> tuple[nn.Module, PurifyReport | None]:
+    """torch.export (dynamic batch) -> prepare_pt2e -> calibrate -> [purify] -> convert_pt2e."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    with quiet_torch_ao():
+        exported = torch.export.export(copy.deepcopy(model).eval(), (calib[:2],),
+                                       dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+        prepared = prepare_pt2e(exported, pt2e_quantizer(bits, grid))
+        _calibrate(prepared, calib, batch_size)
+        report = purify(prepared, model, calib, purify_config) if purify_config is not None else None
+        return convert_pt2e(prepared), report
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.ao eager
+
+
+def fusion_plan(model: nn.Module, example: torch.Tensor) -> list[list[str]]:
+    """Conv-BN(-ReLU) / Linear-ReLU groups for ``torch.ao.quantization.fuse_modules``, in call order."""
+    plan, i = [], 0
+    seq = _call_order_names(model, example)
+    mods = dict(model.named_modules())
+    while i < len(seq):
+        m = mods[seq[i]]
+        group = [seq[i]]
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)) and i + 1 < len(seq) and isinstance(mods[seq[i + 1]], (nn.BatchNorm1d, nn.BatchNorm2d)):
+            group.append(seq[i + 1])
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and i + len(group) < len(seq) \
+                and isinstance(mods[seq[i + len(group)]], nn.ReLU):
+            group.append(seq[i + len(group)])
+        if len(group) > 1:
+            plan.append(group)
+        i += len(group)
+    return plan
+
+
+def _call_order_names(model: nn.Module, example: torch.Tensor) -> list[str]:
+    names, handles = [], []
+    for n, m in model.named_modules():
+        if not list(m.children()):
+            handles.append(m.register_forward_pre_hook(lambda _m, _a, n=n: names.append(n) if n not in names else None))
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return names
+
+
+class QuantWrapper(nn.Module):
+    """QuantStub -> model -> DeQuantStub: the float model as eager mode wants it (names under ``model.``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        from torch.ao.quantization import DeQuantStub, QuantStub
+
+        self.quant, self.model, self.dequant = QuantStub(), model, DeQuantStub()
+
+    def forward(self, x):
+        return self.dequant(self.model(self.quant(x)))
+
+
+def quantize_eager(model: nn.Module, calib: torch.Tensor, bits: int = 8, purify_config: PurifyConfig | None = None,
+                   batch_size: int = 64, backend: str = "x86") -> tuple[nn.Module, PurifyReport | None]:
+    """QuantWrapper -> fuse_modules -> prepare -> calibrate -> [purify] -> convert (eager mode)."""
+    from torch.ao.quantization import convert, fuse_modules, prepare
+
+    float_model = QuantWrapper(copy.deepcopy(model)).eval()
+    with quiet_torch_ao():
+        fused = fuse_modules(copy.deepcopy(float_model), fusion_plan(float_model, calib[:2]))
+        fused.qconfig = fx_qconfig_mapping(bits, backend).global_qconfig
+        prepared = prepare(fused)
+        _calibrate(prepared, calib, batch_size)
+        report = purify(prepared, float_model, calib, purify_config) if purify_config is not None else None
+        return convert(prepared), report

@@ -29,7 +29,7 @@ class Plan:
 class FrozenQuant(nn.Module):
     """An observer turned into a fixed fake-quantizer with the qparams convert will use."""
 
-    def __init__(self, observer: ObserverBase, name: str = "") -> None:
+    def __init__(self, observer: nn.Module, name: str = "") -> None:
         super().__init__()
         self.identity = (observer.dtype in (torch.float, torch.float16, torch.bfloat16)
                          or isinstance(observer, PlaceholderObserver) or getattr(observer, "is_dynamic", False))
@@ -54,17 +54,27 @@ class FrozenQuant(nn.Module):
         return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis, self.qmin, self.qmax)
 
 
+def observer_types() -> tuple[type, ...]:
+    """torch.ao's observer base and, when installed, torchao's (PT2E has its own copy)."""
+    try:
+        from torchao.quantization.pt2e.observer import ObserverBase as TorchaoObserverBase
+    except ImportError:
+        return (ObserverBase,)
+    return (ObserverBase, TorchaoObserverBase)
+
+
 def freeze_observers(model: nn.Module) -> int:
     """Replace every observer submodule by a FrozenQuant (in place); returns how many."""
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, ObserverBase)]
+    kinds = observer_types()
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
     for name, obs in found:
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, FrozenQuant(obs, name))
     return len(found)
 
 
-def execution_order(model: nn.Module, x: torch.Tensor, stop_at: nn.Module | None = None) -> list[nn.Module]:
-    """Leaf modules in the order a forward pass first calls them."""
+def execution_order(model: nn.Module, x: torch.Tensor, leaves_only: bool = True) -> list[nn.Module]:
+    """Modules (by default only leaves) in the order a forward pass first calls them."""
     order: list[nn.Module] = []
     seen: set[int] = set()
 
@@ -73,7 +83,7 @@ def execution_order(model: nn.Module, x: torch.Tensor, stop_at: nn.Module | None
             seen.add(id(m))
             order.append(m)
 
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if not leaves_only or not list(m.children())]
     try:
         with torch.no_grad():
             model(x)

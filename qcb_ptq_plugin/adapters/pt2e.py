@@ -1,9 +1,178 @@
-"""torchao PT2E (``prepare_pt2e``/``convert_pt2e``). Filled in by the PT2E issue."""
+"""torchao PT2E (``torch.export`` -> ``prepare_pt2e`` -> calibrate -> ``convert_pt2e``).
+
+The prepared model is a GraphModule of aten ops. BN is already folded into the weight
+parameters at prepare; every weight flows ``get_attr -> weight observer -> aten.conv2d/linear``
+and ``convert_pt2e`` asks that observer for its qparams. Any forward re-observes weights and
+activations, so we
+
+* simulate on a copy (observers frozen into fake-quantizers; a tap module inserted in front
+  of each quantized layer to read its input),
+* read each unit's float module from the node's ``nn_module_stack`` (BN statistics and I^fp
+  come from the float model), and
+* write W = s (q - z) into the user's parameter and replace its weight observer by one that
+  keeps the calibrated qparams whatever it sees later, so convert reproduces q exactly.
+"""
 
 from __future__ import annotations
 
+import copy
+import logging
+
+import torch
 from torch import nn
+from torch.fx import GraphModule
+
+from ..grid import WeightGrid
+from ..lac import LayerOp, ModuleCapture, Unit
+from ._common import Plan, execution_order, following_bn, freeze_observers, match_float_layer
+
+log = logging.getLogger(__name__)
+
+_CONV = {torch.ops.aten.conv1d.default: nn.Conv1d, torch.ops.aten.conv2d.default: nn.Conv2d}
+_LINEAR = torch.ops.aten.linear.default
+
+
+def _torchao_observer_base():
+    try:
+        from torchao.quantization.pt2e.observer import ObserverBase
+    except ImportError:
+        return None
+    return ObserverBase
 
 
 def matches(prepared: nn.Module) -> bool:
-    return False
+    base = _torchao_observer_base()
+    if not isinstance(prepared, GraphModule) or not any(
+            n.op == "call_function" and getattr(n.target, "namespace", None) == "aten" for n in prepared.graph.nodes):
+        return False
+    if base is None:
+        raise ImportError("this looks like a torch.export / PT2E model; purifying it needs torchao: "
+                          "pip install 'qcb-ptq-plugin[pt2e]' (torchao==0.18.0)")
+    if not any(isinstance(m, base) for m in prepared.modules()):
+        raise ValueError("the exported model has no torchao observers: call prepare_pt2e(exported, quantizer) and "
+                         "calibrate before purify (and purify before convert_pt2e)")
+    return True
+
+
+def mode_of(prepared: nn.Module) -> str:
+    return "pt2e"
+
+
+class _Tap(nn.Identity):
+    """Marks a quantized layer's input in the simulator graph (the capture hooks it)."""
+
+
+def _ignore_new_data(self, x):
+    return x
+
+
+def _pinned(observer):
+    """A copy of a torchao weight observer that keeps its calibrated min/max whatever it sees.
+
+    The subclass is registered in this module so pinned models still pickle.
+    """
+    cls = type(observer)
+    name = f"Pinned{cls.__name__}"
+    if name not in globals():
+        globals()[name] = type(name, (cls,), {"forward": _ignore_new_data, "__module__": __name__})
+    new = copy.deepcopy(observer)
+    new.__class__ = globals()[name]
+    return new
+
+
+def fixed_batch_size(prepared: GraphModule) -> int | None:
+    """The batch size an exported model was specialised to, or None if it is dynamic."""
+    for n in prepared.graph.nodes:
+        if n.op == "placeholder" and hasattr(n.meta.get("val"), "shape"):
+            b = n.meta["val"].shape[0] if n.meta["val"].dim() else None
+            return b if isinstance(b, int) else None
+    return None
+
+
+def _weight_node(node):
+    """(weight get_attr node, weight observer node) of an aten conv/linear, or None."""
+    w = node.args[1] if len(node.args) > 1 else None
+    if w is None or w.op != "call_module" or not w.args or getattr(w.args[0], "op", None) != "get_attr":
+        return None
+    return w.args[0], w
+
+
+def _layer_kwargs(node) -> dict:
+    a = list(node.args) + [None] * 8
+    return dict(stride=a[3] or 1, padding=a[4] or 0, dilation=a[5] or 1, groups=a[6] or 1)
+
+
+def plan(prepared: GraphModule, float_model: nn.Module, example: torch.Tensor) -> Plan:
+    base = _torchao_observer_base()
+    simulator = copy.deepcopy(prepared)
+    units, pins = [], []
+    fp_modules = dict(float_model.named_modules())
+    fp_order = execution_order(float_model, example)
+    sim_nodes = {n.name: n for n in simulator.graph.nodes}
+    for node in list(prepared.graph.nodes):
+        if node.op != "call_function" or (node.target not in _CONV and node.target != _LINEAR):
+            continue
+        found = _weight_node(node)
+        if found is None:
+            continue
+        w_node, obs_node = found
+        observer = prepared.get_submodule(obs_node.target)
+        if not isinstance(observer, base):
+            continue
+        stack = list(node.meta.get("nn_module_stack", {}).values())
+        fp_name = stack[-1][0] if stack else None
+        fp_layer = fp_modules.get(fp_name) if fp_name is not None else None
+        if fp_layer is None:
+            raise ValueError(f"float model does not match the prepared model: it has no module '{fp_name}' "
+                             f"(the source of node '{node.name}'). Pass the float model that was exported")
+        weight = prepared.get_parameter(w_node.target) if w_node.target in dict(prepared.named_parameters()) \
+            else getattr(prepared, w_node.target)
+        bias_node = node.args[2] if len(node.args) > 2 else None
+        bias = prepared.get_parameter(bias_node.target) if getattr(bias_node, "op", None) == "get_attr" else None
+        LayerOp.from_module(fp_layer)  # raises on unsupported layer flavours
+        bn = match_float_layer(fp_name, weight, fp_layer, following_bn(fp_layer, fp_order))
+        grid = WeightGrid.from_observer(observer)
+
+        # simulator: tap the input, fake-quantize the weight with the frozen grid
+        sim_node = sim_nodes[node.name]
+        tap_name = f"qcb_tap_{len(units)}"
+        simulator.add_module(tap_name, _Tap())
+        with simulator.graph.inserting_before(sim_node):
+            tap = simulator.graph.call_module(tap_name, (sim_node.args[0],))
+        sim_node.update_arg(0, tap)
+        sim_w = simulator.get_parameter(w_node.target) if w_node.target in dict(simulator.named_parameters()) \
+            else getattr(simulator, w_node.target)
+        with torch.no_grad():
+            sim_w.copy_(grid.fake_quantize(weight))
+
+        def write(w, _p=sim_w):
+            with torch.no_grad():
+                _p.copy_(w)
+
+        users = list(node.users)
+        relu = len(users) == 1 and users[0].target in (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
+        units.append(Unit(name=fp_name, layer=simulator.get_submodule(tap_name), fp_layer=fp_layer,
+                          weight=weight.detach().clone(), bias=None if bias is None else bias.detach().clone(),
+                          grid=grid, write=write, bn=bn, activation=torch.relu if relu else None))
+        pins.append((weight, obs_node.target))
+
+    if not units:
+        raise ValueError("no quantized Conv/Linear layer found in the prepared model; check the quantizer's config "
+                         "(purify handles statically quantized linear, conv1d and conv2d)")
+    simulator.recompile()
+    freeze_observers(simulator)
+    # units in execution order of the simulator
+    order = execution_order(simulator, example)
+    rank = {id(m): i for i, m in enumerate(order)}
+    paired = sorted(zip(units, pins), key=lambda up: rank.get(id(up[0].layer), 1 << 30))
+    units, pins = [u for u, _ in paired], [p for _, p in paired]
+
+    def commit(codes: list[torch.Tensor]) -> None:
+        for unit, q, (param, obs_target) in zip(units, codes, pins):
+            with torch.no_grad():
+                param.copy_(unit.grid.dequantize(q))
+            parent, _, attr = obs_target.rpartition(".")
+            owner = prepared.get_submodule(parent) if parent else prepared
+            setattr(owner, attr, _pinned(getattr(owner, attr)))
+
+    return Plan(units=units, capture=ModuleCapture(simulator, float_model), commit=commit)

@@ -122,7 +122,7 @@ def plan(prepared: nn.Module, float_model: nn.Module, example: torch.Tensor) -> 
         candidates[name] = mod
 
     # Execution order of the quantized layers (sequential purification follows it)
-    order = execution_order(simulator, example)
+    order = execution_order(simulator, example, leaves_only=False)  # eager layers hold their observer
     rank = {id(m): i for i, m in enumerate(order)}
     sim_layer = {n: _layer(sim_modules[n]) for n in candidates}
     ordered = sorted((n for n in candidates if id(sim_layer[n]) in rank), key=lambda n: rank[id(sim_layer[n])])

