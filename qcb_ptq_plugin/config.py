@@ -59,7 +59,7 @@ class PurifyConfig:
     damp: float = 0.01
     pda: PDAMode = PDAMode.AUTO
     gamma: float = 1e-3
-    pda_steps: int = 10
+    pda_steps: int = 5
     pda_step_size: float = 2.5e-4
     num_samples: int | None = None
     seed: int = 0

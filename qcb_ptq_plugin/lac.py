@@ -50,7 +50,7 @@ from .report import PurifyReport, UnitReport
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Unit", "LayerOp", "ModuleCapture", "run"]
+__all__ = ["Unit", "LayerOp", "ModuleCapture", "run", "flush_denormals"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,13 +171,56 @@ Capture = Callable[[Unit, object], tuple[torch.Tensor, torch.Tensor]]
 
 
 class ModuleCapture:
-    """Capture for torch models: I at ``unit.layer`` of the simulator, I^fp at ``unit.fp_layer``."""
+    """Capture for torch models: I at ``unit.layer`` of the simulator, I^fp at ``unit.fp_layer``.
 
-    def __init__(self, simulator: nn.Module, float_model: nn.Module) -> None:
+    The float model never changes, so one forward per batch records the inputs of all remaining
+    units (as float16, up to ``cache_mb``; each entry is freed when its unit is done) instead
+    of one partial forward per unit. The quantized side changes after every unit and is
+    re-run up to the unit (stopped there) each time.
+    """
+
+    def __init__(self, simulator: nn.Module, float_model: nn.Module, units: Sequence[Unit] = (),
+                 cache_mb: float = 512, fp_points: dict[str, nn.Module] | None = None) -> None:
         self.simulator, self.float_model = simulator, float_model
+        self.units = list(units)
+        self.fp_points = fp_points or {}  # where I^fp is read, when not at unit.fp_layer itself
+        self.cache_bytes = cache_mb * 2**20
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._bytes = 0
 
     def __call__(self, unit: Unit, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _unit_input(self.simulator, unit.layer, x), _unit_input(self.float_model, unit.fp_layer, x)
+        i_q = _unit_input(self.simulator, unit.layer, x)
+        point = self._fp_point(unit)
+        key = (id(point), id(x))
+        if key not in self._cache and unit in self.units:
+            self._fill(x, self.units[self.units.index(unit):])
+        cached = self._cache.pop(key, None)
+        if cached is None:
+            return i_q, _unit_input(self.float_model, point, x)
+        self._bytes -= cached.numel() * cached.element_size()
+        return i_q, cached.float()
+
+    def _fp_point(self, unit: Unit) -> nn.Module:
+        return self.fp_points.get(unit.name, unit.fp_layer)
+
+    @torch.no_grad()
+    def _fill(self, x: torch.Tensor, units: Sequence[Unit]) -> None:
+        def hook(m, args):
+            key = (id(m), id(x))
+            t = args[0].detach()
+            t = t.dequantize() if t.is_quantized else t
+            if key in self._cache or self._bytes + t.numel() * 2 > self.cache_bytes:
+                return
+            small = t.half() if t.abs().max() < 6e4 else t.float()
+            self._cache[key] = small
+            self._bytes += small.numel() * small.element_size()
+
+        handles = [self._fp_point(u).register_forward_pre_hook(hook) for u in units]
+        try:
+            self.float_model(x)
+        finally:
+            for h in handles:
+                h.remove()
 
 
 @torch.no_grad()
@@ -237,17 +280,27 @@ class _Gram:
     """
 
     def __init__(self) -> None:
-        self.H = self.C = None
-        self.t = 0.0
+        self.H = self.C = self.t_ch = None
         self.n = 0
+
+    @property
+    def t(self) -> float:
+        return self.t_ch.sum().item()
 
     def add(self, cols: torch.Tensor, tgt: torch.Tensor) -> None:  # (G, K, N), (G, O/G, N)
         h = torch.bmm(cols, cols.transpose(1, 2)).double()
         c = torch.bmm(tgt, cols.transpose(1, 2)).double()
+        t = tgt.double().pow(2).sum(-1)  # (G, O/G)
         self.H = h if self.H is None else self.H.add_(h)
         self.C = c if self.C is None else self.C.add_(c)
-        self.t += tgt.double().pow(2).sum().item()
+        self.t_ch = t if self.t_ch is None else self.t_ch.add_(t)
         self.n += cols.shape[-1]
+
+    def channel_errors(self, w: torch.Tensor) -> torch.Tensor:
+        """Per output channel D_o(W) = (w_o H w_oᵀ - 2 w_o·c_o + t_o) / N, shape (G * O/G,)."""
+        w = w.double()
+        quad = (torch.bmm(w, self.H) * w).sum(-1) - 2 * (w * self.C).sum(-1)
+        return ((quad + self.t_ch) / self.n).clamp_min(0).flatten()
 
     def error(self, w: torch.Tensor) -> float:
         """D(W) = (tr(W H Wᵀ) - 2 tr(W Cᵀ) + t) / N for w of shape (G, O/G, K)."""
@@ -257,26 +310,34 @@ class _Gram:
 
 
 def _solve_gram(g: _Gram, w_o: torch.Tensor, grid: WeightGrid, cfg: PurifyConfig) -> torch.Tensor:
-    """Integers (G, O/G, K) minimising tr((W - W*) Hd (W - W*)ᵀ) on the grid, Hd = H + λI."""
-    G, Og, K = w_o.shape
-    H = g.H.clone()
-    diag = H.diagonal(dim1=1, dim2=2)
-    lam = cfg.damp * diag.mean(1).clamp_min(1e-12)  # (G,)
-    diag.add_(lam[:, None])
-    # Ridge optimum towards the float weight: W* = (C + λ W_o) Hd⁻¹
-    L = _cholesky(H)
-    rhs = (g.C + lam[:, None, None] * w_o.double()).transpose(1, 2)  # (G, K, Og)
-    w_star = torch.cholesky_solve(rhs, L).transpose(1, 2)  # (G, Og, K)
+    """Integers (G, O/G, K) minimising tr((W - W*) Hd (W - W*)ᵀ) on the grid, Hd = H + λI.
 
-    s = grid.scale.double().view(G, Og, 1) if grid.per_channel else grid.scale.double().expand(G, Og, 1)
+    Statistics are accumulated in float64; the solve runs in float32 like GPTQ (the damping
+    keeps it well conditioned) so a 4608x4608 H costs ~85 MB per copy, not 170.
+    """
+    G, Og, K = w_o.shape
+    H = g.H.float()
+    lam = cfg.damp * H.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)  # (G,)
+    H.diagonal(dim1=1, dim2=2).add_(lam[:, None])
+    # Ridge optimum towards the float weight: W* = (C + λ W_o) Hd⁻¹
+    rhs = (g.C.float() + lam[:, None, None] * w_o.float()).transpose(1, 2)  # (G, K, Og)
+    w_star = torch.cholesky_solve(rhs, _cholesky(H)).transpose(1, 2).contiguous()  # (G, Og, K)
+    del rhs
+
+    s = grid.scale.float().view(G, Og, 1) if grid.per_channel else grid.scale.float().expand(G, Og, 1)
     z = grid.zero_point.view(G, Og, 1) if grid.per_channel else grid.zero_point.expand(G, Og, 1)
     q = _gptq(w_star, H, s, z, grid)
     return _coordinate_descent(q, w_star, H, s, z, grid, cfg.steps)
 
 
 def _cholesky(H: torch.Tensor) -> torch.Tensor:
+    eye = None
     for extra in (0.0, 1e-6, 1e-4, 1e-2):
-        A = H + extra * H.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * torch.eye(H.shape[-1], dtype=H.dtype)
+        if extra:
+            eye = torch.eye(H.shape[-1], dtype=H.dtype) if eye is None else eye
+            A = H + extra * H.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * eye
+        else:
+            A = H
         L, info = torch.linalg.cholesky_ex(A)
         if not info.any():
             return L
@@ -288,9 +349,9 @@ def _gptq(w: torch.Tensor, H: torch.Tensor, s, z, grid: WeightGrid, block: int =
     G, Og, K = w.shape
     perm = torch.argsort(H.diagonal(dim1=1, dim2=2), dim=1, descending=True)  # (G, K)
     inv = torch.argsort(perm, dim=1)
-    W = torch.gather(w, 2, perm[:, None, :].expand(G, Og, K)).clone()
-    Hp = torch.gather(torch.gather(H, 1, perm[:, :, None].expand(G, K, K)), 2, perm[:, None, :].expand(G, K, K))
-    U = torch.linalg.cholesky(torch.cholesky_inverse(_cholesky(Hp)), upper=True)  # chol(H⁻¹)ᵀ, upper
+    W = torch.gather(w, 2, perm[:, None, :].expand(G, Og, K))
+    U = torch.stack([H[g][perm[g]][:, perm[g]] for g in range(G)])  # Hp, permuted
+    U = torch.linalg.cholesky(torch.cholesky_inverse(_cholesky(U)), upper=True)  # chol(Hp⁻¹), upper
     Q = torch.empty_like(W, dtype=torch.int64)
     for i0 in range(0, K, block):
         i1 = min(i0 + block, K)
@@ -299,8 +360,7 @@ def _gptq(w: torch.Tensor, H: torch.Tensor, s, z, grid: WeightGrid, block: int =
             col = W[:, :, i : i + 1]
             q = (torch.round(col / s) + z).clamp(grid.qmin, grid.qmax)
             Q[:, :, i] = q[..., 0].long()
-            d = U[:, i, i].view(G, 1, 1)
-            err = (col - s * (q - z)) / d  # (G, Og, 1)
+            err = (col - s * (q - z)) / U[:, i, i].view(G, 1, 1)  # (G, Og, 1)
             W[:, :, i:i1] -= err * U[:, i : i + 1, i:i1]
             E[:, :, i - i0] = err[..., 0]
         W[:, :, i1:] -= torch.bmm(E, U[:, i0:i1, i1:])
@@ -308,21 +368,27 @@ def _gptq(w: torch.Tensor, H: torch.Tensor, s, z, grid: WeightGrid, block: int =
 
 
 def _coordinate_descent(q, w_star, H, s, z, grid: WeightGrid, passes: int) -> torch.Tensor:
-    """Exact per-integer minimisation of (W - W*) H (W - W*)ᵀ; each move never increases it."""
+    """Exact per-integer minimisation of (W - W*) H (W - W*)ᵀ; each move never increases it.
+
+    grad = R H with R = W(q) - W*; moving q[o, k] by dq changes row o of grad by s_o dq H[k].
+    Only rows that moved are updated, so a pass costs O(K·(O + moves·K)).
+    """
     q = q.clone()
-    grad = torch.bmm(s * (q - z).double() - w_star, H)  # (G, Og, K) = R H
-    hdiag = H.diagonal(dim1=1, dim2=2)  # (G, K)
+    grad = torch.bmm(s * (q - z).float() - w_star, H)  # (G, Og, K)
+    step = 1.0 / (H.diagonal(dim1=1, dim2=2)[:, None, :] * s)  # (G, Og, K): dq per unit of grad
     for _ in range(passes):
         moved = 0
         for k in range(q.shape[-1]):
-            qk = q[:, :, k : k + 1]
-            new = (qk - torch.round(grad[:, :, k : k + 1] / (hdiag[:, k].view(-1, 1, 1) * s))).clamp(grid.qmin, grid.qmax)
-            dq = new - qk
-            if not dq.any():
+            dq = -torch.round(grad[:, :, k] * step[:, :, k])  # (G, Og)
+            new = (q[:, :, k] + dq.long()).clamp(grid.qmin, grid.qmax)
+            dq = new - q[:, :, k]
+            idx = dq.nonzero()
+            if not len(idx):
                 continue
-            moved += int(dq.count_nonzero())
-            q[:, :, k : k + 1] = new
-            grad += (s * dq.double()) * H[:, k : k + 1, :]  # rank-1 update of R H
+            moved += len(idx)
+            q[:, :, k] = new
+            gi, oi = idx[:, 0], idx[:, 1]
+            grad[gi, oi] += (s[gi, oi] * dq[gi, oi, None].float()) * H[gi, k]  # rows that moved only
         if moved == 0:
             break
     return q
@@ -372,40 +438,55 @@ def _grouped(w: torch.Tensor, groups: int) -> torch.Tensor:
     return w.reshape(groups, w.shape[0] // groups, -1)  # (G, O/G, K)
 
 
-def run(units: Sequence[Unit], capture: Capture, batches: Sequence, cfg: PurifyConfig
+def run(units: Sequence[Unit], capture: Capture, batches: Sequence, cfg: PurifyConfig, write_back: bool = True
         ) -> tuple[list[torch.Tensor], PurifyReport]:
-    """Purify ``units`` in order; returns the chosen integer weights and the report."""
+    """Purify ``units`` in order; returns the chosen integer weights and the report.
+
+    With ``write_back=False`` (the audit) nothing is written: every unit sees the plain
+    round-to-nearest model, and the report says how far each layer could be corrected.
+    """
     if cfg.pda is PDAMode.ON and not any(u.bn is not None for u in units):
         raise ValueError("pda='on' but no quantized layer of this model feeds a BatchNorm; use pda='auto' or 'off'")
     report = PurifyReport(config=cfg.to_dict())
     codes: list[torch.Tensor] = []
     t_all = time.perf_counter()
     bar = tqdm(units, desc="purify", unit="unit", disable=not cfg.progress)
-    with _flush_denormals():
-        _run_units(units, capture, batches, cfg, bar, report, codes)
+    with flush_denormals():
+        _run_units(units, capture, batches, cfg, bar, report, codes, write_back)
     report.seconds = time.perf_counter() - t_all
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return codes, report
 
 
+_flush_depth = 0
+
+
 @contextmanager
-def _flush_denormals():
-    """PGD and the Gram updates produce denormal floats that slow x86 CPUs down ~10x."""
+def flush_denormals():
+    """Flush denormal floats to zero inside the block (re-entrant).
+
+    PGD and small gradients produce denormals that slow x86 CPUs down 3-10x.
+    """
+    global _flush_depth
     supported = torch.set_flush_denormal(True)
+    _flush_depth += 1
     try:
         yield
     finally:
-        if supported:
+        _flush_depth -= 1
+        if supported and _flush_depth == 0:
             torch.set_flush_denormal(False)
 
 
-def _run_units(units, capture, batches, cfg, bar, report, codes) -> None:
+def _run_units(units, capture, batches, cfg, bar, report, codes, write_back) -> None:
     for unit in bar:
         bar.set_postfix_str(unit.name)
         t0 = time.perf_counter()
-        q, row = _purify_unit(unit, capture, batches, cfg)
+        q, row, channels = _purify_unit(unit, capture, batches, cfg)
         row.seconds = time.perf_counter() - t0
-        unit.write(unit.grid.dequantize(q))  # later units see this unit purified
+        if write_back:
+            unit.write(unit.grid.dequantize(q))  # later units see this unit purified
+        report.channels[unit.name] = channels
         codes.append(q)
         report.codes[unit.name] = q
         report.units.append(row)
@@ -433,14 +514,15 @@ def _purify_unit(unit: Unit, capture: Capture, batches: Sequence, cfg: PurifyCon
         log.info("%s: PDA %s", unit.name, skip)
     gram = _Gram()
     cache_in, cache_tgt = [], []
-    pda_first = pda_last = 0.0
+    pda_first = pda_last = pda_s = 0.0
     for x in batches:
         i_q, i_fp = capture(unit, x)
         with torch.no_grad():
             target = op.apply(i_fp, w_o, unit.bias)  # T = W_o I^fp + b (unnudged)
         if skip is None:
+            t_pda = time.perf_counter()
             i_q, a, b = _pda(i_q, unit, cfg)
-            pda_first, pda_last = pda_first + a, pda_last + b
+            pda_first, pda_last, pda_s = pda_first + a, pda_last + b, pda_s + time.perf_counter() - t_pda
         with torch.no_grad():
             bias = 0 if unit.bias is None else unit.bias.view(-1, *([1] * (target.dim() - 2)))
             gram.add(op.columns(i_q), op.outputs(target - bias))
@@ -451,15 +533,20 @@ def _purify_unit(unit: Unit, capture: Capture, batches: Sequence, cfg: PurifyCon
         log.info("%s: PDA BN-statistics gap %.4g -> %.4g", unit.name, pda_first, pda_last)
 
     G = op.groups
+    t_solve = time.perf_counter()
     if cfg.solver is Solver.GRAM:
         q = _solve_gram(gram, _grouped(w_o, G), grid, cfg).reshape(w_o.shape)
     else:
         q = _solve_adam(torch.cat(cache_in), torch.cat(cache_tgt), unit, cfg)
+    solve_s = time.perf_counter() - t_solve
     err = lambda codes: gram.error(_grouped(grid.dequantize(codes), G))  # noqa: E731
     row = UnitReport(
         name=unit.name, kind=type(unit.fp_layer).__name__, weights=w_o.numel(), levels=grid.levels,
         error_before=err(q_rtn), error_after=err(q), target_energy=gram.t / gram.n,
-        flips=int((q != q_rtn).sum()), pda="applied" if skip is None else skip, seconds=0.0)
+        flips=int((q != q_rtn).sum()), pda="applied" if skip is None else skip, seconds=0.0,
+        pda_seconds=pda_s, solve_seconds=solve_s)
     if not math.isfinite(row.error_after):
         raise FloatingPointError(f"{unit.name}: LAC produced a non-finite error; inputs or weights contain NaN/Inf")
-    return q, row
+    chan = lambda codes: gram.channel_errors(_grouped(grid.dequantize(codes), G))  # noqa: E731
+    channels = {"before": chan(q_rtn), "after": chan(q), "energy": (gram.t_ch / gram.n).flatten()}
+    return q, row, channels

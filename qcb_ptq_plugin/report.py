@@ -27,7 +27,9 @@ class UnitReport:
     target_energy: float  # mean squared norm of the float target, to read errors relatively
     flips: int
     pda: str  # "applied" or "skipped: <reason>"
-    seconds: float
+    seconds: float  # all of this unit: capture + PDA + solve
+    pda_seconds: float = 0.0
+    solve_seconds: float = 0.0
 
     @property
     def flip_rate(self) -> float:
@@ -43,6 +45,8 @@ class PurifyReport:
     config: dict = field(default_factory=dict)
     #: the integer weights chosen per unit (name -> int64 tensor), not part of the JSON
     codes: dict = field(default_factory=dict, repr=False)
+    #: per-channel errors (name -> {"before", "after", "energy"} float64 tensors), not part of the JSON
+    channels: dict = field(default_factory=dict, repr=False)
 
     @property
     def error_before(self) -> float:
@@ -78,5 +82,31 @@ class PurifyReport:
         skipped = {u.pda for u in self.units if u.pda != "applied"}
         rows += [f"PDA {reason}" for reason in sorted(skipped)]
         return "\n".join(rows)
+
+    def plot(self, path: str | Path) -> Path:
+        """Bar chart of each unit's FP-vs-INT output error (relative), before and after purification."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as e:
+            raise ImportError("plotting needs matplotlib: pip install 'qcb-ptq-plugin[plot]'") from e
+        names = [u.name for u in self.units]
+        before = [u.error_before / max(u.target_energy, 1e-30) for u in self.units]
+        after = [u.error_after / max(u.target_energy, 1e-30) for u in self.units]
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names)), 4))
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], before, width=0.4, label="plain PTQ (round to nearest)")
+        ax.bar([x + 0.2 for x in xs], after, width=0.4, label="purified (LAC+PDA)")
+        ax.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("relative output error vs float")
+        ax.set_title("Per-layer FP-vs-INT activation drift on calibration data")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return Path(path)
 
     __str__ = table
