@@ -4,9 +4,10 @@
 """
 
 from .api import purify
+from .audit import AuditReport, audit
 from .config import PDAMode, PurifyConfig, Solver
 from .grid import WeightGrid
 from .report import PurifyReport, UnitReport
 
-__all__ = ["purify", "PurifyConfig", "Solver", "PDAMode", "WeightGrid", "PurifyReport", "UnitReport"]
+__all__ = ["purify", "audit", "AuditReport", "PurifyConfig", "Solver", "PDAMode", "WeightGrid", "PurifyReport", "UnitReport"]
 __version__ = "0.1.0"

@@ -44,6 +44,16 @@ def purify(prepared: nn.Module, float_model: nn.Module, calib_data, config: Puri
         flips, PDA applied or why skipped, seconds).
     """
     cfg = (config or PurifyConfig()).replace(**overrides) if overrides or config is None else config
+    adapter, plan, batches = prepare_plan(prepared, float_model, calib_data, cfg)
+    codes, report = lac.run(plan.units, plan.capture, batches, cfg)
+    plan.commit(codes)
+    report.mode = adapter.mode_of(prepared)
+    log.info("purified %d layers in %.1fs", len(report.units), report.seconds)
+    return report
+
+
+def prepare_plan(prepared: nn.Module, float_model: nn.Module, calib_data, cfg: PurifyConfig):
+    """Validate the inputs and build (adapter, plan, batches): shared by purify and audit."""
     if prepared is float_model:
         raise ValueError("`prepared` and `float_model` are the same object; pass the calibrated model returned "
                          "by prepare_fx/prepare/prepare_pt2e and the original float model")
@@ -59,12 +69,7 @@ def purify(prepared: nn.Module, float_model: nn.Module, calib_data, config: Puri
     except Exception as e:  # the user's forward raised: say which input did not fit
         raise ValueError(f"calibration batch of shape {tuple(batches[0].shape)} does not fit the float model "
                          f"({type(e).__name__}: {e}); pass samples shaped like the model's input") from e
-    plan = adapter.plan(prepared, fp, batches[0])
-    codes, report = lac.run(plan.units, plan.capture, batches, cfg)
-    plan.commit(codes)
-    report.mode = adapter.mode_of(prepared)
-    log.info("purified %d layers in %.1fs", len(report.units), report.seconds)
-    return report
+    return adapter, adapter.plan(prepared, fp, batches[0]), batches
 
 
 def _exact_batches(batches: list[torch.Tensor], size: int) -> list[torch.Tensor]:
@@ -83,7 +88,11 @@ def _exact_batches(batches: list[torch.Tensor], size: int) -> list[torch.Tensor]
 def _frozen_copy(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"float_model must be the float nn.Module that was prepared, got {type(model).__name__}")
-    fp = copy.deepcopy(model).eval()
+    fp = copy.deepcopy(model)
+    try:
+        fp.eval()
+    except NotImplementedError:  # torch.export modules refuse .eval(); they are traced in eval mode already
+        pass
     fp.requires_grad_(False)
     if any(p.is_quantized for p in fp.parameters()) or any(b.is_quantized for b in fp.buffers()):
         raise ValueError("float_model holds quantized tensors; pass the original float model")

@@ -2,7 +2,8 @@
 
     qcb-ptq demo                       plant a QCB, expose it with plain PTQ, purify it (table)
     qcb-ptq onnx  fp32.onnx --calib calib.npz -o int8.onnx     ORT quantize_static + purification
-    qcb-ptq purify model.pt2 --calib calib.npz -o int8.pt2      torch exported program / TorchScript
+    qcb-ptq purify model.pt2 --calib calib.npz -o int8.pt2      exported program or pickled module
+    qcb-ptq audit  model.pt2 --calib calib.npz                  verdict: does quantization wake a backdoor?
 """
 
 from __future__ import annotations
@@ -114,6 +115,88 @@ def _cmd_onnx(args) -> int:
     return 0
 
 
+def _load_torch_model(path: Path):
+    """(float module, kind): an exported program (.pt2) or a pickled nn.Module (.pt/.pth)."""
+    import torch
+
+    if path.suffix == ".pt2":
+        return torch.export.load(str(path)).module(), "pt2"
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    except RuntimeError as e:
+        if "TorchScript" in str(e) or "constants.pkl" in str(e):
+            raise ValueError(f"{path} is a TorchScript file; TorchScript modules cannot be re-quantized by torch.ao "
+                             "or PT2E. Save the model with torch.export.save(torch.export.export(model, (x,)), "
+                             "'model.pt2') instead") from e
+        raise
+    if isinstance(obj, torch.jit.ScriptModule):
+        raise ValueError(f"{path} is a TorchScript file; TorchScript modules cannot be re-quantized by torch.ao or "
+                         "PT2E. Save the float model with torch.export.save(torch.export.export(model, (x,)), "
+                         "'model.pt2') or torch.save(model) instead")
+    if not isinstance(obj, torch.nn.Module):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a model; save the nn.Module itself "
+                         "(torch.save(model)) or an exported program (.pt2)")
+    return obj.eval(), "module"
+
+
+def _cmd_purify(args) -> int:
+    import torch
+
+    from . import PurifyConfig
+    from .ptq import quantize_fx, quantize_pt2e
+
+    model, kind = _load_torch_model(Path(args.model))
+    data = load_calibration(args.calib, args.limit)
+    if isinstance(data, dict):
+        raise ValueError("purify takes single-input models; pass one array (.npy or a one-array .npz)")
+    calib = torch.from_numpy(np.asarray(data, dtype=np.float32))
+    base = PurifyConfig.paper() if args.paper else PurifyConfig()
+    cfg = base.replace(solver=args.solver or base.solver, pda=args.pda, progress=not args.no_progress)
+    flow = "pt2e" if kind == "pt2" else args.flow
+    if flow == "pt2e":
+        int8, report = quantize_pt2e(model, calib, args.bits, cfg, batch_size=args.batch_size, grid=args.grid)
+    else:
+        if args.grid != "x86":
+            raise ValueError("--grid xnnpack needs the PT2E flow (--flow pt2e)")
+        int8, report = quantize_fx(model, calib, args.bits, cfg, batch_size=args.batch_size)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if flow == "pt2e":
+        torch.export.save(torch.export.export(int8, (calib[:2],),
+                                              dynamic_shapes=({0: torch.export.Dim("batch")},)), str(out))
+    else:  # torch.ao INT8 GraphModules do not pickle; TorchScript is their deployment format
+        torch.jit.save(torch.jit.trace(int8, calib[:2]), str(out))
+    report_path = Path(args.report) if args.report else out.with_suffix(".report.json")
+    report.save_json(report_path)
+    written = [str(out), str(report_path)]
+    if args.onnx:
+        from .onnx import export
+
+        written.append(str(export(int8, calib[: min(len(calib), 16)], args.onnx)))
+    if args.plot:
+        written.append(str(report.plot(args.plot)))
+    print(report.table())
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+def _cmd_audit(args) -> int:
+    import torch
+
+    from .audit import audit
+    from .ptq import prepare_fx_calibrated, prepare_pt2e_calibrated
+
+    model, kind = _load_torch_model(Path(args.model))
+    calib = torch.from_numpy(np.asarray(load_calibration(args.calib, args.limit), dtype=np.float32))
+    flow = "pt2e" if kind == "pt2" else args.flow
+    prepare = prepare_pt2e_calibrated if flow == "pt2e" else prepare_fx_calibrated
+    report = audit(prepare(model, calib, args.bits), model, calib, threshold=args.threshold)
+    if args.json:
+        report.save_json(args.json)
+    print(report.table())
+    return 3 if report.exposed and args.fail_if_exposed else 0
+
+
 def _add_purify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pda", choices=["auto", "on", "off"], default="auto",
                    help="poisoned distribution approximation where BatchNorm statistics exist (default: auto)")
@@ -150,6 +233,41 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--limit", type=int, help="use at most this many files of a folder")
     _add_purify_options(o)
     o.set_defaults(func=_cmd_onnx)
+
+    u = sub.add_parser("purify", help="float torch model file -> purified INT8 model (+ ONNX, report, plot)",
+                       description="Quantize a float model held in a file with the standard torch flow and "
+                                   "purify it between calibration and convert.")
+    u.add_argument("model", help="float model: exported program (.pt2, torch.export.save) -> PT2E flow, or a "
+                                 "pickled nn.Module (.pt/.pth, torch.save(model)) -> --flow")
+    u.add_argument("--calib", required=True, help="calibration inputs: .npz/.npy, or a folder of .npy files or images")
+    u.add_argument("-o", "--output", required=True, help="purified INT8 model: .pt2 (PT2E) or TorchScript .pt (FX; "
+                   "load with torch.jit.load)")
+    u.add_argument("--flow", choices=["fx", "pt2e"], default="fx", help="for pickled modules: torch.ao FX "
+                   "(default) or torchao PT2E; .pt2 files always use PT2E")
+    u.add_argument("--bits", type=int, default=8, help="weight bits, 2..8 (default: 8; activations are 8-bit)")
+    u.add_argument("--grid", choices=["x86", "xnnpack"], default="x86",
+                   help="weight grid: x86 (absmax/127.5, -128..127) or xnnpack (absmax/127, -127..127; PT2E only)")
+    u.add_argument("--solver", choices=["gram", "adam"], help="LAC solver (default: gram; adam with --paper)")
+    u.add_argument("--paper", action="store_true", help="the paper's schedule (10000 Adam steps per layer; slow)")
+    u.add_argument("--batch-size", type=int, default=64, help="calibration batch size (default: 64)")
+    u.add_argument("--limit", type=int, help="use at most this many files of a folder")
+    u.add_argument("--report", help="JSON report path (default: OUTPUT with .report.json)")
+    u.add_argument("--onnx", metavar="PATH", help="also export the purified INT8 model to ONNX (validated in onnxruntime)")
+    u.add_argument("--plot", metavar="PNG", help="also plot per-layer FP-vs-INT error before/after (needs matplotlib)")
+    _add_purify_options(u)
+    u.set_defaults(func=_cmd_purify)
+
+    a = sub.add_parser("audit", help="measure FP-vs-INT drift of a float model's quantized twin; verdict on QCB exposure")
+    a.add_argument("model", help="float model: exported program (.pt2) or pickled nn.Module (.pt/.pth)")
+    a.add_argument("--calib", required=True, help="benign calibration inputs: .npz/.npy or a folder")
+    a.add_argument("--flow", choices=["fx", "pt2e"], default="fx", help="for pickled modules (default: fx)")
+    a.add_argument("--bits", type=int, default=8, help="weight bits the deployment will use (default: 8)")
+    a.add_argument("--threshold", type=float, default=16.0, help="exposure score threshold (default: 16, "
+                   "calibrated at W4A8 in benchmarks/results/audit.md)")
+    a.add_argument("--json", metavar="PATH", help="also write the audit report as JSON")
+    a.add_argument("--fail-if-exposed", action="store_true", help="exit with code 3 when the verdict is exposed")
+    a.add_argument("--limit", type=int, help="use at most this many files of a folder")
+    a.set_defaults(func=_cmd_audit)
     return parser
 
 

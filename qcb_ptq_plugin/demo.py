@@ -58,7 +58,9 @@ _RECIPES = {  # (dataset kind, bits) -> recipe; "small" = digits (tests), "mnist
     ("small", 4): _Recipe(16, 0, 20, 20, 0.1, 1e-3, 1e-3),
     ("small", 8): _Recipe(16, 0, 20, 20, 0.1, 1e-3, 2e-4),
     ("mnist", 4): _Recipe(16, 0, 3, 3, 0.1, 1e-3, 1e-3),
-    ("mnist", 8): _Recipe(16, 3, 1, 3, 0.05, 2e-4, 1e-4),
+    # Best found for 8 bits on what installs here (see benchmarks/results/qcb.md): a short inject
+    # after clean training; plain INT8 exposes it, but the float model does not fully forget it.
+    ("mnist", 8): _Recipe(16, 3, 1, 3, 0.1, 1e-3, 1e-4),
 }
 
 

@@ -52,14 +52,24 @@ def _calibrate(prepared: nn.Module, calib: torch.Tensor, batch_size: int) -> Non
             prepared(xb)
 
 
-def quantize_fx(model: nn.Module, calib: torch.Tensor, bits: int = 8, purify_config: PurifyConfig | None = None,
-                batch_size: int = 64, backend: str = "x86") -> tuple[nn.Module, PurifyReport | None]:
-    """prepare_fx -> calibrate -> [purify] -> convert_fx; returns the INT8 model and the report."""
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+def prepare_fx_calibrated(model: nn.Module, calib: torch.Tensor, bits: int = 8, batch_size: int = 64,
+                          backend: str = "x86") -> nn.Module:
+    """prepare_fx on a copy of ``model`` + calibration: the state purify and audit expect."""
+    from torch.ao.quantization.quantize_fx import prepare_fx
 
     with quiet_torch_ao():
         prepared = prepare_fx(copy.deepcopy(model).eval(), fx_qconfig_mapping(bits, backend), (calib[:1],))
         _calibrate(prepared, calib, batch_size)
+    return prepared
+
+
+def quantize_fx(model: nn.Module, calib: torch.Tensor, bits: int = 8, purify_config: PurifyConfig | None = None,
+                batch_size: int = 64, backend: str = "x86") -> tuple[nn.Module, PurifyReport | None]:
+    """prepare_fx -> calibrate -> [purify] -> convert_fx; returns the INT8 model and the report."""
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    prepared = prepare_fx_calibrated(model, calib, bits, batch_size, backend)
+    with quiet_torch_ao():
         report = purify(prepared, model, calib, purify_config) if purify_config is not None else None
         return convert_fx(prepared), report
 
@@ -85,16 +95,29 @@ def pt2e_quantizer(bits: int = 8, grid: str = "x86"):
     return quantizer
 
 
+def prepare_pt2e_calibrated(model: nn.Module, calib: torch.Tensor, bits: int = 8, batch_size: int = 64,
+                            grid: str = "x86") -> nn.Module:
+    """torch.export (dynamic batch; an already exported module is used as is) + prepare_pt2e + calibration."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    with quiet_torch_ao():
+        if isinstance(model, torch.fx.GraphModule):
+            exported = copy.deepcopy(model)
+        else:
+            exported = torch.export.export(copy.deepcopy(model).eval(), (calib[:2],),
+                                           dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+        prepared = prepare_pt2e(exported, pt2e_quantizer(bits, grid))
+        _calibrate(prepared, calib, batch_size)
+    return prepared
+
+
 def quantize_pt2e(model: nn.Module, calib: torch.Tensor, bits: int = 8, purify_config: PurifyConfig | None = None,
                   batch_size: int = 64, grid: str = "x86") -> tuple[nn.Module, PurifyReport | None]:
     """torch.export (dynamic batch) -> prepare_pt2e -> calibrate -> [purify] -> convert_pt2e."""
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
+    prepared = prepare_pt2e_calibrated(model, calib, bits, batch_size, grid)
     with quiet_torch_ao():
-        exported = torch.export.export(copy.deepcopy(model).eval(), (calib[:2],),
-                                       dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
-        prepared = prepare_pt2e(exported, pt2e_quantizer(bits, grid))
-        _calibrate(prepared, calib, batch_size)
         report = purify(prepared, model, calib, purify_config) if purify_config is not None else None
         return convert_pt2e(prepared), report
 

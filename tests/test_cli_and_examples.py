@@ -63,7 +63,7 @@ def test_cli_errors_exit_non_zero(tmp_path, capsys):
     assert "no such ONNX file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("sub", ["demo", "onnx"])
+@pytest.mark.parametrize("sub", ["demo", "onnx", "purify"])
 def test_help_documents_every_option(sub, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([sub, "--help"])
@@ -86,3 +86,46 @@ def test_example_script_runs():
     lines = {line.split(":")[0].strip(): line for line in res.stdout.splitlines() if "ASR" in line}
     asr = {k: float(v.split("ASR")[1].strip(" %")) for k, v in lines.items()}
     assert asr["plain W4A8"] >= 90 and asr["purified W4A8"] <= 2
+
+
+def test_purify_subcommand_pickled_module_and_exported_program(qcb_w4, digits, tmp_path):
+    calib = tmp_path / "calib.npy"
+    np.save(calib, digits.calibration(256, seed=1).numpy())
+    x, y = digits.x_test, digits.y_test
+
+    torch.save(qcb_w4, tmp_path / "model.pt")
+    out = tmp_path / "int8_fx.pt"
+    assert cli.main(["purify", str(tmp_path / "model.pt"), "--calib", str(calib), "-o", str(out), "--bits", "4",
+                     "--onnx", str(tmp_path / "int8.onnx"), "--no-progress"]) == 0
+    int8 = torch.jit.load(str(out))
+    assert metrics.attack_success_rate(int8, x, y, TRIGGER, TARGET) <= 0.02
+    assert metrics.attack_success_rate(qonnx.OrtModel(tmp_path / "int8.onnx"), x, y, TRIGGER, TARGET) <= 0.02
+    assert json.loads((tmp_path / "int8_fx.report.json").read_text())["mode"] == "fx"
+
+    ep = torch.export.export(qcb_w4, (x[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(ep, tmp_path / "model.pt2")
+    out2 = tmp_path / "int8.pt2"
+    assert cli.main(["purify", str(tmp_path / "model.pt2"), "--calib", str(calib), "-o", str(out2), "--bits", "4",
+                     "--no-progress"]) == 0
+    loaded = torch.export.load(str(out2)).module()
+    assert metrics.attack_success_rate(loaded, x, y, TRIGGER, TARGET) <= 0.02
+    report = json.loads((tmp_path / "int8.report.json").read_text())
+    assert report["mode"] == "pt2e" and [u["pda"] for u in report["units"][:3]] == ["applied"] * 3
+
+
+def test_purify_subcommand_refuses_torchscript(qcb_w4, digits, tmp_path, capsys):
+    torch.jit.save(torch.jit.trace(qcb_w4, digits.x_test[:2]), str(tmp_path / "ts.pt"))
+    np.save(tmp_path / "c.npy", digits.calibration(8).numpy())
+    assert cli.main(["purify", str(tmp_path / "ts.pt"), "--calib", str(tmp_path / "c.npy"), "-o",
+                     str(tmp_path / "o.pt")]) == 2
+    assert "TorchScript" in capsys.readouterr().err
+
+
+def test_report_plot(qcb_w4, digits, tmp_path):
+    pytest.importorskip("matplotlib")
+    from qcb_ptq_plugin.ptq import quantize_fx
+    import qcb_ptq_plugin
+
+    _, report = quantize_fx(qcb_w4, digits.calibration(64), 4, qcb_ptq_plugin.PurifyConfig(progress=False))
+    path = report.plot(tmp_path / "drift.png")
+    assert path.stat().st_size > 1000

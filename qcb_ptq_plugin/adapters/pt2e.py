@@ -16,6 +16,7 @@ activations, so we
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 
 import torch
@@ -102,10 +103,67 @@ def _layer_kwargs(node) -> dict:
     return dict(stride=a[3] or 1, padding=a[4] or 0, dilation=a[5] or 1, groups=a[6] or 1)
 
 
+def _is_exported(model: nn.Module) -> bool:
+    return isinstance(model, GraphModule) and any(
+        n.op == "call_function" and (n.target in _CONV or n.target == _LINEAR) for n in model.graph.nodes)
+
+
+def _get(gm: nn.Module, target: str) -> torch.Tensor:
+    """A get_attr target (dotted path to a parameter, buffer or constant)."""
+    return functools.reduce(getattr, target.split("."), gm)
+
+
+def _attr(gm: GraphModule, node):
+    return _get(gm, node.target) if getattr(node, "op", None) == "get_attr" else None
+
+
+def _exported_float_side(float_gm: GraphModule) -> tuple[GraphModule, dict[str, tuple]]:
+    """A float model given as an exported graph (``.pt2``): tap its layer inputs and rebuild the
+    float Conv/Linear and BatchNorm modules the algorithm needs. Returns (tapped copy,
+    {module path: (fp_layer, bn or None, tap)})."""
+    gm = copy.deepcopy(float_gm)
+    side = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or (node.target not in _CONV and node.target != _LINEAR):
+            continue
+        stack = list(node.meta.get("nn_module_stack", {}).values())
+        w, b = _attr(gm, node.args[1]), _attr(gm, node.args[2]) if len(node.args) > 2 else None
+        if not stack or w is None:
+            continue
+        if node.target == _LINEAR:
+            layer = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+        else:
+            k = _layer_kwargs(node)
+            layer = _CONV[node.target](w.shape[1] * k["groups"], w.shape[0], tuple(w.shape[2:]), bias=b is not None, **k)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            if b is not None:
+                layer.bias.copy_(b)
+        bn, users = None, list(node.users)
+        if len(users) == 1 and users[0].target == torch.ops.aten.batch_norm.default:
+            a = users[0].args  # (x, weight, bias, running_mean, running_var, training, momentum, eps, ...)
+            bn = nn.BatchNorm2d(w.shape[0], eps=a[7]) if w.dim() == 4 else nn.BatchNorm1d(w.shape[0], eps=a[7])
+            with torch.no_grad():
+                for t, arg in zip((bn.weight, bn.bias, bn.running_mean, bn.running_var), a[1:5]):
+                    t.copy_(_attr(gm, arg))
+            bn.eval()
+        tap_name = f"qcb_fp_tap_{len(side)}"
+        gm.add_module(tap_name, _Tap())
+        with gm.graph.inserting_before(node):
+            tap = gm.graph.call_module(tap_name, (node.args[0],))
+        node.update_arg(0, tap)
+        side[stack[-1][0]] = (layer.eval().requires_grad_(False), bn, gm.get_submodule(tap_name))
+    gm.recompile()
+    return gm, side
+
+
 def plan(prepared: GraphModule, float_model: nn.Module, example: torch.Tensor) -> Plan:
     base = _torchao_observer_base()
     simulator = copy.deepcopy(prepared)
     units, pins = [], []
+    exported_side = None
+    if _is_exported(float_model):  # e.g. loaded from a .pt2 file: no hookable Conv modules
+        float_model, exported_side = _exported_float_side(float_model)
     fp_modules = dict(float_model.named_modules())
     fp_order = execution_order(float_model, example)
     sim_nodes = {n.name: n for n in simulator.graph.nodes}
@@ -121,16 +179,18 @@ def plan(prepared: GraphModule, float_model: nn.Module, example: torch.Tensor) -
             continue
         stack = list(node.meta.get("nn_module_stack", {}).values())
         fp_name = stack[-1][0] if stack else None
-        fp_layer = fp_modules.get(fp_name) if fp_name is not None else None
+        if exported_side is not None:
+            fp_layer, fp_bn, _ = exported_side.get(fp_name, (None, None, None))
+        else:
+            fp_layer = fp_modules.get(fp_name) if fp_name is not None else None
         if fp_layer is None:
             raise ValueError(f"float model does not match the prepared model: it has no module '{fp_name}' "
                              f"(the source of node '{node.name}'). Pass the float model that was exported")
-        weight = prepared.get_parameter(w_node.target) if w_node.target in dict(prepared.named_parameters()) \
-            else getattr(prepared, w_node.target)
-        bias_node = node.args[2] if len(node.args) > 2 else None
-        bias = prepared.get_parameter(bias_node.target) if getattr(bias_node, "op", None) == "get_attr" else None
+        weight = _get(prepared, w_node.target)
+        bias = _attr(prepared, node.args[2]) if len(node.args) > 2 else None
         LayerOp.from_module(fp_layer)  # raises on unsupported layer flavours
-        bn = match_float_layer(fp_name, weight, fp_layer, following_bn(fp_layer, fp_order))
+        bn = match_float_layer(fp_name, weight, fp_layer,
+                               fp_bn if exported_side is not None else following_bn(fp_layer, fp_order))
         grid = WeightGrid.from_observer(observer)
 
         # simulator: tap the input, fake-quantize the weight with the frozen grid
@@ -140,8 +200,7 @@ def plan(prepared: GraphModule, float_model: nn.Module, example: torch.Tensor) -
         with simulator.graph.inserting_before(sim_node):
             tap = simulator.graph.call_module(tap_name, (sim_node.args[0],))
         sim_node.update_arg(0, tap)
-        sim_w = simulator.get_parameter(w_node.target) if w_node.target in dict(simulator.named_parameters()) \
-            else getattr(simulator, w_node.target)
+        sim_w = _get(simulator, w_node.target)
         with torch.no_grad():
             sim_w.copy_(grid.fake_quantize(weight))
 
@@ -175,4 +234,5 @@ def plan(prepared: GraphModule, float_model: nn.Module, example: torch.Tensor) -
             owner = prepared.get_submodule(parent) if parent else prepared
             setattr(owner, attr, _pinned(getattr(owner, attr)))
 
-    return Plan(units=units, capture=ModuleCapture(simulator, float_model), commit=commit)
+    fp_points = {u.name: exported_side[u.name][2] for u in units} if exported_side is not None else None
+    return Plan(units=units, capture=ModuleCapture(simulator, float_model, units, fp_points=fp_points), commit=commit)

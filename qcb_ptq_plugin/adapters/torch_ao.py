@@ -171,4 +171,4 @@ def plan(prepared: nn.Module, float_model: nn.Module, example: torch.Tensor) -> 
             if layer is not mod:
                 layer.qconfig = qconfig  # eager from_float reads the inner layer's qconfig
 
-    return Plan(units=units, capture=ModuleCapture(simulator, float_model), commit=commit)
+    return Plan(units=units, capture=ModuleCapture(simulator, float_model, units), commit=commit)
