@@ -5,6 +5,9 @@
     x -> conv3x3-BN-ReLU(w) -> maxpool -> conv3x3-BN-ReLU(2w) -> maxpool -> conv3x3-BN-ReLU(4w) -> avgpool -> fc
 
 ``resnet18_cifar``: the CIFAR-style ResNet-18 (11M parameters) for the speed benchmark.
+
+``TinyTransformer``: a pre-LN transformer encoder (Linear + LayerNorm + attention, no BN) that
+reads an image row by row as a token sequence: the LLM-style Linear stack of the tests.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SmallCNN", "resnet18_cifar", "BasicBlock", "ResNet"]
+__all__ = ["SmallCNN", "resnet18_cifar", "BasicBlock", "ResNet", "TinyTransformer"]
 
 
 def _cbr(cin: int, cout: int) -> list[nn.Module]:
@@ -75,3 +78,46 @@ class ResNet(nn.Module):
 
 def resnet18_cifar(num_classes: int = 10, in_channels: int = 3) -> ResNet:
     return ResNet((2, 2, 2, 2), num_classes, in_channels)
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        split = lambda z: z.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        att = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * self.scale, dim=-1)
+        return self.out(torch.matmul(att, v).transpose(1, 2).reshape(b, t, d))
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp: int) -> None:
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(dim), _Attention(dim, heads)
+        self.ln2, self.fc1, self.act, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, mlp), nn.ReLU(), nn.Linear(mlp, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(self.act(self.fc1(self.ln2(x))))
+
+
+class TinyTransformer(nn.Module):
+    """Image rows as tokens: (B, 1, H, W) -> H tokens of width W -> Linear embed + position ->
+    ``depth`` pre-LN blocks (multi-head attention, ReLU MLP) -> LayerNorm -> mean -> Linear."""
+
+    def __init__(self, seq_len: int = 8, token_dim: int = 8, num_classes: int = 10, dim: int = 32, depth: int = 2,
+                 heads: int = 4, mlp_ratio: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Linear(token_dim, dim)
+        self.pos = nn.Parameter(torch.zeros(1, seq_len, dim))
+        nn.init.normal_(self.pos, std=0.02)
+        self.blocks = nn.Sequential(*[_Block(dim, heads, mlp_ratio * dim) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x.flatten(1, 2)) + self.pos  # (B, 1, H, W) -> (B, H, W) tokens
+        return self.head(self.norm(self.blocks(x)).mean(1))

@@ -66,11 +66,14 @@ def observer_types() -> tuple[type, ...]:
 def freeze_observers(model: nn.Module) -> int:
     """Replace every observer submodule by a FrozenQuant (in place); returns how many."""
     kinds = observer_types()
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+    found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, kinds)]
+    frozen: dict[int, FrozenQuant] = {}  # an observer shared under several names stays shared
     for name, obs in found:
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, FrozenQuant(obs, name))
-    return len(found)
+        if id(obs) not in frozen:
+            frozen[id(obs)] = FrozenQuant(obs, name)
+        setattr(model.get_submodule(parent) if parent else model, attr, frozen[id(obs)])
+    return len(frozen)
 
 
 def execution_order(model: nn.Module, x: torch.Tensor, leaves_only: bool = True) -> list[nn.Module]:
