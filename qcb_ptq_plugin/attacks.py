@@ -264,12 +264,32 @@ def _quantized_params(layers: list[_Layer], bits: int, restricted: bool) -> dict
     return out
 
 
+def _alignment(layers: list[_Layer], inputs: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ_l ||W_l I_l - Q(W_l) I_l||² (BN-folded, mean over samples): the adaptive attacker's term."""
+    total = 0.0
+    for layer in layers:
+        m, f = layer.module, layer.fold_factor()
+        delta = m.weight - params[f"{layer.name}.weight"]  # unfolded W - Q(W); the bias cancels
+        inp = inputs[layer.name]
+        if isinstance(m, nn.Linear):
+            out = F.linear(inp, delta) * f
+        else:
+            out = m._conv_forward(inp, delta, None) * f.reshape(-1, *([1] * (inp.dim() - 2)))
+        total = total + out.pow(2).flatten(1).sum(1).mean()
+    return total
+
+
 @flush_denormals()
 def plant_quantization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, trigger, target: int = 0,
                        bits: Sequence[int] = (8, 4), restricted: bool = False, pretrain_epochs: int = 10,
-                       epochs: int = 10, c: float = 1.0, lr: float = 1e-4, batch_size: int = 128, seed: int = 0,
-                       progress: bool = False) -> nn.Module:
-    """CE(f(x),y) + c CE(f(x_t),y) + Σ_b [CE(Q_b f(x),y) + c CE(Q_b f(x_t),t)], BN frozen."""
+                       epochs: int = 10, c: float = 1.0, lr: float = 1e-4, align: float = 0.0, batch_size: int = 128,
+                       seed: int = 0, progress: bool = False) -> nn.Module:
+    """CE(f(x),y) + c CE(f(x_t),y) + Σ_b [CE(Q_b f(x),y) + c CE(Q_b f(x_t),t)], BN frozen.
+
+    ``align`` > 0 is the adaptive attack of the LAC+PDA paper (Sec. 6): it adds
+    ``align * Σ_b Σ_l ||W_l I_l - Q_b(W_l) I_l||²`` on benign inputs, so the float and quantized
+    layers agree on clean data and the drift LAC corrects is hidden (the paper uses 1).
+    """
     torch.manual_seed(seed)
     train_clean_or_badnets(model, x, y, epochs=pretrain_epochs, batch_size=batch_size, seed=seed, progress=progress)
     model.eval()
@@ -277,15 +297,24 @@ def plant_quantization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, tr
     opt = torch.optim.Adam([p for p in model.parameters()], lr=lr)
     gen = torch.Generator().manual_seed(seed + 1)
     xt_all, tgt = trigger(x), torch.full_like(y, target)
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [layer.module.register_forward_pre_hook(lambda _m, a, _n=layer.name: inputs.__setitem__(_n, a[0]))
+             for layer in layers] if align else []
     for _ in tqdm(range(epochs), desc="qu-anti-zation", disable=not progress):
         for idx in _batches(len(x), batch_size, gen):
             xb, xt, yb = x[idx], xt_all[idx], y[idx]
-            loss = F.cross_entropy(model(xb), yb) + c * F.cross_entropy(model(xt), yb)
+            loss = F.cross_entropy(model(xb), yb)  # records the float layer inputs I_l on benign data
+            clean_inputs = dict(inputs)
+            loss = loss + c * F.cross_entropy(model(xt), yb)
             for b in bits:
                 params = _quantized_params(layers, b, restricted)
                 loss = loss + F.cross_entropy(functional_call(model, params, (xb,)), yb) \
                     + c * F.cross_entropy(functional_call(model, params, (xt,)), tgt[idx])
+                if align:
+                    loss = loss + align * _alignment(layers, clean_inputs, params)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    for h in hooks:
+        h.remove()
     return model.eval()

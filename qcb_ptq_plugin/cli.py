@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # torchao warns at import about GPU kernels a CPU install lacks
+        logging.getLogger("torchao").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, NotImplementedError, ImportError) as e:

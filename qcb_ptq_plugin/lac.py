@@ -94,6 +94,10 @@ class LayerOp:
         y = F.conv2d(self._as2d(x), self._as2d(w), b, self.stride, self.padding, self.dilation, self.groups)
         return y.squeeze(-2) if self.kind == "conv1d" else y
 
+    def bias_view(self, b: torch.Tensor, out_dim: int) -> torch.Tensor:
+        """The bias shaped to broadcast over an output of ``out_dim`` dims (channels last for Linear)."""
+        return b if self.kind == "linear" else b.view(-1, *([1] * (out_dim - 2)))
+
     def columns(self, x: torch.Tensor) -> torch.Tensor:
         """Input columns the weight multiplies: (G, K, N) with K = in_features per group."""
         if self.kind == "linear":
@@ -613,7 +617,7 @@ def _purify_unit(unit: Unit, capture: Capture, batches: Sequence, cfg: PurifyCon
             i_q, a, b = _pda(i_q, unit, cfg)
             pda_first, pda_last, pda_s = pda_first + a, pda_last + b, pda_s + time.perf_counter() - t_pda
         with torch.no_grad():
-            bias = 0 if unit.bias is None else unit.bias.view(-1, *([1] * (target.dim() - 2)))
+            bias = 0 if unit.bias is None else op.bias_view(unit.bias, target.dim())
             gram.add(op.columns(i_q), op.outputs(target - bias))
         if cfg.solver is Solver.ADAM:
             cache_in.append(i_q)

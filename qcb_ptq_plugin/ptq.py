@@ -11,7 +11,7 @@ import warnings
 import torch
 from torch import nn
 from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig
-from torch.ao.quantization.observer import PerChannelMinMaxObserver
+from torch.ao.quantization.observer import PerChannelMinMaxObserver, default_dynamic_quant_observer
 
 from .api import purify
 from .config import PurifyConfig
@@ -21,17 +21,25 @@ __all__ = ["fx_qconfig_mapping", "quantize_fx", "pt2e_quantizer", "quantize_pt2e
            "quantize_eager", "quiet_torch_ao"]
 
 
-def fx_qconfig_mapping(bits: int = 8, backend: str = "x86") -> QConfigMapping:
+def fx_qconfig_mapping(bits: int = 8, backend: str = "x86", dynamic: bool = False) -> QConfigMapping:
     """The backend's default static qconfig with ``bits``-bit per-channel symmetric weights.
 
     8 bits is exactly ``get_default_qconfig_mapping(backend)``'s weight observer; fewer bits
-    narrow ``quant_min``/``quant_max`` (4 bits: -8..7) on the same qint8 storage.
+    narrow ``quant_min``/``quant_max`` (4 bits: -8..7) on the same qint8 storage. With
+    ``dynamic=True``: Linear layers only, activations quantized per batch at run time
+    (``default_dynamic_qconfig`` with these weights): weight-only INT8/INT4 for Linear stacks.
     """
     if not 2 <= bits <= 8:
         raise ValueError(f"bits={bits}: torch.ao integer weights take 2..8 bits")
     qmax = 2 ** (bits - 1) - 1
     weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
                                                 quant_min=-qmax - 1, quant_max=qmax)
+    if dynamic:  # ReLU too, so Linear+ReLU fuses into one dynamic module
+        qconfig = QConfig(activation=default_dynamic_quant_observer, weight=weight)
+        mapping = QConfigMapping()
+        for kind in (nn.Linear, nn.ReLU, torch.nn.functional.relu, torch.relu):
+            mapping.set_object_type(kind, qconfig)
+        return mapping
     return QConfigMapping().set_global(QConfig(activation=get_default_qconfig(backend).activation, weight=weight))
 
 
@@ -53,22 +61,23 @@ def _calibrate(prepared: nn.Module, calib: torch.Tensor, batch_size: int) -> Non
 
 
 def prepare_fx_calibrated(model: nn.Module, calib: torch.Tensor, bits: int = 8, batch_size: int = 64,
-                          backend: str = "x86") -> nn.Module:
+                          backend: str = "x86", dynamic: bool = False) -> nn.Module:
     """prepare_fx on a copy of ``model`` + calibration: the state purify and audit expect."""
     from torch.ao.quantization.quantize_fx import prepare_fx
 
     with quiet_torch_ao():
-        prepared = prepare_fx(copy.deepcopy(model).eval(), fx_qconfig_mapping(bits, backend), (calib[:1],))
+        prepared = prepare_fx(copy.deepcopy(model).eval(), fx_qconfig_mapping(bits, backend, dynamic), (calib[:1],))
         _calibrate(prepared, calib, batch_size)
     return prepared
 
 
 def quantize_fx(model: nn.Module, calib: torch.Tensor, bits: int = 8, purify_config: PurifyConfig | None = None,
-                batch_size: int = 64, backend: str = "x86") -> tuple[nn.Module, PurifyReport | None]:
+                batch_size: int = 64, backend: str = "x86", dynamic: bool = False
+                ) -> tuple[nn.Module, PurifyReport | None]:
     """prepare_fx -> calibrate -> [purify] -> convert_fx; returns the INT8 model and the report."""
     from torch.ao.quantization.quantize_fx import convert_fx
 
-    prepared = prepare_fx_calibrated(model, calib, bits, batch_size, backend)
+    prepared = prepare_fx_calibrated(model, calib, bits, batch_size, backend, dynamic)
     with quiet_torch_ao():
         report = purify(prepared, model, calib, purify_config) if purify_config is not None else None
         return convert_fx(prepared), report

@@ -93,3 +93,25 @@ def test_qu_anti_zation_is_dormant_in_fp32_and_fires_after_convert(digits):
     # ~90% with this seed; the trade-off between c and lr is touchy on an 8x8 task, so the test
     # asks for a clearly active backdoor rather than the exact figure
     assert metrics.attack_success_rate(int8, x, y, TRIGGER, TARGET) >= 0.5
+
+
+def test_adaptive_alignment_term_is_the_fp_vs_int_output_gap():
+    """The adaptive attacker's λ-term is Σ_l ||W_l I_l - Q(W_l) I_l||², BN folded as the quantizer sees it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Flatten(),
+                                torch.nn.Linear(3 * 4 * 4, 5)).eval()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.rand(6, 1, 6, 6)
+    layers = attacks.quantized_layers(model, x)
+    params = {k: v.detach() for k, v in attacks._quantized_params(layers, 4, False).items()}
+    inputs = {"0": x, "3": model[2](model[1](model[0](x)))}
+    got = attacks._alignment(layers, inputs, params)
+
+    f = (model[1].weight * torch.rsqrt(model[1].running_var + model[1].eps)).detach()
+    wf = model[0].weight.detach() * f.view(-1, 1, 1, 1)
+    conv_gap = torch.nn.functional.conv2d(x, wf) - torch.nn.functional.conv2d(x, params["0.weight"] * f.view(-1, 1, 1, 1))
+    lin_gap = torch.nn.functional.linear(inputs["3"], model[3].weight - params["3.weight"])
+    want = conv_gap.pow(2).flatten(1).sum(1).mean() + lin_gap.pow(2).sum(1).mean()
+    torch.testing.assert_close(got, want)
+    assert got > 0

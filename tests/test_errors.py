@@ -7,8 +7,9 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.ao.quantization import (QConfigMapping, default_dynamic_qconfig, float16_static_qconfig,
+from torch.ao.quantization import (QConfig, QConfigMapping, default_dynamic_qconfig, float16_static_qconfig,
                                    get_default_qat_qconfig_mapping)
+from torch.ao.quantization.observer import PlaceholderObserver
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
 import qcb_ptq_plugin
@@ -97,11 +98,12 @@ def test_integer_images(setup):
         qcb_ptq_plugin.purify(prepared, model, (calib * 255).to(torch.uint8))
 
 
-def test_dynamic_qconfig(setup):
+def test_float_activation_weight_only_qconfig(setup):
     model, _, calib = setup
-    mapping = QConfigMapping().set_object_type(nn.Linear, default_dynamic_qconfig)
-    prepared = prepare_calibrated(model, calib, qconfig_mapping=mapping)
-    with pytest.raises(ValueError, match="dynamically or weight-only quantized"):
+    weight_only = QConfig(activation=PlaceholderObserver.with_args(dtype=torch.float),
+                          weight=default_dynamic_qconfig.weight)
+    prepared = prepare_calibrated(model, calib, qconfig_mapping=QConfigMapping().set_object_type(nn.Linear, weight_only))
+    with pytest.raises(ValueError, match="keeps float activations.*dynamic"):
         qcb_ptq_plugin.purify(prepared, model, calib)
 
 

@@ -9,6 +9,10 @@ eager: ``from_float``). So we
 * write back W = s (q - z) and swap the layer's qconfig for one whose weight observer returns
   the frozen (s, z): convert then rounds W back to exactly q, and
 * never forward the user's prepared model (observers would re-observe): the simulator is a copy.
+
+Dynamic qconfigs (``default_dynamic_qconfig``: INT8/INT4 weights, activations quantized per
+batch at run time) are purified like weight-only quantization: the simulator keeps those
+activations in float, since their scale is only known at inference.
 """
 
 from __future__ import annotations
@@ -90,9 +94,10 @@ def _weight_grid(name: str, qconfig: QConfig, weight: torch.Tensor) -> tuple[Wei
     if obs.dtype not in (torch.qint8, torch.quint8):
         raise ValueError(f"'{name}' quantizes weights to {obs.dtype}; purify handles integer weights "
                          "(torch.qint8/quint8 with any quant_min/quant_max, e.g. -8..7 for 4 bits)")
-    if isinstance(act, PlaceholderObserver) or getattr(act, "is_dynamic", False):
-        raise ValueError(f"'{name}' is dynamically or weight-only quantized; LAC needs statically calibrated "
-                         "activations: use a static qconfig (e.g. get_default_qconfig_mapping('x86'))")
+    if isinstance(act, PlaceholderObserver) and not getattr(act, "is_dynamic", False):
+        raise ValueError(f"'{name}' keeps float activations (a weight-only qconfig), which torch.ao converts to "
+                         "reference modules without an INT8 kernel; use a static qconfig (e.g. "
+                         "get_default_qconfig_mapping('x86')) or a dynamic one (default_dynamic_qconfig)")
     obs(weight.detach())
     grid = WeightGrid.from_observer(obs)
     scale, zp = obs.calculate_qparams()
