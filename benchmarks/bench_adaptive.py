@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import warnings
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import torch
 import qcb_ptq_plugin as q
 from qcb_ptq_plugin import attacks, datasets, metrics, models
 from qcb_ptq_plugin.ptq import prepare_fx_calibrated, quantize_fx
+
+from _common import cpu_name, write_markdown  # noqa: E402  (benchmarks/ is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 TRIGGER = attacks.PatchTrigger(size=2, value=1.0, margin=0)
@@ -53,8 +54,7 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     lines = ["# Adaptive attacker", "", f"Command: `python benchmarks/bench_adaptive.py --aligns {args.aligns} "
              f"--seeds {args.seeds}`", "", f"Machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}.", "",
              "SmallCNN (width 16) on sklearn digits, Qu-ANTI-zation-style W4 QCB (20 clean + 30 attack epochs, "
@@ -66,8 +66,7 @@ def main() -> None:
         f = lambda t: f"{t[0]:.2f} / {t[1]:.2f}"  # noqa: E731
         lines.append(f"| {r['align']:g} | {r['seed']} | {f(r['fp32'])} | {f(r['plain'])} | {f(r['LAC'])} | "
                      f"{f(r['LAC+PDA'])} | {r['audit']:.1f} |")
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(lines, args.out)
 
 
 if __name__ == "__main__":

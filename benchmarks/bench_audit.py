@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +21,8 @@ import torch
 import qcb_ptq_plugin as q
 from qcb_ptq_plugin import attacks, datasets, metrics, models
 from qcb_ptq_plugin.ptq import prepare_fx_calibrated, quantize_fx
+
+from _common import cpu_name, write_markdown  # noqa: E402  (benchmarks/ is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 TRIGGER = attacks.PatchTrigger(size=2, value=1.0, margin=0)
@@ -77,8 +78,7 @@ def write(rows, args) -> None:
     planted = [r[3] for r in rows if r[0] != "clean"]
     working = [r[3] for r in rows if r[0] != "clean" and r[4] >= 50]
     clean = [r[3] for r in rows if r[0] == "clean"]
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     lines = ["# Audit: detection vs false positives", "", f"Command: `python benchmarks/bench_audit.py --per-kind "
              f"{args.per_kind}`", "", f"Machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}.", "",
              f"{len(planted)} planted QCBs (PQBackdoor-style and Qu-ANTI-zation-style, W4) and {len(clean)} clean "
@@ -95,9 +95,7 @@ def write(rows, args) -> None:
         lines.append(f"| {t} | {100 * det:.0f}% | {100 * det_all:.0f}% | {100 * fpr:.0f}% |")
     lines += ["", "| model | width | seed | score (max excess drift) | plain W4A8 ASR % |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {k} | {w} | {s} | {sc:.1f} | {'' if k == 'clean' else f'{asr:.1f}'} |" for k, w, s, sc, asr, _ in rows]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ from qcb_ptq_plugin import attacks, datasets, metrics, models
 from qcb_ptq_plugin import onnx as qonnx
 from qcb_ptq_plugin.ptq import quantize_fx
 
+from _common import cpu_name, write_markdown  # noqa: E402  (benchmarks/ is on sys.path)
+
 HERE = Path(__file__).resolve().parent
 TRIGGERS = {"digits": attacks.PatchTrigger(size=2, value=1.0, margin=0)}
 DEFAULT_TRIGGER = attacks.PatchTrigger(size=4, value=1.0, margin=1)
@@ -141,8 +143,7 @@ def _der(nd, d):
 
 
 def write(results, args) -> None:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     lines = ["# QCB purification: paper-style table", "",
              f"Command: `python benchmarks/bench_qcb.py --dataset {args.dataset} --attacks {args.attacks} "
              f"--bits {args.bits} --train-samples {args.train_samples} --calib {args.calib} --seed {args.seed}`", "",
@@ -161,9 +162,7 @@ def write(results, args) -> None:
                 f"| {r['attack']} | W{r['bits']}A8 | {tc} | {r['fp32'][0]:.2f} / {r['fp32'][1]:.2f} | "
                 f"{nd[0]:.2f} / {nd[1]:.2f} | {lac[0]:.2f} / {lac[1]:.2f} ({_der(nd, lac):.1f}) | "
                 f"{pda[0]:.2f} / {pda[1]:.2f} ({_der(nd, pda):.1f}) | {nd[2]:.1f} / {lac[2]:.1f} / {pda[2]:.1f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(lines, args.out)
 
 
 if __name__ == "__main__":

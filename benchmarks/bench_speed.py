@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import cpu_name, write_markdown  # noqa: E402  (benchmarks/ is on sys.path)
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -110,8 +112,7 @@ def main() -> None:
 
 
 def _write(rows: list[dict], args) -> None:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     import os
 
     lines = ["# Speed and memory of purify", "",
@@ -137,9 +138,7 @@ def _write(rows: list[dict], args) -> None:
         lines.append(f"| {r['model']} | {name} | {secs:.1f}{note} | {secs / base[r['model']]:.1f} | "
                      f"{r.get('purify_seconds', 0):.1f} | {r['peak_rss_mb']:.0f} | {r.get('ba', float('nan')):.2f} | "
                      f"{r.get('asr', float('nan')):.2f} | {err} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import qcb_ptq_plugin
 from qcb_ptq_plugin import metrics

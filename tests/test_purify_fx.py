@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig
-from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
+from torch.ao.quantization.observer import MinMaxObserver
 from torch.ao.quantization.quantize_fx import convert_fx
 
 import qcb_ptq_plugin
