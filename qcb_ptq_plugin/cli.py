@@ -89,7 +89,7 @@ def _cmd_onnx(args) -> int:
 
     from . import PurifyConfig
     from .onnx import quantize_static
-    from .onnx._static import _graph_inputs, _load
+    from .onnx._static import _graph_inputs, _load, _Replay
 
     model = _load(args.model)
     inputs = list(_graph_inputs(model))
@@ -101,7 +101,7 @@ def _cmd_onnx(args) -> int:
     n = len(next(iter(data.values())))
     feeds = [{k: v[i : i + args.batch_size].astype(np.float32) for k, v in data.items()}
              for i in range(0, n, args.batch_size)]
-    reader = type("Reader", (), {"it": iter(feeds), "get_next": lambda self: next(self.it, None)})()
+    reader = _Replay(feeds)
     types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8, "int4": QuantType.QInt4}
     report = quantize_static(args.model, args.output, reader, quant_format=QuantFormat.QDQ,
                              per_channel=not args.per_tensor, reduce_range=args.reduce_range,
@@ -120,22 +120,32 @@ def _load_torch_model(path: Path):
 
     if path.suffix == ".pt2":
         return torch.export.load(str(path)).module(), "pt2"
+    torchscript = (f"{path} is a TorchScript file; TorchScript modules cannot be re-quantized by torch.ao or PT2E. "
+                   "Save the float model with torch.export.save(torch.export.export(model, (x,)), 'model.pt2') "
+                   "or torch.save(model) instead")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=False)
     except RuntimeError as e:
         if "TorchScript" in str(e) or "constants.pkl" in str(e):
-            raise ValueError(f"{path} is a TorchScript file; TorchScript modules cannot be re-quantized by torch.ao "
-                             "or PT2E. Save the model with torch.export.save(torch.export.export(model, (x,)), "
-                             "'model.pt2') instead") from e
+            raise ValueError(torchscript) from e
         raise
     if isinstance(obj, torch.jit.ScriptModule):
-        raise ValueError(f"{path} is a TorchScript file; TorchScript modules cannot be re-quantized by torch.ao or "
-                         "PT2E. Save the float model with torch.export.save(torch.export.export(model, (x,)), "
-                         "'model.pt2') or torch.save(model) instead")
+        raise ValueError(torchscript)
     if not isinstance(obj, torch.nn.Module):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a model; save the nn.Module itself "
                          "(torch.save(model)) or an exported program (.pt2)")
     return obj.eval(), "module"
+
+
+def _single_input_calibration(args):
+    """``--calib`` as one float32 tensor (the torch subcommands take single-input models)."""
+    import torch
+
+    data = load_calibration(args.calib, args.limit)
+    if isinstance(data, dict):
+        raise ValueError(f"qcb-ptq {args.command} takes single-input models; pass one array "
+                         "(.npy or a one-array .npz)")
+    return torch.from_numpy(np.asarray(data, dtype=np.float32))
 
 
 def _cmd_purify(args) -> int:
@@ -145,10 +155,7 @@ def _cmd_purify(args) -> int:
     from .ptq import quantize_fx, quantize_pt2e
 
     model, kind = _load_torch_model(Path(args.model))
-    data = load_calibration(args.calib, args.limit)
-    if isinstance(data, dict):
-        raise ValueError("purify takes single-input models; pass one array (.npy or a one-array .npz)")
-    calib = torch.from_numpy(np.asarray(data, dtype=np.float32))
+    calib = _single_input_calibration(args)
     base = PurifyConfig.paper() if args.paper else PurifyConfig()
     cfg = base.replace(solver=args.solver or base.solver, pda=args.pda, progress=not args.no_progress)
     flow = "pt2e" if kind == "pt2" else args.flow
@@ -180,13 +187,11 @@ def _cmd_purify(args) -> int:
 
 
 def _cmd_audit(args) -> int:
-    import torch
-
     from .audit import audit
     from .ptq import prepare_fx_calibrated, prepare_pt2e_calibrated
 
     model, kind = _load_torch_model(Path(args.model))
-    calib = torch.from_numpy(np.asarray(load_calibration(args.calib, args.limit), dtype=np.float32))
+    calib = _single_input_calibration(args)
     flow = "pt2e" if kind == "pt2" else args.flow
     prepare = prepare_pt2e_calibrated if flow == "pt2e" else prepare_fx_calibrated
     report = audit(prepare(model, calib, args.bits), model, calib, threshold=args.threshold)

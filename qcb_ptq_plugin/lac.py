@@ -256,7 +256,7 @@ class _GraphStepper:
         for i, n in enumerate(self.nodes):
             for a in n.all_input_nodes:
                 self.last_use[a] = i
-        self.runs: dict[int, tuple[torch.Tensor, int, dict, list]] = {}  # id(x) -> (x, next node, env, args)
+        self.runs: dict[int, tuple[torch.Tensor, int, dict]] = {}  # id(x) -> (x kept alive, next node, env)
 
     def _static_value(self, node, memo: dict):
         if node not in memo:
@@ -286,12 +286,10 @@ class _GraphStepper:
         target = self.site.get(id(layer))
         if target is None:
             return None
-        _, pos, env, args = self.runs.get(id(x), (x, 0, {}, []))
+        _, pos, env = self.runs.get(id(x), (x, 0, {}))
         if pos > target:  # asked for an earlier layer: start this batch again
             pos, env = 0, {}
-        if pos == 0:
-            args = list(self.interp.graph.process_inputs(x))
-        self.interp.args_iter = iter(args)
+        self.interp.args_iter = iter(self.interp.graph.process_inputs(x) if pos == 0 else ())
         for i in range(pos, target):
             node = self.nodes[i]
             if node in self.static or node.op == "output":
@@ -301,32 +299,32 @@ class _GraphStepper:
             for a in node.all_input_nodes:
                 if self.last_use.get(a) == i and a in env:
                     del env[a]
-        self.runs[id(x)] = (x, target, env, [])
+        self.runs[id(x)] = (x, target, env)
         node = self.nodes[target]
         with self._inputs_ready(node, env):
             call_args, call_kwargs = self.interp.fetch_args_kwargs_from_env(node)
-        with _input_tap(layer) as box:
-            try:
-                self.interp.fetch_attr(node.target)(*call_args, **call_kwargs)
-            except _StopForward:
-                pass
-        if not box:
-            return None
-        inp = box[0]
-        return inp.dequantize() if inp.is_quantized else inp.float()
+        return _tapped_input(layer, lambda: self.interp.fetch_attr(node.target)(*call_args, **call_kwargs))
+
+
+def _tapped_input(module: nn.Module, forward: Callable[[], object]) -> torch.Tensor | None:
+    """The (dequantized) input ``module`` receives when ``forward()`` runs, which stops there; None if never."""
+    with _input_tap(module) as box:
+        try:
+            forward()
+        except _StopForward:
+            pass
+    if not box:
+        return None
+    inp = box[0]
+    return inp.dequantize() if inp.is_quantized else inp.float()
 
 
 @torch.no_grad()
 def _unit_input(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with _input_tap(module) as box:
-        try:
-            model(x)
-        except _StopForward:
-            pass
-    if not box:
+    inp = _tapped_input(module, lambda: model(x))
+    if inp is None:
         raise RuntimeError(f"the forward pass never reached {type(module).__name__}; is the layer used in forward()?")
-    inp = box[0]
-    return inp.dequantize() if inp.is_quantized else inp.float()
+    return inp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,16 +388,11 @@ class _Gram:
         self.n += cols.shape[-1]
 
     def channel_errors(self, w: torch.Tensor) -> torch.Tensor:
-        """Per output channel D_o(W) = (w_o H w_oᵀ - 2 w_o·c_o + t_o) / N, shape (G * O/G,)."""
+        """Per output channel D_o(W) = (w_o H w_oᵀ - 2 w_o·c_o + t_o) / N for w of shape (G, O/G, K);
+        flat (G * O/G,), not clamped. Their sum is D(W) = (tr(W H Wᵀ) - 2 tr(W Cᵀ) + t) / N."""
         w = w.double()
         quad = (torch.bmm(w, self.H) * w).sum(-1) - 2 * (w * self.C).sum(-1)
-        return ((quad + self.t_ch) / self.n).clamp_min(0).flatten()
-
-    def error(self, w: torch.Tensor) -> float:
-        """D(W) = (tr(W H Wᵀ) - 2 tr(W Cᵀ) + t) / N for w of shape (G, O/G, K)."""
-        w = w.double()
-        quad = (torch.bmm(w, self.H) * w).sum() - 2 * (w * self.C).sum()
-        return max((quad.item() + self.t) / self.n, 0.0)
+        return ((quad + self.t_ch) / self.n).flatten()
 
 
 def _solve_gram(g: _Gram, w_o: torch.Tensor, grid: WeightGrid, cfg: PurifyConfig) -> torch.Tensor:
@@ -632,14 +625,14 @@ def _purify_unit(unit: Unit, capture: Capture, batches: Sequence, cfg: PurifyCon
     else:
         q = _solve_adam(torch.cat(cache_in), torch.cat(cache_tgt), unit, cfg)
     solve_s = time.perf_counter() - t_solve
-    err = lambda codes: gram.error(_grouped(grid.dequantize(codes), G))  # noqa: E731
+    before, after = (gram.channel_errors(_grouped(grid.dequantize(codes), G)) for codes in (q_rtn, q))
     row = UnitReport(
         name=unit.name, kind=type(unit.fp_layer).__name__, weights=w_o.numel(), levels=grid.levels,
-        error_before=err(q_rtn), error_after=err(q), target_energy=gram.t / gram.n,
+        error_before=max(before.sum().item(), 0.0), error_after=max(after.sum().item(), 0.0),
+        target_energy=gram.t / gram.n,
         flips=int((q != q_rtn).sum()), pda="applied" if skip is None else skip, seconds=0.0,
         pda_seconds=pda_s, solve_seconds=solve_s)
     if not math.isfinite(row.error_after):
         raise FloatingPointError(f"{unit.name}: LAC produced a non-finite error; inputs or weights contain NaN/Inf")
-    chan = lambda codes: gram.channel_errors(_grouped(grid.dequantize(codes), G))  # noqa: E731
-    channels = {"before": chan(q_rtn), "after": chan(q), "energy": (gram.t_ch / gram.n).flatten()}
+    channels = {"before": before.clamp_min(0), "after": after.clamp_min(0), "energy": (gram.t_ch / gram.n).flatten()}
     return q, row, channels

@@ -13,6 +13,7 @@ from torch import nn
 from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig
 from torch.ao.quantization.observer import PerChannelMinMaxObserver, default_dynamic_quant_observer
 
+from .adapters._common import execution_order
 from .api import purify
 from .config import PurifyConfig
 from .report import PurifyReport
@@ -155,19 +156,13 @@ def fusion_plan(model: nn.Module, example: torch.Tensor) -> list[list[str]]:
 
 
 def _call_order_names(model: nn.Module, example: torch.Tensor) -> list[str]:
-    names, handles = [], []
-    for n, m in model.named_modules():
-        if not list(m.children()):
-            handles.append(m.register_forward_pre_hook(lambda _m, _a, n=n: names.append(n) if n not in names else None))
+    names = {id(m): n for n, m in model.named_modules()}
     was = model.training
     try:
-        with torch.no_grad():
-            model.eval()(example)
+        order = execution_order(model.eval(), example)
     finally:
         model.train(was)
-        for h in handles:
-            h.remove()
-    return names
+    return [names[id(m)] for m in order]
 
 
 class QuantWrapper(nn.Module):

@@ -236,7 +236,7 @@ def quantize_static(model_input, model_output, calibration_data_reader, quant_fo
     if not units:
         raise ValueError("the model has no Conv/Gemm/MatMul with a constant weight that ORT quantized; "
                          "nothing to purify (check op_types_to_quantize / nodes_to_exclude)")
-    codes, report = lac.run(units, capture, [{k: v for k, v in f.items()} for f in feeds], cfg)
+    codes, report = lac.run(units, capture, feeds, cfg)
     report.mode = "onnxruntime"
     Path(model_output).parent.mkdir(parents=True, exist_ok=True)
     onnx.save(qmodel, str(model_output))
@@ -265,7 +265,8 @@ def _units(fp, qmodel, qmin: int, qmax: int) -> tuple[list[lac.Unit], _OnnxCaptu
             log.info("'%s' (%s) is quantized but not supported by LAC; left as ORT rounded it", node.name, node.op_type)
             continue
         init = q_inits[dq.input[0]]
-        q_ort = numpy_helper.to_array(init).astype(np.int64)
+        q_stored = numpy_helper.to_array(init)
+        q_ort = q_stored.astype(np.int64)
         scale = torch.from_numpy(np.atleast_1d(q_vals[dq.input[1]]).astype(np.float32))
         zp = torch.from_numpy(np.atleast_1d(q_vals[dq.input[2]]).astype(np.int64)) if len(dq.input) > 2 \
             else torch.zeros_like(scale, dtype=torch.int64)
@@ -281,9 +282,9 @@ def _units(fp, qmodel, qmin: int, qmax: int) -> tuple[list[lac.Unit], _OnnxCaptu
             raise RuntimeError(f"'{node.name}': could not reproduce ORT's weight grid ({mismatch:.2%} of integers "
                                "differ); please report this with your ORT version and quantization arguments")
 
-        def write(w_hat, _init=init, _grid=grid, _t=transpose, _dtype=q_ort.dtype, _name=node.name):
+        def write(w_hat, _init=init, _grid=grid, _t=transpose, _dtype=q_stored.dtype):
             q = _grid.quantize(w_hat).numpy()
-            arr = (q.T if _t else q).astype(numpy_helper.to_array(_init).dtype)
+            arr = (q.T if _t else q).astype(_dtype)
             _init.CopyFrom(numpy_helper.from_array(arr, _init.name))
             capture.invalidate()
 
