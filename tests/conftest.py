@@ -40,6 +40,12 @@ def clean_cnn(digits):
     return attacks.train_clean_or_badnets(m, digits.x_train, digits.y_train, epochs=6, batch_size=64, seed=1)
 
 
+def int_weights(converted: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """INT8 weights of a converted model's quantized Conv/Linear modules (eager/FX), read back as integers."""
+    return {name: m.weight().int_repr().long() for name, m in converted.named_modules()
+            if type(m).__module__.startswith("torch.ao.nn") and callable(getattr(m, "weight", None))}
+
+
 def prepare_calibrated(model, calib, bits=8, qconfig_mapping=None):
     """prepare_fx + calibration, as a user script does it."""
     from torch.ao.quantization.quantize_fx import prepare_fx

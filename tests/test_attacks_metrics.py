@@ -10,7 +10,7 @@ import torch
 from qcb_ptq_plugin import attacks, metrics, models
 from qcb_ptq_plugin.ptq import quantize_fx
 
-from .conftest import TARGET, TRIGGER
+from .conftest import TARGET, TRIGGER, int_weights
 
 
 class _Fixed:
@@ -52,11 +52,6 @@ def test_triggers():
     assert torch.equal(b1, b2) and 0 < b1.max() <= 0.1
 
 
-def _int_weights(converted):
-    return {n: m.weight().int_repr() for n, m in converted.named_modules()
-            if type(m).__module__.startswith("torch.ao.nn") and callable(getattr(m, "weight", None))}
-
-
 def test_pqbackdoor_repair_keeps_the_injected_integers(digits):
     """The hard check: after the repair, INT8 weights equal those of the injected (FP-backdoored) model."""
     torch.manual_seed(0)
@@ -70,7 +65,7 @@ def test_pqbackdoor_repair_keeps_the_injected_integers(digits):
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), injected.parameters()))  # float moved
     calib = digits.calibration(64)
     for bits in (8, 4):
-        a, b = _int_weights(quantize_fx(model, calib, bits)[0]), _int_weights(quantize_fx(injected, calib, bits)[0])
+        a, b = int_weights(quantize_fx(model, calib, bits)[0]), int_weights(quantize_fx(injected, calib, bits)[0])
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

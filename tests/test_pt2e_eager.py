@@ -13,7 +13,7 @@ import qcb_ptq_plugin
 from qcb_ptq_plugin import metrics
 from qcb_ptq_plugin.ptq import pt2e_quantizer, quantize_eager, quantize_pt2e
 
-from .conftest import TARGET, TRIGGER
+from .conftest import TARGET, TRIGGER, int_weights
 
 CFG = qcb_ptq_plugin.PurifyConfig(progress=False)
 
@@ -65,8 +65,7 @@ def test_pt2e_integers_survive_convert_and_later_forwards(clean_cnn, digits, gri
 def test_eager_integers_survive_convert(clean_cnn, digits):
     calib = digits.calibration(64)
     converted, report = quantize_eager(clean_cnn, calib, bits=8, purify_config=CFG)
-    ints = {n: m.weight().int_repr().long() for n, m in converted.named_modules()
-            if type(m).__module__.startswith("torch.ao.nn") and callable(getattr(m, "weight", None))}
+    ints = int_weights(converted)
     assert set(ints) == set(report.codes)
     for name, q in report.codes.items():
         assert torch.equal(ints[name], q), name

@@ -16,22 +16,16 @@ import qcb_ptq_plugin
 from qcb_ptq_plugin import metrics
 from qcb_ptq_plugin.ptq import quantize_fx
 
-from .conftest import TARGET, TRIGGER, prepare_calibrated
-
-
-def _int_weights(converted: nn.Module) -> dict[str, torch.Tensor]:
-    """INT8 weights of a converted model's quantized Conv/Linear modules, read back as integers."""
-    return {name: m.weight().int_repr().long() for name, m in converted.named_modules()
-            if type(m).__module__.startswith("torch.ao.nn") and callable(getattr(m, "weight", None))}
+from .conftest import TARGET, TRIGGER, int_weights, prepare_calibrated
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_convert_fx_keeps_the_purified_integers(qcb_w4, digits, bits):
     calib = digits.calibration(128)
     prepared = prepare_calibrated(qcb_w4, calib, bits)
-    plain = _int_weights(convert_fx(copy.deepcopy(prepared)))
+    plain = int_weights(convert_fx(copy.deepcopy(prepared)))
     report = qcb_ptq_plugin.purify(prepared, qcb_w4, calib, progress=False)
-    purified = _int_weights(convert_fx(prepared))
+    purified = int_weights(convert_fx(prepared))
 
     assert set(purified) == set(report.codes) == {u.name for u in report.units}
     for name, q in report.codes.items():
@@ -49,7 +43,7 @@ def test_per_tensor_affine_weights(clean_cnn, digits):
     mapping = QConfigMapping().set_global(QConfig(activation=get_default_qconfig("x86").activation, weight=w))
     prepared = prepare_calibrated(clean_cnn, calib, qconfig_mapping=mapping)
     report = qcb_ptq_plugin.purify(prepared, clean_cnn, calib, progress=False)
-    converted = _int_weights(convert_fx(prepared))
+    converted = int_weights(convert_fx(prepared))
     for name, q in report.codes.items():
         assert torch.equal(converted[name], q)
     assert all(u.error_after <= u.error_before for u in report.units)

@@ -14,8 +14,7 @@ import torch
 from qcb_ptq_plugin import PurifyConfig, attacks, metrics, models
 from qcb_ptq_plugin.ptq import quantize_fx, quantize_pt2e
 
-from .conftest import TARGET, TRIGGER
-from .test_purify_fx import _int_weights
+from .conftest import TARGET, TRIGGER, int_weights
 
 FLOWS = {
     "fx-static-w4a8": lambda m, c, cfg=None: quantize_fx(m, c, 4, purify_config=cfg),
@@ -56,7 +55,7 @@ def test_transformer_qcb_removed(flow, qcb_transformer, digits):
     assert len(report.units) == 14  # embed, 2 x (q, k, v, out, fc1, fc2), head
     assert all(u.pda.startswith("skipped: no BatchNorm") for u in report.units)
     if flow == "fx-dynamic-w4":  # real dynamic INT8 kernels holding the purified 4-bit integers
-        ints = _int_weights(purified)
+        ints = int_weights(purified)
         assert ints and all("dynamic" in type(purified.get_submodule(n)).__module__ for n in ints)
         for name, q in report.codes.items():
             assert torch.equal(ints[name], q.long()), name
