@@ -28,6 +28,7 @@ import torch
 import qcb_ptq_plugin as q
 from qcb_ptq_plugin import attacks, datasets, metrics, models
 from qcb_ptq_plugin import onnx as qonnx
+from qcb_ptq_plugin.onnx._static import _Replay
 from qcb_ptq_plugin.ptq import quantize_fx
 
 from _common import cpu_name, write_markdown  # noqa: E402  (benchmarks/ is on sys.path)
@@ -60,12 +61,9 @@ def plant(kind: str, split, bits: int, trigger, n: int, seed: int) -> torch.nn.M
     raise ValueError(kind)
 
 
-class _Reader:
-    def __init__(self, x: np.ndarray, batch: int = 64):
-        self.it = iter([{"input": x[i : i + batch]} for i in range(0, len(x), batch)])
-
-    def get_next(self):
-        return next(self.it, None)
+def _reader(x: np.ndarray, batch: int = 64) -> _Replay:
+    """A fresh CalibrationDataReader over ``x`` (ORT readers are used up after one pass)."""
+    return _Replay([{"input": x[i : i + batch]} for i in range(0, len(x), batch)])
 
 
 def measure(model, split, trigger):
@@ -101,9 +99,9 @@ def run_ort(model, split, calib, bits, trigger):
             dst = Path(tmp) / f"{name}.onnx"
             t0 = time.perf_counter()
             if over is None:
-                quantize_static(str(fp32), str(dst), _Reader(c), **kw)
+                quantize_static(str(fp32), str(dst), _reader(c), **kw)
             else:
-                qonnx.quantize_static(fp32, dst, _Reader(c), **kw, purify_config=q.PurifyConfig(progress=False, **over))
+                qonnx.quantize_static(fp32, dst, _reader(c), **kw, purify_config=q.PurifyConfig(progress=False, **over))
             out[name] = (*measure(qonnx.OrtModel(dst), split, trigger), time.perf_counter() - t0)
     return out
 
