@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 import qcb_ptq_plugin as q
-from qcb_ptq_plugin import attacks, datasets, metrics, models
+from qcb_ptq_plugin.evalkit import attacks, datasets, metrics, models
 from qcb_ptq_plugin.ptq import prepare_fx_calibrated, quantize_fx
 
-from _common import cpu_name, write_markdown  # noqa: E402  (benchmarks/ is on sys.path)
+from qcb_ptq_plugin.evalkit.harness import cpu_name, write_markdown
 
 HERE = Path(__file__).resolve().parent
 TRIGGER = attacks.PatchTrigger(size=2, value=1.0, margin=0)

@@ -12,7 +12,8 @@ import warnings
 
 import torch
 
-from qcb_ptq_plugin import PurifyConfig, models
+from qcb_ptq_plugin import PurifyConfig
+from qcb_ptq_plugin.evalkit import models
 from qcb_ptq_plugin.api import prepare_plan
 from qcb_ptq_plugin.ptq import prepare_fx_calibrated
 

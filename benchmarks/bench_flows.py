@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 import qcb_ptq_plugin as q
-from qcb_ptq_plugin import attacks, datasets, metrics, models
+from qcb_ptq_plugin.evalkit import attacks, datasets, metrics, models
 from qcb_ptq_plugin import onnx as qonnx
 from qcb_ptq_plugin.onnx._static import _Replay
 from qcb_ptq_plugin.ptq import quantize_eager, quantize_fx, quantize_pt2e
 
-from _common import cpu_name, write_markdown  # noqa: E402  (benchmarks/ is on sys.path)
+from qcb_ptq_plugin.evalkit.harness import cpu_name, write_markdown
 
 HERE = Path(__file__).resolve().parent
 TRIGGER = attacks.PatchTrigger(size=2, value=1.0, margin=0)

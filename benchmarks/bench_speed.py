@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import cpu_name, write_markdown  # noqa: E402  (benchmarks/ is on sys.path)
+from qcb_ptq_plugin.evalkit.harness import cpu_name, write_markdown
 
 HERE = Path(__file__).resolve().parent
 
@@ -37,7 +37,7 @@ def _measure(model_name: str, mode: str, paper_steps: int, seed: int) -> dict:
     import torch
 
     import qcb_ptq_plugin as q
-    from qcb_ptq_plugin import attacks, datasets, metrics, models
+    from qcb_ptq_plugin.evalkit import attacks, datasets, metrics, models
     from qcb_ptq_plugin.ptq import quantize_fx
 
     torch.manual_seed(seed)
@@ -62,14 +62,14 @@ def _measure(model_name: str, mode: str, paper_steps: int, seed: int) -> dict:
     elif mode == "fast":
         config = q.PurifyConfig(progress=False)
     else:
-        config = q.PurifyConfig.paper(steps=paper_steps, pda_steps=min(500, paper_steps), progress=False)
+        config = q.PurifyConfig.paper(adam_steps=paper_steps, pda_steps=min(500, paper_steps), progress=False)
     t0 = time.perf_counter()
     int8, report = quantize_fx(model, calib, bits, purify_config=config)
     out["seconds"] = time.perf_counter() - t0
     if report is not None:
         out["purify_seconds"] = report.seconds
         out["units"] = len(report.units)
-        out["rel_error_before"], out["rel_error_after"] = report.error_before, report.error_after
+        out["rel_error_before"], out["rel_error_after"] = report.rel_error_before, report.rel_error_after
     if mode == "paper" and paper_steps < 10000:
         # Adam scales with its steps (to 10000), PDA with its steps (to 500); capture and PTQ are fixed
         pda = sum(u.pda_seconds for u in report.units)

@@ -10,7 +10,7 @@ import torch
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 import qcb_ptq_plugin
-from qcb_ptq_plugin import attacks, datasets, metrics, models
+from qcb_ptq_plugin.evalkit import attacks, datasets, metrics, models
 from qcb_ptq_plugin.ptq import fx_qconfig_mapping, quiet_torch_ao
 
 data = datasets.digits()

@@ -8,9 +8,10 @@ import logging
 import torch
 from torch import nn
 
-from . import adapters, lac
+from . import _pass, adapters
 from ._data import as_batches
-from .config import PurifyConfig
+from .config import MethodConfig
+from .methods import DEFAULT_METHOD, get_method
 from .report import PurifyReport
 
 log = logging.getLogger(__name__)
@@ -18,9 +19,9 @@ log = logging.getLogger(__name__)
 __all__ = ["purify"]
 
 
-def purify(prepared: nn.Module, float_model: nn.Module, calib_data, config: PurifyConfig | None = None,
-           **overrides) -> PurifyReport:
-    """Purify quantization-conditioned backdoors of a calibrated model, in place (LAC+PDA).
+def purify(prepared: nn.Module, float_model: nn.Module, calib_data, config: MethodConfig | None = None, *,
+           method: str = DEFAULT_METHOD, **overrides) -> PurifyReport:
+    """Purify quantization-conditioned backdoors of a calibrated model, in place (default: LAC+PDA).
 
     Call it after calibration and before convert; the INT8 model convert produces is purified::
 
@@ -37,22 +38,26 @@ def purify(prepared: nn.Module, float_model: nn.Module, calib_data, config: Puri
             folded in ``prepared``; PDA reads their running statistics). Never modified.
         calib_data: unlabelled calibration samples: a Tensor ``(N, ...)``, a list of batches,
             or a DataLoader yielding ``x`` or ``(x, y)`` (labels are ignored).
-        config: a :class:`PurifyConfig`; keyword ``overrides`` replace its fields.
+        config: the method's config (for the default ``"lac_pda"``: a :class:`PurifyConfig`);
+            keyword ``overrides`` replace its fields.
+        method: a registered method name (:func:`qcb_ptq_plugin.available_methods`):
+            ``"lac_pda"`` (default) or ``"lac"`` (LAC without PDA).
 
     Returns:
         A :class:`PurifyReport` with one row per quantized layer (error before/after, rounding
         flips, PDA applied or why skipped, seconds).
     """
-    cfg = (config or PurifyConfig()).replace(**overrides) if overrides or config is None else config
+    m = get_method(method)
+    cfg = m.config(config, **overrides)
     adapter, plan, batches = prepare_plan(prepared, float_model, calib_data, cfg)
-    codes, report = lac.run(plan.units, plan.capture, batches, cfg)
+    codes, report = _pass.run(plan.units, plan.capture, batches, m, cfg)
     plan.commit(codes)
     report.mode = adapter.mode_of(prepared)
-    log.info("purified %d layers in %.1fs", len(report.units), report.seconds)
+    log.info("purified %d layers in %.1fs (%s)", len(report.units), report.seconds, m.name)
     return report
 
 
-def prepare_plan(prepared: nn.Module, float_model: nn.Module, calib_data, cfg: PurifyConfig):
+def prepare_plan(prepared: nn.Module, float_model: nn.Module, calib_data, cfg: MethodConfig):
     """Validate the inputs and build (adapter, plan, batches): shared by purify and audit."""
     if prepared is float_model:
         raise ValueError("`prepared` and `float_model` are the same object; pass the calibrated model returned "

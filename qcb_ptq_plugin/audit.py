@@ -23,9 +23,10 @@ from pathlib import Path
 
 from torch import nn
 
-from . import lac
+from . import _pass
 from .api import prepare_plan
 from .config import PurifyConfig
+from .methods import get_method
 
 __all__ = ["audit", "AuditReport", "DEFAULT_THRESHOLD"]
 
@@ -68,7 +69,7 @@ def audit(prepared: nn.Module, float_model: nn.Module, calib_data, threshold: fl
     """
     cfg = (config or PurifyConfig(progress=False)).replace(pda="off")
     _, plan, batches = prepare_plan(prepared, float_model, calib_data, cfg)
-    _, rep = lac.run(plan.units, plan.capture, batches, cfg, write_back=False)
+    _, rep = _pass.run(plan.units, plan.capture, batches, get_method("lac"), cfg, write_back=False)
     units, channels = [], []
     for u in rep.units:
         energy = max(u.target_energy, 1e-30)

@@ -75,7 +75,7 @@ def _read_images(paths: list[Path]) -> np.ndarray:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import format_table, run_demo
+    from .evalkit.demo import format_table, run_demo
 
     bits = tuple(int(s.strip().upper().removeprefix("W").split("A")[0]) for s in args.settings.split(","))
     rows = run_demo(args.dataset, bits, calib_size=args.calib, train_samples=args.train_samples, seed=args.seed,
@@ -87,7 +87,6 @@ def _cmd_demo(args) -> int:
 def _cmd_onnx(args) -> int:
     from onnxruntime.quantization import QuantFormat, QuantType
 
-    from . import PurifyConfig
     from .onnx import quantize_static
     from .onnx._static import _graph_inputs, _load, _Replay
 
@@ -106,7 +105,7 @@ def _cmd_onnx(args) -> int:
     report = quantize_static(args.model, args.output, reader, quant_format=QuantFormat.QDQ,
                              per_channel=not args.per_tensor, reduce_range=args.reduce_range,
                              weight_type=types[args.weight_type], activation_type=types[args.activation_type],
-                             purify_config=PurifyConfig(progress=not args.no_progress, pda=args.pda))
+                             purify_config=_method_config(args), method=args.method)
     report_path = args.report or Path(args.output).with_suffix(".report.json")
     report.save_json(report_path)
     print(report.table())
@@ -148,23 +147,34 @@ def _single_input_calibration(args):
     return torch.from_numpy(np.asarray(data, dtype=np.float32))
 
 
+def _method_config(args):
+    """The config of ``--method`` from the command line (LAC's flags apply to the LAC family)."""
+    from . import PurifyConfig, get_method
+
+    method = get_method(args.method)
+    if method.config_type is not PurifyConfig:
+        return method.config(progress=not args.no_progress)
+    base = PurifyConfig.paper() if getattr(args, "paper", False) else PurifyConfig()
+    solver = getattr(args, "solver", None) or base.solver
+    return method.config(base.replace(solver=solver, pda=args.pda, progress=not args.no_progress))
+
+
 def _cmd_purify(args) -> int:
     import torch
 
-    from . import PurifyConfig
     from .ptq import quantize_fx, quantize_pt2e
 
     model, kind = _load_torch_model(Path(args.model))
     calib = _single_input_calibration(args)
-    base = PurifyConfig.paper() if args.paper else PurifyConfig()
-    cfg = base.replace(solver=args.solver or base.solver, pda=args.pda, progress=not args.no_progress)
+    cfg = _method_config(args)
     flow = "pt2e" if kind == "pt2" else args.flow
     if flow == "pt2e":
-        int8, report = quantize_pt2e(model, calib, args.bits, cfg, batch_size=args.batch_size, grid=args.grid)
+        int8, report = quantize_pt2e(model, calib, args.bits, cfg, batch_size=args.batch_size, grid=args.grid,
+                                     method=args.method)
     else:
         if args.grid != "x86":
             raise ValueError("--grid xnnpack needs the PT2E flow (--flow pt2e)")
-        int8, report = quantize_fx(model, calib, args.bits, cfg, batch_size=args.batch_size)
+        int8, report = quantize_fx(model, calib, args.bits, cfg, batch_size=args.batch_size, method=args.method)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     if flow == "pt2e":
@@ -202,8 +212,13 @@ def _cmd_audit(args) -> int:
 
 
 def _add_purify_options(p: argparse.ArgumentParser) -> None:
+    from .methods import DEFAULT_METHOD, available_methods
+
+    p.add_argument("--method", choices=available_methods(), default=DEFAULT_METHOD,
+                   help=f"purification method (default: {DEFAULT_METHOD}; lac = LAC without PDA)")
     p.add_argument("--pda", choices=["auto", "on", "off"], default="auto",
-                   help="poisoned distribution approximation where BatchNorm statistics exist (default: auto)")
+                   help="LAC family: poisoned distribution approximation where BatchNorm statistics exist "
+                        "(default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

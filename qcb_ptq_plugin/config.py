@@ -1,11 +1,16 @@
-"""Typed configuration of :func:`qcb_ptq_plugin.purify`."""
+"""Typed configuration of :func:`qcb_ptq_plugin.purify`.
+
+:class:`MethodConfig` holds what every method shares (batching, sampling, progress); each
+method adds its own settings in a subclass. :class:`PurifyConfig` is the default method's,
+LAC+PDA.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
 
-__all__ = ["PurifyConfig", "Solver", "PDAMode"]
+__all__ = ["MethodConfig", "PurifyConfig", "Solver", "PDAMode"]
 
 
 class Solver(str, Enum):
@@ -29,43 +34,69 @@ class PDAMode(str, Enum):
 
 
 @dataclass
-class PurifyConfig:
+class MethodConfig:
+    """Settings every method shares.
+
+    Attributes:
+        batch_size: samples per forward pass; bigger is faster on CPU.
+        num_samples: use at most this many calibration samples (None: all of them).
+        seed: seeds any random sampling a method does.
+        progress: show a tqdm bar over units.
+    """
+
+    batch_size: int = 128
+    num_samples: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be positive")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ValueError(f"num_samples={self.num_samples} must be positive or None")
+
+    def replace(self, **overrides) -> MethodConfig:
+        return replace(self, **overrides)
+
+    def to_dict(self) -> dict:
+        return {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class PurifyConfig(MethodConfig):
     """Settings of LAC+PDA. Defaults are the fast CPU solver; :meth:`paper` reproduces the paper.
 
     Attributes:
         solver: :class:`Solver`; ``"gram"`` (default, seconds per layer) or ``"adam"`` (paper).
-        steps: gram: coordinate-descent passes after the GPTQ rounding (stops early once no
-            integer changes); adam: optimisation steps per unit (paper: 10000).
-        lr: Adam learning rate of the weight offset (adam only; paper: 1e-3).
-        batch_size: samples per forward pass (capture, PDA); bigger is faster on CPU.
-        adam_batch_size: Adam's random minibatch of cached unit inputs (adam only; paper: 32).
-        damp: ridge added to H as a fraction of its mean diagonal; pulls directions the
-            calibration data never excites towards the float weight (gram only).
+        cd_passes: gram only: coordinate-descent passes after the GPTQ rounding (stops early
+            once no integer changes).
+        adam_steps: adam only: optimisation steps per unit (paper: 10000).
+        lr: adam only: learning rate of the weight offset (paper: 1e-3).
+        adam_batch_size: adam only: random minibatch of cached unit inputs (paper: 32).
+        damp: gram only: ridge added to H as a fraction of its mean diagonal; pulls directions
+            the calibration data never excites towards the float weight.
         pda: :class:`PDAMode`; ``"auto"`` (default), ``"on"`` or ``"off"``.
         gamma: l_inf bound of the PDA input perturbation (paper: 1e-3; 1e-4..1e-2 all work).
         pda_steps: signed-gradient PGD steps of PDA; the step halves half-way (paper: 500;
             with gamma = 1e-3 the BN-statistics gap stops moving after ~5 steps).
         pda_step_size: PGD step (paper: 1e-3 = gamma).
-        num_samples: use at most this many calibration samples (None: all of them).
-        seed: seeds minibatch sampling of the adam solver.
-        progress: show a tqdm bar over units.
+
+    Shared settings (``batch_size``, ``num_samples``, ``seed``, ``progress``): :class:`MethodConfig`.
     """
 
     solver: Solver = Solver.GRAM
-    steps: int = 4
+    cd_passes: int = 4
+    adam_steps: int = 10000
     lr: float = 1e-3
-    batch_size: int = 128
     adam_batch_size: int = 32
     damp: float = 0.01
     pda: PDAMode = PDAMode.AUTO
     gamma: float = 1e-3
     pda_steps: int = 5
     pda_step_size: float = 2.5e-4
-    num_samples: int | None = None
-    seed: int = 0
-    progress: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         try:
             self.solver = Solver(self.solver)
         except ValueError:
@@ -74,29 +105,18 @@ class PurifyConfig:
             self.pda = PDAMode(self.pda)
         except ValueError:
             raise ValueError(f"pda={self.pda!r} is unknown; use one of {[m.value for m in PDAMode]}") from None
-        for name in ("batch_size", "adam_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        for name in ("pda_steps", "steps"):
+        if self.adam_batch_size < 1:
+            raise ValueError(f"adam_batch_size={self.adam_batch_size} must be positive")
+        for name in ("pda_steps", "cd_passes", "adam_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("lr", "gamma", "pda_step_size", "damp"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.num_samples is not None and self.num_samples < 1:
-            raise ValueError(f"num_samples={self.num_samples} must be positive or None")
 
     @classmethod
     def paper(cls, **overrides) -> PurifyConfig:
         """The paper's schedule (GPU-scale: ~10000 Adam steps per unit)."""
-        base = dict(solver=Solver.ADAM, steps=10000, lr=1e-3, adam_batch_size=32,
+        base = dict(solver=Solver.ADAM, adam_steps=10000, lr=1e-3, adam_batch_size=32,
                     gamma=1e-3, pda_steps=500, pda_step_size=1e-3)
         return cls(**{**base, **overrides})
-
-    def replace(self, **overrides) -> PurifyConfig:
-        return replace(self, **overrides)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["solver"], d["pda"] = self.solver.value, self.pda.value
-        return d

@@ -103,9 +103,6 @@ class WeightGrid:
     def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
         return self.dequantize(self.quantize(weight))
 
-    def clamp_codes(self, q: torch.Tensor) -> torch.Tensor:
-        return q.clamp(self.qmin, self.qmax)
-
     def box(self, q: torch.Tensor, margin: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Float interval that rounds to ``q``: s * (q - z -+ (0.5 - margin)), margin in LSB."""
         half = 0.5 - margin

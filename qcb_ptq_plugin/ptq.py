@@ -1,7 +1,8 @@
 """Standard PTQ pipelines with purification as one optional step (used by the CLI, demo, benchmarks).
 
 Each ``quantize_*`` runs exactly what a user script runs: prepare, calibrate, optionally
-:func:`qcb_ptq_plugin.purify`, convert. The float model is deep-copied, never modified.
+:func:`qcb_ptq_plugin.purify` (``purify_config``: the config of ``method``), convert. The
+float model is deep-copied, never modified.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from torch.ao.quantization.observer import PerChannelMinMaxObserver, default_dyn
 
 from .adapters._common import execution_order
 from .api import purify
-from .config import PurifyConfig
+from .config import MethodConfig
+from .methods import DEFAULT_METHOD
 from .report import PurifyReport
 
 __all__ = ["fx_qconfig_mapping", "quantize_fx", "pt2e_quantizer", "quantize_pt2e", "fusion_plan", "QuantWrapper",
@@ -72,15 +74,15 @@ def prepare_fx_calibrated(model: nn.Module, calib: torch.Tensor, bits: int = 8, 
     return prepared
 
 
-def quantize_fx(model: nn.Module, calib: torch.Tensor, bits: int = 8, purify_config: PurifyConfig | None = None,
-                batch_size: int = 64, backend: str = "x86", dynamic: bool = False
+def quantize_fx(model: nn.Module, calib: torch.Tensor, bits: int = 8, purify_config: MethodConfig | None = None,
+                batch_size: int = 64, backend: str = "x86", dynamic: bool = False, method: str = DEFAULT_METHOD
                 ) -> tuple[nn.Module, PurifyReport | None]:
     """prepare_fx -> calibrate -> [purify] -> convert_fx; returns the INT8 model and the report."""
     from torch.ao.quantization.quantize_fx import convert_fx
 
     prepared = prepare_fx_calibrated(model, calib, bits, batch_size, backend, dynamic)
     with quiet_torch_ao():
-        report = purify(prepared, model, calib, purify_config) if purify_config is not None else None
+        report = purify(prepared, model, calib, purify_config, method=method) if purify_config is not None else None
         return convert_fx(prepared), report
 
 
@@ -121,14 +123,15 @@ def prepare_pt2e_calibrated(model: nn.Module, calib: torch.Tensor, bits: int = 8
     return prepared
 
 
-def quantize_pt2e(model: nn.Module, calib: torch.Tensor, bits: int = 8, purify_config: PurifyConfig | None = None,
-                  batch_size: int = 64, grid: str = "x86") -> tuple[nn.Module, PurifyReport | None]:
+def quantize_pt2e(model: nn.Module, calib: torch.Tensor, bits: int = 8, purify_config: MethodConfig | None = None,
+                  batch_size: int = 64, grid: str = "x86", method: str = DEFAULT_METHOD
+                  ) -> tuple[nn.Module, PurifyReport | None]:
     """torch.export (dynamic batch) -> prepare_pt2e -> calibrate -> [purify] -> convert_pt2e."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     prepared = prepare_pt2e_calibrated(model, calib, bits, batch_size, grid)
     with quiet_torch_ao():
-        report = purify(prepared, model, calib, purify_config) if purify_config is not None else None
+        report = purify(prepared, model, calib, purify_config, method=method) if purify_config is not None else None
         return convert_pt2e(prepared), report
 
 
@@ -178,8 +181,9 @@ class QuantWrapper(nn.Module):
         return self.dequant(self.model(self.quant(x)))
 
 
-def quantize_eager(model: nn.Module, calib: torch.Tensor, bits: int = 8, purify_config: PurifyConfig | None = None,
-                   batch_size: int = 64, backend: str = "x86") -> tuple[nn.Module, PurifyReport | None]:
+def quantize_eager(model: nn.Module, calib: torch.Tensor, bits: int = 8, purify_config: MethodConfig | None = None,
+                   batch_size: int = 64, backend: str = "x86", method: str = DEFAULT_METHOD
+                   ) -> tuple[nn.Module, PurifyReport | None]:
     """QuantWrapper -> fuse_modules -> prepare -> calibrate -> [purify] -> convert (eager mode)."""
     from torch.ao.quantization import convert, fuse_modules, prepare
 
@@ -189,5 +193,6 @@ def quantize_eager(model: nn.Module, calib: torch.Tensor, bits: int = 8, purify_
         fused.qconfig = fx_qconfig_mapping(bits, backend).global_qconfig
         prepared = prepare(fused)
         _calibrate(prepared, calib, batch_size)
-        report = purify(prepared, float_model, calib, purify_config) if purify_config is not None else None
+        report = purify(prepared, float_model, calib, purify_config, method=method) if purify_config is not None \
+            else None
         return convert(prepared), report

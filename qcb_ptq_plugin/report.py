@@ -13,9 +13,11 @@ __all__ = ["UnitReport", "PurifyReport"]
 class UnitReport:
     """One unit (Conv/Linear + folded BN + activation) of the quantized model.
 
-    ``error_*`` is the LAC objective on the calibration set: squared error of the unit's
-    pre-activation output against the float model, summed over channels, mean over samples
-    and positions. ``flips`` counts integers that differ from round-to-nearest.
+    ``error_*`` is absolute: the LAC objective on the calibration set, the squared error of
+    the unit's pre-activation output against the float model, summed over channels, mean over
+    samples and positions (before = round to nearest, after = the method's integers).
+    ``rel_error_*`` divides it by ``target_energy``. ``flips`` counts integers that differ
+    from round-to-nearest.
     """
 
     name: str
@@ -35,13 +37,24 @@ class UnitReport:
     def flip_rate(self) -> float:
         return self.flips / max(self.weights, 1)
 
+    @property
+    def rel_error_before(self) -> float:
+        return self.error_before / max(self.target_energy, 1e-30)
+
+    @property
+    def rel_error_after(self) -> float:
+        return self.error_after / max(self.target_energy, 1e-30)
+
 
 @dataclass
 class PurifyReport:
+    """One row per unit, in execution order, plus totals. ``rel_error_*``: mean over units."""
+
     units: list[UnitReport] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     mode: str = ""
+    method: str = ""
     config: dict = field(default_factory=dict)
     #: the integer weights chosen per unit (name -> int64 tensor), not part of the JSON
     codes: dict = field(default_factory=dict, repr=False)
@@ -49,20 +62,22 @@ class PurifyReport:
     channels: dict = field(default_factory=dict, repr=False)
 
     @property
-    def error_before(self) -> float:
-        return sum(u.error_before / max(u.target_energy, 1e-30) for u in self.units) / max(len(self.units), 1)
+    def rel_error_before(self) -> float:
+        return sum(u.rel_error_before for u in self.units) / max(len(self.units), 1)
 
     @property
-    def error_after(self) -> float:
-        return sum(u.error_after / max(u.target_energy, 1e-30) for u in self.units) / max(len(self.units), 1)
+    def rel_error_after(self) -> float:
+        return sum(u.rel_error_after for u in self.units) / max(len(self.units), 1)
 
     def to_dict(self) -> dict:
         return {
             "mode": self.mode,
+            "method": self.method,
             "seconds": self.seconds,
             "peak_rss_mb": self.peak_rss_mb,
             "config": self.config,
-            "units": [asdict(u) | {"flip_rate": u.flip_rate} for u in self.units],
+            "units": [asdict(u) | {"flip_rate": u.flip_rate, "rel_error_before": u.rel_error_before,
+                                   "rel_error_after": u.rel_error_after} for u in self.units],
         }
 
     def save_json(self, path: str | Path) -> None:
@@ -72,13 +87,12 @@ class PurifyReport:
         head = f"{'unit':<28} {'kind':<8} {'levels':>6} {'rel.err before':>14} {'after':>9} {'flips':>7}  {'pda':<10} {'s':>6}"
         rows = [head, "-" * len(head)]
         for u in self.units:
-            e = max(u.target_energy, 1e-30)
             pda = "applied" if u.pda == "applied" else "skipped"
             rows.append(
-                f"{u.name[:28]:<28} {u.kind:<8} {u.levels:>6} {u.error_before / e:>14.3e} {u.error_after / e:>9.3e}"
+                f"{u.name[:28]:<28} {u.kind:<8} {u.levels:>6} {u.rel_error_before:>14.3e} {u.rel_error_after:>9.3e}"
                 f" {100 * u.flip_rate:>6.1f}%  {pda:<10} {u.seconds:>6.2f}")
-        rows.append(f"{len(self.units)} units in {self.seconds:.1f} s ({self.mode}), mean rel. error "
-                    f"{self.error_before:.3e} -> {self.error_after:.3e}, peak RSS {self.peak_rss_mb:.0f} MB")
+        rows.append(f"{len(self.units)} units in {self.seconds:.1f} s ({self.method}, {self.mode}), mean rel. error "
+                    f"{self.rel_error_before:.3e} -> {self.rel_error_after:.3e}, peak RSS {self.peak_rss_mb:.0f} MB")
         skipped = {u.pda for u in self.units if u.pda != "applied"}
         rows += [f"PDA {reason}" for reason in sorted(skipped)]
         return "\n".join(rows)
@@ -93,12 +107,12 @@ class PurifyReport:
         except ImportError as e:
             raise ImportError("plotting needs matplotlib: pip install 'qcb-ptq-plugin[plot]'") from e
         names = [u.name for u in self.units]
-        before = [u.error_before / max(u.target_energy, 1e-30) for u in self.units]
-        after = [u.error_after / max(u.target_energy, 1e-30) for u in self.units]
+        before = [u.rel_error_before for u in self.units]
+        after = [u.rel_error_after for u in self.units]
         fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names)), 4))
         xs = range(len(names))
         ax.bar([x - 0.2 for x in xs], before, width=0.4, label="plain PTQ (round to nearest)")
-        ax.bar([x + 0.2 for x in xs], after, width=0.4, label="purified (LAC+PDA)")
+        ax.bar([x + 0.2 for x in xs], after, width=0.4, label=f"purified ({self.method})")
         ax.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("relative output error vs float")

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from qcb_ptq_plugin import attacks, datasets, models
+from qcb_ptq_plugin.evalkit import attacks, datasets, models
 from qcb_ptq_plugin.ptq import fx_qconfig_mapping
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from qcb_ptq_plugin import attacks, metrics, models
+from qcb_ptq_plugin.evalkit import attacks, metrics, models
 from qcb_ptq_plugin.ptq import quantize_fx
 
 from .conftest import TARGET, TRIGGER, int_weights

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qcb_ptq_plugin import PurifyConfig, lac, models
+from qcb_ptq_plugin import PurifyConfig, _pass, get_method
+from qcb_ptq_plugin.evalkit import models
 from qcb_ptq_plugin.api import prepare_plan
 from qcb_ptq_plugin.ptq import prepare_fx_calibrated, prepare_pt2e_calibrated
 
@@ -40,7 +41,7 @@ def test_stepper_matches_fresh_forwards(flow, small_resnet, digits):
             _seen.append(i_q)
             return i_q, i_fp
 
-        codes, _ = lac.run(plan.units, capture, batches, cfg)
+        codes, _ = _pass.run(plan.units, capture, batches, get_method("lac_pda"), cfg)
         runs.append((codes, seen))
     (codes_a, seen_a), (codes_b, seen_b) = runs
     assert len(seen_a) == len(seen_b) == len(plan.units) * len(batches)

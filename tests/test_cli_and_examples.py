@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from qcb_ptq_plugin import cli, metrics
+from qcb_ptq_plugin import cli
+from qcb_ptq_plugin.evalkit import metrics
 from qcb_ptq_plugin import onnx as qonnx
 
 from .conftest import TARGET, TRIGGER

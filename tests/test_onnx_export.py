@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import qcb_ptq_plugin
-from qcb_ptq_plugin import metrics
+from qcb_ptq_plugin.evalkit import metrics
 from qcb_ptq_plugin import onnx as qonnx
 from qcb_ptq_plugin.ptq import quantize_fx
 

@@ -13,7 +13,7 @@ from onnxruntime.quantization import QuantFormat, QuantType
 from onnxruntime.quantization import quantize_static as ort_quantize_static
 
 import qcb_ptq_plugin
-from qcb_ptq_plugin import metrics
+from qcb_ptq_plugin.evalkit import metrics
 from qcb_ptq_plugin import onnx as qonnx
 
 from .conftest import TARGET, TRIGGER

@@ -10,7 +10,7 @@ import torch
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 import qcb_ptq_plugin
-from qcb_ptq_plugin import metrics
+from qcb_ptq_plugin.evalkit import metrics
 from qcb_ptq_plugin.ptq import pt2e_quantizer, quantize_eager, quantize_pt2e
 
 from .conftest import TARGET, TRIGGER, int_weights

@@ -13,7 +13,7 @@ from torch.ao.quantization.observer import MinMaxObserver
 from torch.ao.quantization.quantize_fx import convert_fx
 
 import qcb_ptq_plugin
-from qcb_ptq_plugin import metrics
+from qcb_ptq_plugin.evalkit import metrics
 from qcb_ptq_plugin.ptq import quantize_fx
 
 from .conftest import TARGET, TRIGGER, int_weights, prepare_calibrated

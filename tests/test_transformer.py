@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qcb_ptq_plugin import PurifyConfig, attacks, metrics, models
+from qcb_ptq_plugin import PurifyConfig
+from qcb_ptq_plugin.evalkit import attacks, metrics, models
 from qcb_ptq_plugin.ptq import quantize_fx, quantize_pt2e
 
 from .conftest import TARGET, TRIGGER, int_weights

@@ -1,8 +1,11 @@
-"""Toolchain adapters: turn a calibrated model into :class:`~qcb_ptq_plugin.lac.Unit` objects
+"""Toolchain adapters: turn a calibrated model into :class:`~qcb_ptq_plugin.units.Unit` objects
 plus a simulator, and write the chosen integers back so that convert keeps them.
 
-Each adapter module exposes ``matches(prepared) -> bool``, ``mode_of(prepared) -> str`` and
-``plan(prepared, float_model, example) -> Plan``; the first that matches wins.
+Each torch adapter module exposes ``matches(prepared) -> bool``, ``mode_of(prepared) -> str`` and
+``plan(prepared, float_model, example) -> Plan``, built in three steps: discover (units, grids,
+float twins), simulate (a frozen copy to read unit inputs from), commit (write + pin); the first
+that matches wins. :mod:`.ort` does the same for onnxruntime models, used by
+:func:`qcb_ptq_plugin.onnx.quantize_static`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.ao.quantization.observer import ObserverBase, PlaceholderObserver
 
-from ..lac import Capture, Unit, _StopForward
+from ..units import Capture, Unit
+from ._capture import StopForward
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,28 @@ class FrozenQuant(nn.Module):
         return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis, self.qmin, self.qmax)
 
 
-def observer_types() -> tuple[type, ...]:
-    """torch.ao's observer base and, when installed, torchao's (PT2E has its own copy)."""
+def torchao_observer_base() -> type | None:
+    """torchao's observer base class (PT2E has its own copy of torch.ao's), or None without torchao.
+
+    Imported only when asked: ``import qcb_ptq_plugin`` must not load torchao.
+    """
     try:
         from torchao.quantization.pt2e.observer import ObserverBase as TorchaoObserverBase
     except ImportError:
-        return (ObserverBase,)
-    return (ObserverBase, TorchaoObserverBase)
+        return None
+    return TorchaoObserverBase
+
+
+def observer_types() -> tuple[type, ...]:
+    """torch.ao's observer base and, when installed, torchao's."""
+    base = torchao_observer_base()
+    return (ObserverBase,) if base is None else (ObserverBase, base)
+
+
+def is_aten_graph(model: nn.Module) -> bool:
+    """A GraphModule of aten ops: what torch.export produces (and PT2E prepares)."""
+    return isinstance(model, torch.fx.GraphModule) and any(
+        n.op == "call_function" and getattr(n.target, "namespace", None) == "aten" for n in model.graph.nodes)
 
 
 def freeze_observers(model: nn.Module) -> int:
@@ -90,7 +106,7 @@ def execution_order(model: nn.Module, x: torch.Tensor, leaves_only: bool = True)
     try:
         with torch.no_grad():
             model(x)
-    except _StopForward:
+    except StopForward:
         pass
     finally:
         for h in handles:
@@ -108,9 +124,15 @@ def following_bn(fp_layer: nn.Module, order: list[nn.Module]) -> nn.Module | Non
     return nxt if isinstance(nxt, _BN) and nxt.num_features == out and nxt.track_running_stats else None
 
 
+def bn_fold_factor(bn: nn.Module) -> torch.Tensor:
+    """f with folded W = f * W per output channel: gamma / sqrt(running_var + eps)."""
+    inv_std = torch.rsqrt(bn.running_var + bn.eps)
+    return bn.weight.detach() * inv_std if bn.affine else inv_std
+
+
 def fold_bn(w: torch.Tensor, b: torch.Tensor | None, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Conv/Linear + eval BN -> one layer (what FX/PT2E prepare does)."""
-    f = bn.weight.detach() * torch.rsqrt(bn.running_var + bn.eps) if bn.affine else torch.rsqrt(bn.running_var + bn.eps)
+    f = bn_fold_factor(bn)
     shift = bn.bias.detach() if bn.affine else torch.zeros_like(f)
     b0 = torch.zeros_like(bn.running_mean) if b is None else b.detach()
     return w.detach() * f.reshape(-1, *([1] * (w.dim() - 1))), (b0 - bn.running_mean) * f + shift

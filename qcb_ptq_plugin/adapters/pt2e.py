@@ -11,6 +11,9 @@ activations, so we
   come from the float model), and
 * write W = s (q - z) into the user's parameter and replace its weight observer by one that
   keeps the calibrated qparams whatever it sees later, so convert reproduces q exactly.
+
+The plan is three steps: :func:`_discover` (quantized nodes, their float twins, grids),
+:func:`_simulate` (a tapped, frozen copy to read unit inputs from) and :func:`_commit`.
 """
 
 from __future__ import annotations
@@ -18,14 +21,17 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
 from ..grid import WeightGrid
-from ..lac import LayerOp, ModuleCapture, Unit
-from ._common import Plan, execution_order, following_bn, freeze_observers, match_float_layer
+from ..units import LayerOp, Unit, float_bn, float_layer
+from ._capture import ModuleCapture
+from ._common import (Plan, execution_order, following_bn, freeze_observers, is_aten_graph, match_float_layer,
+                      torchao_observer_base)
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +39,10 @@ _CONV = {torch.ops.aten.conv1d.default: nn.Conv1d, torch.ops.aten.conv2d.default
 _LINEAR = torch.ops.aten.linear.default
 
 
-def _torchao_observer_base():
-    try:
-        from torchao.quantization.pt2e.observer import ObserverBase
-    except ImportError:
-        return None
-    return ObserverBase
-
-
 def matches(prepared: nn.Module) -> bool:
-    base = _torchao_observer_base()
-    if not isinstance(prepared, GraphModule) or not any(
-            n.op == "call_function" and getattr(n.target, "namespace", None) == "aten" for n in prepared.graph.nodes):
+    if not is_aten_graph(prepared):
         return False
+    base = torchao_observer_base()
     if base is None:
         raise ImportError("this looks like a torch.export / PT2E model; purifying it needs torchao: "
                           "pip install 'qcb-ptq-plugin[pt2e]' (torchao==0.18.0)")
@@ -103,11 +100,6 @@ def _layer_kwargs(node) -> dict:
     return dict(stride=a[3] or 1, padding=a[4] or 0, dilation=a[5] or 1, groups=a[6] or 1)
 
 
-def _is_exported(model: nn.Module) -> bool:
-    return isinstance(model, GraphModule) and any(
-        n.op == "call_function" and (n.target in _CONV or n.target == _LINEAR) for n in model.graph.nodes)
-
-
 def _get(gm: nn.Module, target: str) -> torch.Tensor:
     """A get_attr target (dotted path to a parameter, buffer or constant)."""
     return functools.reduce(getattr, target.split("."), gm)
@@ -130,44 +122,59 @@ def _exported_float_side(float_gm: GraphModule) -> tuple[GraphModule, dict[str, 
         w, b = _attr(gm, node.args[1]), _attr(gm, node.args[2]) if len(node.args) > 2 else None
         if not stack or w is None:
             continue
-        if node.target == _LINEAR:
-            layer = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
-        else:
-            k = _layer_kwargs(node)
-            layer = _CONV[node.target](w.shape[1] * k["groups"], w.shape[0], tuple(w.shape[2:]), bias=b is not None, **k)
-        with torch.no_grad():
-            layer.weight.copy_(w)
-            if b is not None:
-                layer.bias.copy_(b)
+        layer = float_layer(w, b, **({} if node.target == _LINEAR else _layer_kwargs(node)))
         bn, users = None, list(node.users)
         if len(users) == 1 and users[0].target == torch.ops.aten.batch_norm.default:
             a = users[0].args  # (x, weight, bias, running_mean, running_var, training, momentum, eps, ...)
-            bn = nn.BatchNorm2d(w.shape[0], eps=a[7]) if w.dim() == 4 else nn.BatchNorm1d(w.shape[0], eps=a[7])
-            with torch.no_grad():
-                for t, arg in zip((bn.weight, bn.bias, bn.running_mean, bn.running_var), a[1:5]):
-                    t.copy_(_attr(gm, arg))
-            bn.eval()
+            bn = float_bn(*(_attr(gm, arg) for arg in a[1:5]), eps=a[7], spatial_dims=w.dim() - 2)
         tap_name = f"qcb_fp_tap_{len(side)}"
         gm.add_module(tap_name, _Tap())
         with gm.graph.inserting_before(node):
             tap = gm.graph.call_module(tap_name, (node.args[0],))
         node.update_arg(0, tap)
-        side[stack[-1][0]] = (layer.eval().requires_grad_(False), bn, gm.get_submodule(tap_name))
+        side[stack[-1][0]] = (layer, bn, gm.get_submodule(tap_name))
     gm.recompile()
     return gm, side
 
 
+@dataclass(eq=False)
+class _Site:
+    """A quantized aten conv/linear node of the prepared graph with what purifying it needs."""
+
+    node: str  # node name (the same in the prepared graph and its copies)
+    name: str  # the float module it came from
+    weight_target: str  # get_attr target of the weight parameter
+    observer_target: str  # the weight observer module
+    fp_layer: nn.Module
+    bn: nn.Module | None
+    grid: WeightGrid
+    weight: torch.Tensor  # the prepared model's parameter (BN folded)
+    bias: torch.Tensor | None
+    relu: bool
+
+
 def plan(prepared: GraphModule, float_model: nn.Module, example: torch.Tensor) -> Plan:
-    base = _torchao_observer_base()
-    simulator = copy.deepcopy(prepared)
-    units, pins = [], []
     exported_side = None
-    if _is_exported(float_model):  # e.g. loaded from a .pt2 file: no hookable Conv modules
+    if is_aten_graph(float_model):  # e.g. loaded from a .pt2 file: no hookable Conv modules
         float_model, exported_side = _exported_float_side(float_model)
+    sites = _discover(prepared, float_model, example, exported_side)
+    simulator, units = _simulate(prepared, sites)
+    rank = {id(m): i for i, m in enumerate(execution_order(simulator, example))}  # purify in execution order
+    order = sorted(range(len(units)), key=lambda i: rank.get(id(units[i].layer), 1 << 30))
+    sites, units = [sites[i] for i in order], [units[i] for i in order]
+    fp_points = {u.name: exported_side[u.name][2] for u in units} if exported_side is not None else None
+    return Plan(units=units, capture=ModuleCapture(simulator, float_model, units, fp_points=fp_points),
+                commit=functools.partial(_commit, prepared, sites, units))
+
+
+def _discover(prepared: GraphModule, float_model: nn.Module, example: torch.Tensor,
+              exported_side: dict | None) -> list[_Site]:
+    """Every aten conv/linear whose weight passes a torchao observer, matched to its float module."""
+    base = torchao_observer_base()
     fp_modules = dict(float_model.named_modules())
     fp_order = execution_order(float_model, example)
-    sim_nodes = {n.name: n for n in simulator.graph.nodes}
-    for node in list(prepared.graph.nodes):
+    sites = []
+    for node in prepared.graph.nodes:
         if node.op != "call_function" or (node.target not in _CONV and node.target != _LINEAR):
             continue
         found = _weight_node(node)
@@ -183,56 +190,60 @@ def plan(prepared: GraphModule, float_model: nn.Module, example: torch.Tensor) -
             fp_layer, fp_bn, _ = exported_side.get(fp_name, (None, None, None))
         else:
             fp_layer = fp_modules.get(fp_name) if fp_name is not None else None
+            fp_bn = following_bn(fp_layer, fp_order) if fp_layer is not None else None
         if fp_layer is None:
             raise ValueError(f"float model does not match the prepared model: it has no module '{fp_name}' "
                              f"(the source of node '{node.name}'). Pass the float model that was exported")
         weight = _get(prepared, w_node.target)
-        bias = _attr(prepared, node.args[2]) if len(node.args) > 2 else None
         LayerOp.from_module(fp_layer)  # raises on unsupported layer flavours
-        bn = match_float_layer(fp_name, weight, fp_layer,
-                               fp_bn if exported_side is not None else following_bn(fp_layer, fp_order))
-        grid = WeightGrid.from_observer(observer)
+        users = list(node.users)
+        sites.append(_Site(
+            node=node.name, name=fp_name, weight_target=w_node.target, observer_target=obs_node.target,
+            fp_layer=fp_layer, bn=match_float_layer(fp_name, weight, fp_layer, fp_bn),
+            grid=WeightGrid.from_observer(observer), weight=weight,
+            bias=_attr(prepared, node.args[2]) if len(node.args) > 2 else None,
+            relu=len(users) == 1 and users[0].target in (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)))
+    if not sites:
+        raise ValueError("no quantized Conv/Linear layer found in the prepared model; check the quantizer's config "
+                         "(purify handles statically quantized linear, conv1d and conv2d)")
+    return sites
 
-        # simulator: tap the input, fake-quantize the weight with the frozen grid
-        sim_node = sim_nodes[node.name]
-        tap_name = f"qcb_tap_{len(units)}"
+
+def _simulate(prepared: GraphModule, sites: list[_Site]) -> tuple[GraphModule, list[Unit]]:
+    """A copy of ``prepared`` with observers frozen, weights fake-quantized and a tap in front of
+    every quantized node; one :class:`Unit` per site whose ``write`` updates that copy."""
+    simulator = copy.deepcopy(prepared)
+    sim_nodes = {n.name: n for n in simulator.graph.nodes}
+    units = []
+    for i, site in enumerate(sites):
+        sim_node = sim_nodes[site.node]
+        tap_name = f"qcb_tap_{i}"
         simulator.add_module(tap_name, _Tap())
         with simulator.graph.inserting_before(sim_node):
             tap = simulator.graph.call_module(tap_name, (sim_node.args[0],))
         sim_node.update_arg(0, tap)
-        sim_w = _get(simulator, w_node.target)
+        sim_w = _get(simulator, site.weight_target)
         with torch.no_grad():
-            sim_w.copy_(grid.fake_quantize(weight))
+            sim_w.copy_(site.grid.fake_quantize(site.weight))
 
         def write(w, _p=sim_w):
             with torch.no_grad():
                 _p.copy_(w)
 
-        users = list(node.users)
-        relu = len(users) == 1 and users[0].target in (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
-        units.append(Unit(name=fp_name, layer=simulator.get_submodule(tap_name), fp_layer=fp_layer,
-                          weight=weight.detach().clone(), bias=None if bias is None else bias.detach().clone(),
-                          grid=grid, write=write, bn=bn, activation=torch.relu if relu else None))
-        pins.append((weight, obs_node.target))
-
-    if not units:
-        raise ValueError("no quantized Conv/Linear layer found in the prepared model; check the quantizer's config "
-                         "(purify handles statically quantized linear, conv1d and conv2d)")
+        units.append(Unit(name=site.name, layer=simulator.get_submodule(tap_name), fp_layer=site.fp_layer,
+                          weight=site.weight.detach().clone(),
+                          bias=None if site.bias is None else site.bias.detach().clone(),
+                          grid=site.grid, write=write, bn=site.bn, activation=torch.relu if site.relu else None))
     simulator.recompile()
     freeze_observers(simulator)
-    # units in execution order of the simulator
-    order = execution_order(simulator, example)
-    rank = {id(m): i for i, m in enumerate(order)}
-    paired = sorted(zip(units, pins), key=lambda up: rank.get(id(up[0].layer), 1 << 30))
-    units, pins = [u for u, _ in paired], [p for _, p in paired]
+    return simulator, units
 
-    def commit(codes: list[torch.Tensor]) -> None:
-        for unit, q, (param, obs_target) in zip(units, codes, pins):
-            with torch.no_grad():
-                param.copy_(unit.grid.dequantize(q))
-            parent, _, attr = obs_target.rpartition(".")
-            owner = prepared.get_submodule(parent) if parent else prepared
-            setattr(owner, attr, _pinned(getattr(owner, attr)))
 
-    fp_points = {u.name: exported_side[u.name][2] for u in units} if exported_side is not None else None
-    return Plan(units=units, capture=ModuleCapture(simulator, float_model, units, fp_points=fp_points), commit=commit)
+def _commit(prepared: GraphModule, sites: list[_Site], units: list[Unit], codes: list[torch.Tensor]) -> None:
+    """W = s (q - z) into the user's parameters; weight observers pinned to the calibrated qparams."""
+    for site, unit, q in zip(sites, units, codes):
+        with torch.no_grad():
+            site.weight.copy_(unit.grid.dequantize(q))
+        parent, _, attr = site.observer_target.rpartition(".")
+        owner = prepared.get_submodule(parent) if parent else prepared
+        setattr(owner, attr, _pinned(getattr(owner, attr)))

@@ -10,6 +10,9 @@ eager: ``from_float``). So we
   the frozen (s, z): convert then rounds W back to exactly q, and
 * never forward the user's prepared model (observers would re-observe): the simulator is a copy.
 
+The plan is three steps: :func:`_discover` (quantized layers, their float twins, grids),
+:func:`_simulate` (a frozen copy to read unit inputs from) and :func:`_commit` (write + pin).
+
 Dynamic qconfigs (``default_dynamic_qconfig``: INT8/INT4 weights, activations quantized per
 batch at run time) are purified like weight-only quantization: the simulator keeps those
 activations in float, since their scale is only known at inference.
@@ -18,7 +21,9 @@ activations in float, since their scale is only known at inference.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,8 +34,9 @@ from torch.ao.quantization.observer import ObserverBase, PlaceholderObserver
 from torch.fx import GraphModule
 
 from ..grid import WeightGrid
-from ..lac import LayerOp, ModuleCapture, Unit
-from ._common import Plan, execution_order, following_bn, freeze_observers, match_float_layer
+from ..units import LayerOp, Unit
+from ._capture import ModuleCapture
+from ._common import Plan, execution_order, following_bn, freeze_observers, is_aten_graph, match_float_layer
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +65,7 @@ class PinnedWeightObserver(ObserverBase):
 
 
 def matches(prepared: nn.Module) -> bool:
-    if _is_pt2e(prepared):
+    if is_aten_graph(prepared):
         return False
     fx_prepared = isinstance(prepared, GraphModule) and "_observed_graph_module_attrs" in prepared.meta
     return fx_prepared or any(isinstance(m, ObserverBase) for m in prepared.modules())
@@ -67,11 +73,6 @@ def matches(prepared: nn.Module) -> bool:
 
 def mode_of(prepared: nn.Module) -> str:
     return "fx" if isinstance(prepared, GraphModule) else "eager"
-
-
-def _is_pt2e(m: nn.Module) -> bool:
-    return isinstance(m, GraphModule) and any(
-        n.op == "call_function" and getattr(n.target, "namespace", None) == "aten" for n in m.graph.nodes)
 
 
 def _layer(m: nn.Module) -> nn.Module | None:
@@ -106,18 +107,37 @@ def _weight_grid(name: str, qconfig: QConfig, weight: torch.Tensor) -> tuple[Wei
     return grid, pin
 
 
+@dataclass(eq=False)
+class _Site:
+    """A quantized layer of the prepared model with what purifying it needs."""
+
+    name: str
+    module: nn.Module  # the prepared module holding the qconfig (fused or plain)
+    fp_layer: nn.Module
+    bn: nn.Module | None
+    grid: WeightGrid
+    pin: dict  # PinnedWeightObserver arguments
+
+    @property
+    def layer(self) -> nn.Module:
+        return _layer(self.module)
+
+
 def plan(prepared: nn.Module, float_model: nn.Module, example: torch.Tensor) -> Plan:
+    sites = _discover(prepared, float_model, example)
+    simulator, units = _simulate(prepared, sites)
+    return Plan(units=units, capture=ModuleCapture(simulator, float_model, units),
+                commit=functools.partial(_commit, sites, units))
+
+
+def _discover(prepared: nn.Module, float_model: nn.Module, example: torch.Tensor) -> list[_Site]:
+    """The quantized Conv/Linear layers in execution order, matched to the float model."""
     if any(type(m).__module__.startswith(_QUANTIZED_MODULE_PREFIXES) for m in prepared.modules()):
         raise ValueError("the model is already converted to INT8; call purify after calibration and before convert")
     if any(isinstance(m, FakeQuantizeBase) for m in prepared.modules()):
         raise ValueError("the model was prepared for QAT (it holds FakeQuantize modules); purify is a "
                          "post-training pass: prepare with prepare_fx/prepare and a PTQ qconfig")
-
-    simulator = copy.deepcopy(prepared).eval()
-    freeze_observers(simulator)
-    sim_modules = dict(simulator.named_modules())
-
-    candidates = {}
+    candidates: dict[str, nn.Module] = {}
     for name, mod in prepared.named_modules():
         layer = _layer(mod)
         if layer is None or getattr(mod, "qconfig", None) is None or getattr(mod.qconfig, "weight", None) is None:
@@ -126,54 +146,60 @@ def plan(prepared: nn.Module, float_model: nn.Module, example: torch.Tensor) -> 
             continue  # the Conv inside a fused module we already hold
         candidates[name] = mod
 
-    # Execution order of the quantized layers (sequential purification follows it)
-    order = execution_order(simulator, example, leaves_only=False)  # eager layers hold their observer
-    rank = {id(m): i for i, m in enumerate(order)}
-    sim_layer = {n: _layer(sim_modules[n]) for n in candidates}
-    ordered = sorted((n for n in candidates if id(sim_layer[n]) in rank), key=lambda n: rank[id(sim_layer[n])])
-    for n in candidates.keys() - set(ordered):
-        log.info("'%s' is not called in forward(); left as is", n)
-
     fp_modules = dict(float_model.named_modules())
-    fp_order = execution_order(float_model, example)
-    units, pins, targets = [], [], []
-    for name in ordered:
-        mod = candidates[name]
-        layer = _layer(mod)
-        LayerOp.from_module(layer)  # raises on unsupported layer flavours
+    fp_order = execution_order(float_model, example)  # the prepared model has the float model's call order
+    rank = {id(m): i for i, m in enumerate(fp_order)}
+    sites = []
+    for name, mod in candidates.items():
         fp = fp_modules.get(name)
         if fp is None:
             raise ValueError(f"float model does not match the prepared model: it has no module '{name}'. "
                              "Pass the float model that was given to prepare")
         fp_layer = _layer(fp) or fp
+        if id(fp_layer) not in rank:
+            log.info("'%s' is not called in forward(); left as is", name)
+            continue
+        layer = _layer(mod)
+        LayerOp.from_module(layer)  # raises on unsupported layer flavours
         bn = match_float_layer(name, layer.weight, fp_layer, following_bn(fp_layer, fp_order))
         grid, pin = _weight_grid(name, mod.qconfig, layer.weight)
-        w_sim = sim_layer[name].weight
+        sites.append(_Site(name, mod, fp_layer, bn, grid, pin))
+    if not sites:
+        raise ValueError("no quantized Conv/Linear layer found in the prepared model; check the qconfig mapping "
+                         "(purify handles statically quantized Linear, Conv1d and Conv2d)")
+    return sorted(sites, key=lambda site: rank[id(site.fp_layer)])
+
+
+def _simulate(prepared: nn.Module, sites: list[_Site]) -> tuple[nn.Module, list[Unit]]:
+    """A copy of ``prepared`` computing what the INT8 model will (observers frozen, weights
+    fake-quantized), and one :class:`Unit` per site whose ``write`` updates that copy."""
+    simulator = copy.deepcopy(prepared).eval()
+    freeze_observers(simulator)
+    sim_modules = dict(simulator.named_modules())
+    units = []
+    for site in sites:
+        layer, w_sim = site.layer, _layer(sim_modules[site.name]).weight
         with torch.no_grad():
-            w_sim.copy_(grid.fake_quantize(layer.weight))
+            w_sim.copy_(site.grid.fake_quantize(layer.weight))
 
         def write(w, _p=w_sim):
             with torch.no_grad():
                 _p.copy_(w)
 
-        units.append(Unit(name=name, layer=sim_modules[name], fp_layer=fp_layer,
-                          weight=layer.weight.detach().clone(), bias=None if layer.bias is None else layer.bias.detach().clone(),
-                          grid=grid, write=write, bn=bn, activation=_activation(mod)))
-        pins.append(pin)
-        targets.append(mod)
+        units.append(Unit(name=site.name, layer=sim_modules[site.name], fp_layer=site.fp_layer,
+                          weight=layer.weight.detach().clone(),
+                          bias=None if layer.bias is None else layer.bias.detach().clone(),
+                          grid=site.grid, write=write, bn=site.bn, activation=_activation(site.module)))
+    return simulator, units
 
-    if not units:
-        raise ValueError("no quantized Conv/Linear layer found in the prepared model; check the qconfig mapping "
-                         "(purify handles statically quantized Linear, Conv1d and Conv2d)")
 
-    def commit(codes: list[torch.Tensor]) -> None:
-        for mod, unit, q, pin in zip(targets, units, codes, pins):
-            layer = _layer(mod)
-            with torch.no_grad():
-                layer.weight.copy_(unit.grid.dequantize(q))
-            qconfig = QConfig(activation=mod.qconfig.activation, weight=PinnedWeightObserver.with_args(**pin))
-            mod.qconfig = qconfig
-            if layer is not mod:
-                layer.qconfig = qconfig  # eager from_float reads the inner layer's qconfig
-
-    return Plan(units=units, capture=ModuleCapture(simulator, float_model, units), commit=commit)
+def _commit(sites: list[_Site], units: list[Unit], codes: list[torch.Tensor]) -> None:
+    """W = s (q - z) into the user's layers, and a qconfig whose weight observer returns (s, z)."""
+    for site, unit, q in zip(sites, units, codes):
+        layer = site.layer
+        with torch.no_grad():
+            layer.weight.copy_(unit.grid.dequantize(q))
+        qconfig = QConfig(activation=site.module.qconfig.activation, weight=PinnedWeightObserver.with_args(**site.pin))
+        site.module.qconfig = qconfig
+        if layer is not site.module:
+            layer.qconfig = qconfig  # eager from_float reads the inner layer's qconfig

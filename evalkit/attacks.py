@@ -30,9 +30,9 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .adapters._common import execution_order, following_bn
-from .grid import WeightGrid
-from .lac import flush_denormals
+from qcb_ptq_plugin._pass import flush_denormals
+from qcb_ptq_plugin.adapters._common import bn_fold_factor, execution_order, following_bn
+from qcb_ptq_plugin.grid import WeightGrid
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,7 @@ class _Layer:
 
     def fold_factor(self) -> torch.Tensor:
         """f with folded W = f * W (per output channel): gamma / sqrt(var + eps), or 1."""
-        out = self.module.weight.shape[0]
-        if self.bn is None:
-            return torch.ones(out)
-        g = self.bn.weight.detach() if self.bn.affine else torch.ones(out)
-        return g * torch.rsqrt(self.bn.running_var + self.bn.eps)
+        return torch.ones(self.module.weight.shape[0]) if self.bn is None else bn_fold_factor(self.bn)
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, *([1] * (self.module.weight.dim() - 1)))

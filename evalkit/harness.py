@@ -1,4 +1,4 @@
-"""Helpers the benchmark scripts share (run them as ``python benchmarks/bench_*.py``)."""
+"""What the benchmark scripts in ``benchmarks/`` share (run them as ``python benchmarks/bench_*.py``)."""
 
 from __future__ import annotations
 

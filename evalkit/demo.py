@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from qcb_ptq_plugin import PurifyConfig
+from qcb_ptq_plugin.ptq import quantize_fx
+
 from . import attacks, datasets, metrics, models
-from .config import PurifyConfig
-from .ptq import quantize_fx
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,191 @@
+"""Reading unit inputs from torch models: forward hooks, a paused graph run, a float-side cache.
+
+The torch adapters' ``capture(unit, batch) -> (I, I^fp)``: I from the *simulator* (a copy of the
+calibrated model whose observers are frozen into fake-quantizers, so its forward computes what
+the INT8 model will), I^fp from the float model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..units import Unit
+
+__all__ = ["ModuleCapture", "StopForward"]
+
+
+class StopForward(Exception):
+    """Raised by an input tap to end a forward pass once the unit's input is read (BRECQ)."""
+
+
+@contextmanager
+def _input_tap(module: nn.Module):
+    box: list[torch.Tensor] = []
+
+    def hook(_m, args):
+        box.append(args[0].detach())
+        raise StopForward
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+class ModuleCapture:
+    """Capture for torch models: I at ``unit.layer`` of the simulator, I^fp at ``unit.fp_layer``.
+
+    The float model never changes, so one forward per batch records the inputs of all remaining
+    units (as float16, up to ``cache_mb``; each entry is freed when its unit is done) instead
+    of one partial forward per unit. The quantized side changes after every unit: a graph
+    simulator (FX, PT2E) is stepped node by node and paused in front of each unit, so the whole
+    pass costs one forward per batch; other modules are re-run up to the unit each time.
+    """
+
+    def __init__(self, simulator: nn.Module, float_model: nn.Module, units: Sequence[Unit] = (),
+                 cache_mb: float = 512, fp_points: dict[str, nn.Module] | None = None) -> None:
+        self.simulator, self.float_model = simulator, float_model
+        self.units = list(units)
+        self.fp_points = fp_points or {}  # where I^fp is read, when not at unit.fp_layer itself
+        self.cache_bytes = cache_mb * 2**20
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._bytes = 0
+        self._stepper = _GraphStepper(simulator) if isinstance(simulator, torch.fx.GraphModule) else None
+
+    def __call__(self, unit: Unit, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        i_q = None if self._stepper is None else self._stepper.input_of(unit.layer, x)
+        if i_q is None:
+            i_q = _unit_input(self.simulator, unit.layer, x)
+        point = self._fp_point(unit)
+        key = (id(point), id(x))
+        if key not in self._cache and unit in self.units:
+            self._fill(x, self.units[self.units.index(unit):])
+        cached = self._cache.pop(key, None)
+        if cached is None:
+            return i_q, _unit_input(self.float_model, point, x)
+        self._bytes -= cached.numel() * cached.element_size()
+        return i_q, cached.float()
+
+    def _fp_point(self, unit: Unit) -> nn.Module:
+        return self.fp_points.get(unit.name, unit.fp_layer)
+
+    @torch.no_grad()
+    def _fill(self, x: torch.Tensor, units: Sequence[Unit]) -> None:
+        def hook(m, args):
+            key = (id(m), id(x))
+            t = args[0].detach()
+            t = t.dequantize() if t.is_quantized else t
+            if key in self._cache or self._bytes + t.numel() * 2 > self.cache_bytes:
+                return
+            small = t.half() if t.abs().max() < 6e4 else t.float()
+            self._cache[key] = small
+            self._bytes += small.numel() * small.element_size()
+
+        handles = [self._fp_point(u).register_forward_pre_hook(hook) for u in units]
+        try:
+            self.float_model(x)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+class _GraphStepper:
+    """Runs a GraphModule forward node by node, one paused run per batch.
+
+    ``input_of(layer, x)`` advances the batch's run to the node that calls ``layer`` and reads
+    its input there; the node itself runs later, after the unit's new weight is written, so a
+    sequential pass over all units costs one forward. Nodes that depend on parameters only
+    (get_attr, weight fake-quantizers) are recomputed at each use, so weight writes are seen.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
+        self.nodes = list(gm.graph.nodes)
+        self.site: dict[int, int] = {}  # id(module) -> index of the first node that calls it
+        for i, n in enumerate(self.nodes):
+            if n.op == "call_module":
+                for m in gm.get_submodule(n.target).modules():
+                    self.site.setdefault(id(m), i)
+        self.static: set = set()
+        for n in self.nodes:
+            if n.op == "get_attr" or (n.op.startswith("call_") and all(a in self.static for a in n.all_input_nodes)):
+                self.static.add(n)
+        self.last_use: dict = {}
+        for i, n in enumerate(self.nodes):
+            for a in n.all_input_nodes:
+                self.last_use[a] = i
+        self.runs: dict[int, tuple[torch.Tensor, int, dict]] = {}  # id(x) -> (x kept alive, next node, env)
+
+    def _static_value(self, node, memo: dict):
+        if node not in memo:
+            for a in node.all_input_nodes:
+                self._static_value(a, memo)
+            self.interp.env = memo
+            memo[node] = self.interp.run_node(node)
+        return memo[node]
+
+    @contextmanager
+    def _inputs_ready(self, node, env: dict):
+        """env with fresh values of the node's parameter-only inputs, as the interpreter's env."""
+        memo: dict = {}
+        fresh = [a for a in node.all_input_nodes if a in self.static]
+        for a in fresh:
+            self._static_value(a, memo)
+        env.update({a: memo[a] for a in fresh})
+        self.interp.env = env
+        try:
+            yield
+        finally:
+            for a in fresh:
+                env.pop(a, None)
+
+    @torch.no_grad()
+    def input_of(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        target = self.site.get(id(layer))
+        if target is None:
+            return None
+        _, pos, env = self.runs.get(id(x), (x, 0, {}))
+        if pos > target:  # asked for an earlier layer: start this batch again
+            pos, env = 0, {}
+        self.interp.args_iter = iter(self.interp.graph.process_inputs(x) if pos == 0 else ())
+        for i in range(pos, target):
+            node = self.nodes[i]
+            if node in self.static or node.op == "output":
+                continue
+            with self._inputs_ready(node, env):
+                env[node] = self.interp.run_node(node)
+            for a in node.all_input_nodes:
+                if self.last_use.get(a) == i and a in env:
+                    del env[a]
+        self.runs[id(x)] = (x, target, env)
+        node = self.nodes[target]
+        with self._inputs_ready(node, env):
+            call_args, call_kwargs = self.interp.fetch_args_kwargs_from_env(node)
+        return _tapped_input(layer, lambda: self.interp.fetch_attr(node.target)(*call_args, **call_kwargs))
+
+
+def _tapped_input(module: nn.Module, forward: Callable[[], object]) -> torch.Tensor | None:
+    """The (dequantized) input ``module`` receives when ``forward()`` runs, which stops there; None if never."""
+    with _input_tap(module) as box:
+        try:
+            forward()
+        except StopForward:
+            pass
+    if not box:
+        return None
+    inp = box[0]
+    return inp.dequantize() if inp.is_quantized else inp.float()
+
+
+@torch.no_grad()
+def _unit_input(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    inp = _tapped_input(module, lambda: model(x))
+    if inp is None:
+        raise RuntimeError(f"the forward pass never reached {type(module).__name__}; is the layer used in forward()?")
+    return inp
+

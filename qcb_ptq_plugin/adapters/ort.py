@@ -1,0 +1,190 @@
+"""onnxruntime: units of a QDQ model that ORT's ``quantize_static`` wrote, read through ORT sessions.
+
+* discover: each Conv/Gemm/MatMul whose weight is ``DequantizeLinear(integer initializer)`` and
+  whose FP32 twin (same node name) has a constant weight becomes a :class:`Unit`, with ORT's own
+  grid (scale and zero point read from its initializers);
+* simulate: the quantized model itself, run by onnxruntime with the unit inputs exposed as extra
+  outputs (rebuilt after each write), I^fp from the FP32 model likewise;
+* commit: the chosen integers overwrite ORT's integer weight initializers. Scales are unchanged,
+  so ORT's int32 bias (scale = input scale x weight scale) stays exact.
+
+Needs onnx and onnxruntime; imported only by :mod:`qcb_ptq_plugin.onnx`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from ..grid import WeightGrid
+from ..onnx._ort import constant_values, session
+from ..units import Unit, float_bn, float_layer
+from ._common import Plan
+
+log = logging.getLogger(__name__)
+
+__all__ = ["plan"]
+
+
+def plan(fp: onnx.ModelProto, qmodel: onnx.ModelProto, qmin: int, qmax: int) -> Plan:
+    """Units of ``qmodel`` (written in place by commit) matched to the FP32 model ``fp``."""
+    sites = _discover(fp, qmodel, qmin, qmax)
+    capture = _OnnxCapture(qmodel, fp, {s.name: (s.q_input, s.fp_input) for s in sites})
+    units = [Unit(name=s.name, layer=s.init, fp_layer=s.fp_layer, weight=s.fp_layer.weight.detach().clone(),
+                  bias=None if s.fp_layer.bias is None else s.fp_layer.bias.detach().clone(), grid=s.grid,
+                  write=functools.partial(_write, s.init, s.grid, capture), bn=s.bn) for s in sites]
+    return Plan(units=units, capture=capture, commit=functools.partial(_commit, units))
+
+
+def _attrs(node) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _float_layer(node, w: np.ndarray, b: np.ndarray | None) -> nn.Module | None:
+    """A torch layer equal to the FP32 node, or None when the methods cannot model it."""
+    a = _attrs(node)
+    kwargs = {}
+    if node.op_type == "Conv" and w.ndim in (3, 4):
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            return None
+        k = w.ndim - 2
+        pads = a.get("pads", [0] * (2 * k))
+        if list(pads[:k]) != list(pads[k:]):
+            return None  # asymmetric padding
+        kwargs = dict(stride=tuple(a.get("strides", [1] * k)), padding=tuple(pads[:k]),
+                      dilation=tuple(a.get("dilations", [1] * k)), groups=a.get("group", 1))
+    elif node.op_type == "Gemm" and w.ndim == 2:
+        if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0):
+            return None
+        w = w if a.get("transB", 0) else w.T
+    elif node.op_type == "MatMul" and w.ndim == 2:
+        w, b = w.T, None  # x @ W, W (in, out)
+    else:
+        return None
+    return float_layer(torch.from_numpy(np.array(w, dtype=np.float32)),
+                       None if b is None else torch.from_numpy(np.array(b, dtype=np.float32)), **kwargs)
+
+
+def _bn_after(graph, node, vals) -> nn.Module | None:
+    """The FP32 graph's BatchNormalization fed by ``node``, as a torch module."""
+    users = [n for n in graph.node if node.output[0] in n.input]
+    if len(users) != 1 or users[0].op_type != "BatchNormalization":
+        return None
+    bn_node = users[0]
+    try:
+        scale, bias, mean, var = (vals[i] for i in bn_node.input[1:5])
+    except KeyError:
+        return None
+    return float_bn(scale, bias, mean, var, eps=_attrs(bn_node).get("epsilon", 1e-5), spatial_dims=2)
+
+
+class _Initializer:
+    """Where a unit's integers live in the quantized model (the unit's ``layer``)."""
+
+    def __init__(self, proto, transpose: bool, dtype) -> None:
+        self.proto, self.transpose, self.dtype = proto, transpose, dtype
+
+    def store(self, q: torch.Tensor) -> None:
+        q = q.numpy()
+        self.proto.CopyFrom(numpy_helper.from_array((q.T if self.transpose else q).astype(self.dtype), self.proto.name))
+
+
+@dataclass(eq=False)
+class _Site:
+    """A quantized node of ORT's model with what purifying it needs."""
+
+    name: str  # node name, the same in the FP32 and the quantized graph
+    q_input: str  # the node's input tensor in the quantized graph (I)
+    fp_input: str  # ... and in the FP32 graph (I^fp)
+    fp_layer: nn.Module
+    bn: nn.Module | None
+    grid: WeightGrid
+    init: _Initializer
+
+
+def _discover(fp, qmodel, qmin: int, qmax: int) -> list[_Site]:
+    fp_vals, q_vals = constant_values(fp), constant_values(qmodel)
+    fp_nodes = {n.name: n for n in fp.graph.node if n.name}
+    q_producer = {o: n for n in qmodel.graph.node for o in n.output}
+    q_inits = {i.name: i for i in qmodel.graph.initializer}
+    sites = []
+    for node in qmodel.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.name not in fp_nodes:
+            continue
+        dq = q_producer.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in q_inits:
+            continue
+        fnode = fp_nodes[node.name]
+        w = fp_vals.get(fnode.input[1])
+        b = fp_vals.get(fnode.input[2]) if len(fnode.input) > 2 and fnode.input[2] else None
+        layer = _float_layer(fnode, w, b) if w is not None else None
+        if layer is None:
+            log.info("'%s' (%s) is quantized but not supported; left as ORT rounded it", node.name, node.op_type)
+            continue
+        init = q_inits[dq.input[0]]
+        q_stored = numpy_helper.to_array(init)
+        scale = torch.from_numpy(np.atleast_1d(q_vals[dq.input[1]]).astype(np.float32))
+        zp = torch.from_numpy(np.atleast_1d(q_vals[dq.input[2]]).astype(np.int64)) if len(dq.input) > 2 \
+            else torch.zeros_like(scale, dtype=torch.int64)
+        transpose = node.op_type == "MatMul" or (node.op_type == "Gemm" and not _attrs(node).get("transB", 0))
+        per_channel = scale.numel() > 1
+        grid = WeightGrid(scale if per_channel else scale.reshape(()), zp if per_channel else zp.reshape(()),
+                          qmin, qmax, 0 if per_channel else None)
+        w_o = layer.weight.detach().clone()
+        q_ort = q_stored.astype(np.int64)
+        mismatch = (grid.quantize(w_o) != torch.from_numpy(q_ort.T.copy() if transpose else q_ort)).float().mean().item()
+        if mismatch > 1e-3:
+            raise RuntimeError(f"'{node.name}': could not reproduce ORT's weight grid ({mismatch:.2%} of integers "
+                               "differ); please report this with your ORT version and quantization arguments")
+        sites.append(_Site(node.name, node.input[0], fnode.input[0], layer, _bn_after(fp.graph, fnode, fp_vals), grid,
+                           _Initializer(init, transpose, q_stored.dtype)))
+    return sites
+
+
+def _with_outputs(model, names: list[str]):
+    """A copy of ``model`` that also returns the tensors ``names``."""
+    m = copy.deepcopy(model)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+            have.add(n)
+    return m
+
+
+class _OnnxCapture:
+    """I from the quantized graph (session rebuilt after each write), I^fp from the FP32 graph."""
+
+    def __init__(self, qmodel, fpmodel, inputs: dict[str, tuple[str, str]]) -> None:
+        self.qmodel, self.inputs = qmodel, inputs
+        self.fp = session(_with_outputs(fpmodel, [f for _, f in inputs.values()]))
+        self._q = None
+
+    def invalidate(self) -> None:
+        self._q = None
+
+    def __call__(self, unit: Unit, feed: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._q is None:
+            self._q = session(_with_outputs(self.qmodel, [q for q, _ in self.inputs.values()]))
+        q_name, fp_name = self.inputs[unit.name]
+        (i_q,) = self._q.run([q_name], feed)
+        (i_fp,) = self.fp.run([fp_name], feed)
+        return torch.from_numpy(i_q).float(), torch.from_numpy(i_fp).float()
+
+
+def _write(init: _Initializer, grid: WeightGrid, capture: _OnnxCapture, w_hat: torch.Tensor) -> None:
+    init.store(grid.quantize(w_hat))
+    capture.invalidate()
+
+
+def _commit(units: list[Unit], codes: list[torch.Tensor]) -> None:
+    for unit, q in zip(units, codes):
+        unit.layer.store(q)

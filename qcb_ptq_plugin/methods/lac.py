@@ -1,0 +1,261 @@
+"""LAC+PDA, top to bottom: methods ``"lac_pda"`` (default) and ``"lac"`` (PDA off).
+
+Knows nothing about torch.ao, torchao or ONNX.
+
+Paper: "Purifying Quantization-conditioned Backdoors via Layer-wise Activation Correction with
+Distribution Approximation" (ICML 2024). Notation as in the paper:
+
+* a *unit* l is a Conv/Linear layer with the BatchNorm folded into it and its activation;
+* I_l is the unit's input taken from the **quantized** model in which units 1..l-1 have
+  already been purified (sequential, like BRECQ/GPTQ), T_l = W_o I_l^fp + b the **float**
+  model's output of the same unit on the same samples;
+* LAC (Eq. 3):  min_q  D(W_o I^fp, Q(W) I)  with  Q(W) = s (q - z),  D = squared error summed
+  over channels, averaged over samples and positions;
+* PDA (Sec. 4.3): before LAC, nudge I within ||dI||_inf <= gamma so that the statistics of the
+  float unit's BN input match the BN running statistics, which remember the poisoned training
+  distribution; LAC then fits the nudged inputs to the unnudged targets.
+
+The pass (:mod:`qcb_ptq_plugin._pass`) hands each unit and its inputs (:class:`UnitData`: I
+from the adapter's simulator of the quantized model, I^fp from the float model) to
+:func:`lac_pda`, which returns the unit's integers; the pass writes them back before the next
+unit.
+
+Two solvers minimise the same objective:
+
+* ``gram`` (default): D is quadratic in the weight, D(W) = tr(W H Wᵀ) - 2 tr(W Cᵀ) + t with
+  H = Σ I Iᵀ and C = Σ T Iᵀ, so one pass over the data is enough. We jump to the ridge
+  least-squares optimum W*, round it with GPTQ's error feedback (Frantar et al., 2022) and
+  polish with exact coordinate descent over integers.
+* ``adam`` (the paper's release): learn an offset delta on the weight through a straight-through
+  rounding with Adam, one random cached minibatch per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+
+from ..config import PDAMode, PurifyConfig, Solver
+from ..grid import WeightGrid
+from ..units import Gram, Unit, UnitData
+from . import UnitResult, register_method
+
+log = logging.getLogger(__name__)
+
+__all__ = ["lac_pda"]
+
+
+# ---------------------------------------------------------------------------------------------
+# PDA
+
+
+def _bn_input_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample spatial mean/std (B, C) for conv maps; batch mean/std (1, C) for vectors."""
+    dims = tuple(range(2, z.dim())) if z.dim() > 2 else (0,)
+    return z.mean(dims), (z.var(dims, unbiased=False) + 1e-6).sqrt()
+
+
+def _pda(x: torch.Tensor, unit: Unit, cfg: PurifyConfig) -> tuple[torch.Tensor, float, float]:
+    """Signed-gradient PGD on dI (||dI||_inf <= gamma) matching BN-input stats to running stats."""
+    bn = unit.bn
+    mu, sd = bn.running_mean.detach(), (bn.running_var.detach() + 1e-6).sqrt()
+    delta = torch.zeros_like(x, requires_grad=True)
+    step, first = cfg.pda_step_size, None
+    loss = None
+    for it in range(cfg.pda_steps):
+        if it == cfg.pda_steps // 2:
+            step /= 2  # the release halves the step half-way (at 250 of 500)
+        m, s = _bn_input_stats(unit.fp_layer(x + delta))
+        loss = ((m - mu) ** 2).sum(1).mean() + ((s - sd) ** 2).sum(1).mean()
+        (grad,) = torch.autograd.grad(loss, delta)
+        first = loss.item() if first is None else first
+        with torch.no_grad():
+            delta -= step * grad.sign()
+            delta.clamp_(-cfg.gamma, cfg.gamma)
+    with torch.no_grad():
+        m, s = _bn_input_stats(unit.fp_layer(x + delta))
+        last = (((m - mu) ** 2).sum(1).mean() + ((s - sd) ** 2).sum(1).mean()).item()
+    return (x + delta).detach(), (first if first is not None else last), last
+
+
+# ---------------------------------------------------------------------------------------------
+# LAC, gram solver
+
+
+def _solve_gram(g: Gram, w_o: torch.Tensor, grid: WeightGrid, cfg: PurifyConfig) -> torch.Tensor:
+    """Integers (G, O/G, K) minimising tr((W - W*) Hd (W - W*)ᵀ) on the grid, Hd = H + λI.
+
+    Statistics are accumulated in float64; the solve runs in float32 like GPTQ (the damping
+    keeps it well conditioned) so a 4608x4608 H costs ~85 MB per copy, not 170.
+    """
+    G, Og, K = w_o.shape
+    H = g.H.float()
+    lam = cfg.damp * H.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)  # (G,)
+    H.diagonal(dim1=1, dim2=2).add_(lam[:, None])
+    # Ridge optimum towards the float weight: W* = (C + λ W_o) Hd⁻¹
+    rhs = (g.C.float() + lam[:, None, None] * w_o.float()).transpose(1, 2)  # (G, K, Og)
+    w_star = torch.cholesky_solve(rhs, _cholesky(H)).transpose(1, 2).contiguous()  # (G, Og, K)
+    del rhs
+
+    s = grid.scale.float().view(G, Og, 1) if grid.per_channel else grid.scale.float().expand(G, Og, 1)
+    z = grid.zero_point.view(G, Og, 1) if grid.per_channel else grid.zero_point.expand(G, Og, 1)
+    q = _gptq(w_star, H, s, z, grid)
+    return _coordinate_descent(q, w_star, H, s, z, grid, cfg.cd_passes)
+
+
+def _cholesky(H: torch.Tensor) -> torch.Tensor:
+    eye = None
+    for extra in (0.0, 1e-6, 1e-4, 1e-2):
+        if extra:
+            eye = torch.eye(H.shape[-1], dtype=H.dtype) if eye is None else eye
+            A = H + extra * H.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * eye
+        else:
+            A = H
+        L, info = torch.linalg.cholesky_ex(A)
+        if not info.any():
+            return L
+    raise RuntimeError("the input Gram matrix is not positive definite even with damping; are the inputs finite?")
+
+
+def _gptq(w: torch.Tensor, H: torch.Tensor, s, z, grid: WeightGrid, block: int = 128) -> torch.Tensor:
+    """GPTQ rounding (act-order, lazy block updates), batched over groups. Returns codes."""
+    G, Og, K = w.shape
+    perm = torch.argsort(H.diagonal(dim1=1, dim2=2), dim=1, descending=True)  # (G, K)
+    inv = torch.argsort(perm, dim=1)
+    W = torch.gather(w, 2, perm[:, None, :].expand(G, Og, K))
+    U = torch.stack([H[g][perm[g]][:, perm[g]] for g in range(G)])  # Hp, permuted
+    U = torch.linalg.cholesky(torch.cholesky_inverse(_cholesky(U)), upper=True)  # chol(Hp⁻¹), upper
+    Q = torch.empty_like(W, dtype=torch.int64)
+    for i0 in range(0, K, block):
+        i1 = min(i0 + block, K)
+        E = torch.empty(G, Og, i1 - i0, dtype=W.dtype)
+        for i in range(i0, i1):
+            col = W[:, :, i : i + 1]
+            q = (torch.round(col / s) + z).clamp(grid.qmin, grid.qmax)
+            Q[:, :, i] = q[..., 0].long()
+            err = (col - s * (q - z)) / U[:, i, i].view(G, 1, 1)  # (G, Og, 1)
+            W[:, :, i:i1] -= err * U[:, i : i + 1, i:i1]
+            E[:, :, i - i0] = err[..., 0]
+        W[:, :, i1:] -= torch.bmm(E, U[:, i0:i1, i1:])
+    return torch.gather(Q, 2, inv[:, None, :].expand(G, Og, K))
+
+
+def _coordinate_descent(q, w_star, H, s, z, grid: WeightGrid, passes: int) -> torch.Tensor:
+    """Exact per-integer minimisation of (W - W*) H (W - W*)ᵀ; each move never increases it.
+
+    grad = R H with R = W(q) - W*; moving q[o, k] by dq changes row o of grad by s_o dq H[k].
+    Only rows that moved are updated, so a pass costs O(K·(O + moves·K)).
+    """
+    q = q.clone()
+    grad = torch.bmm(s * (q - z).float() - w_star, H)  # (G, Og, K)
+    step = 1.0 / (H.diagonal(dim1=1, dim2=2)[:, None, :] * s)  # (G, Og, K): dq per unit of grad
+    for _ in range(passes):
+        moved = 0
+        for k in range(q.shape[-1]):
+            dq = -torch.round(grad[:, :, k] * step[:, :, k])  # (G, Og)
+            new = (q[:, :, k] + dq.long()).clamp(grid.qmin, grid.qmax)
+            dq = new - q[:, :, k]
+            idx = dq.nonzero()
+            if not len(idx):
+                continue
+            moved += len(idx)
+            q[:, :, k] = new
+            gi, oi = idx[:, 0], idx[:, 1]
+            grad[gi, oi] += (s[gi, oi] * dq[gi, oi, None].float()) * H[gi, k]  # rows that moved only
+        if moved == 0:
+            break
+    return q
+
+
+# ---------------------------------------------------------------------------------------------
+# LAC, adam solver (the paper's release)
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def _solve_adam(inputs: torch.Tensor, targets: torch.Tensor, unit: Unit, cfg: PurifyConfig) -> torch.Tensor:
+    """W_q = s (clamp(round_ste((W + delta)/s) + z) - z); min D(act(T), act(W_q I + b)) with Adam."""
+    grid, op = unit.grid, unit.op
+    w_o = unit.weight.detach().float()
+    s, z = grid._bcast(grid.scale, w_o), grid._bcast(grid.zero_point, w_o).float()
+    delta = torch.zeros_like(w_o, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.lr)
+    act = unit.activation or (lambda t: t)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tgt_all = act(targets)
+    for _ in range(cfg.adam_steps):
+        idx = torch.randint(0, inputs.shape[0], (min(cfg.adam_batch_size, inputs.shape[0]),), generator=gen)
+        q = (_RoundSTE.apply((w_o + delta) / s) + z).clamp(grid.qmin, grid.qmax)
+        out = act(op.apply(inputs[idx], s * (q - z), unit.bias))
+        loss = (out - tgt_all[idx]).pow(2).sum(1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return grid.quantize(w_o + delta)
+
+
+# ---------------------------------------------------------------------------------------------
+# The method
+
+
+def _check(units: Sequence[Unit], cfg: PurifyConfig) -> None:
+    if cfg.pda is PDAMode.ON and not any(u.bn is not None for u in units):
+        raise ValueError("pda='on' but no quantized layer of this model feeds a BatchNorm; use pda='auto' or 'off'")
+
+
+def _pda_skip_reason(unit: Unit, cfg: PurifyConfig) -> str | None:
+    if cfg.pda is PDAMode.OFF:
+        return "skipped: pda='off'"
+    if unit.bn is None:
+        return "skipped: no BatchNorm after this layer in the float model"
+    if cfg.pda_steps == 0 or cfg.gamma == 0:
+        return "skipped: pda_steps or gamma is 0"
+    return None
+
+
+@register_method("lac", PurifyConfig, summary="layer-wise activation correction (LAC) without PDA",
+                 check=_check, pda="off")
+@register_method("lac_pda", PurifyConfig, summary="LAC with poisoned distribution approximation (ICML 2024)",
+                 check=_check)
+def lac_pda(unit: Unit, data: UnitData, cfg: PurifyConfig) -> UnitResult:
+    """One unit: PDA nudges I where a BN follows, then LAC picks the integers (Eq. 3)."""
+    skip = _pda_skip_reason(unit, cfg)
+    if skip and unit.bn is None and cfg.pda is not PDAMode.OFF:
+        log.info("%s: PDA %s", unit.name, skip)
+    gram = Gram()
+    cache_in, cache_tgt = [], []
+    pda_first = pda_last = pda_s = 0.0
+    for i_q, i_fp in data:
+        with torch.no_grad():
+            target = unit.target(i_fp)  # T = W_o I^fp + b (unnudged)
+        if skip is None:
+            t_pda = time.perf_counter()
+            i_q, a, b = _pda(i_q, unit, cfg)
+            pda_first, pda_last, pda_s = pda_first + a, pda_last + b, pda_s + time.perf_counter() - t_pda
+        gram.add_batch(unit, i_q, target)
+        if cfg.solver is Solver.ADAM:
+            cache_in.append(i_q)
+            cache_tgt.append(target)
+    if skip is None:
+        log.info("%s: PDA BN-statistics gap %.4g -> %.4g", unit.name, pda_first, pda_last)
+
+    w_o = unit.weight.detach().float()
+    t_solve = time.perf_counter()
+    if cfg.solver is Solver.GRAM:
+        q = _solve_gram(gram, unit.op.grouped(w_o), unit.grid, cfg).reshape(w_o.shape)
+    else:
+        q = _solve_adam(torch.cat(cache_in), torch.cat(cache_tgt), unit, cfg)
+    return UnitResult(codes=q, gram=gram, pda="applied" if skip is None else skip, pda_seconds=pda_s,
+                      solve_seconds=time.perf_counter() - t_solve)

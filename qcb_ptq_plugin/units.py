@@ -1,0 +1,213 @@
+"""What every method works on: a *unit* (one quantized Conv/Linear), its inputs, its statistics.
+
+Toolchain-free: adapters (torch.ao, torchao PT2E, onnxruntime) build :class:`Unit` objects and a
+``capture(unit, batch) -> (I, I^fp)`` function; methods read a unit's inputs through
+:class:`UnitData` and return integers. Notation as in the LAC+PDA paper:
+
+* I   - the unit's input in the *quantized* model, earlier units already purified;
+* I^fp - the same input in the float model;
+* T = W_o I^fp + b - the float layer's output (BN folded), the target every method matches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .grid import WeightGrid
+
+__all__ = ["Unit", "LayerOp", "Capture", "UnitData", "Gram", "float_layer", "float_bn"]
+
+
+@dataclass(frozen=True)
+class LayerOp:
+    """How a unit applies its weight: Conv1d/Conv2d (as 2-D) or Linear."""
+
+    kind: str  # "conv1d" | "conv2d" | "linear"
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    kernel: tuple[int, int] = (1, 1)
+
+    @classmethod
+    def from_module(cls, m: nn.Module) -> LayerOp:
+        if isinstance(m, nn.Linear):
+            return cls("linear")
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
+            if m.padding_mode != "zeros" or isinstance(m.padding, str):
+                raise NotImplementedError(
+                    f"{type(m).__name__} with padding={m.padding!r}, padding_mode={m.padding_mode!r} is not "
+                    "supported; use numeric zero padding")
+            two = (lambda v: (1, v[0])) if isinstance(m, nn.Conv1d) else (lambda v: tuple(v))
+            pad = (0, m.padding[0]) if isinstance(m, nn.Conv1d) else tuple(m.padding)
+            return cls("conv1d" if isinstance(m, nn.Conv1d) else "conv2d",
+                       two(m.stride), pad, two(m.dilation), m.groups, two(m.kernel_size))
+        raise NotImplementedError(
+            f"{type(m).__name__} layers are not supported by LAC; supported: Linear, Conv1d, Conv2d "
+            "(exclude the layer from quantization or open an issue)")
+
+    def _as2d(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(-2) if self.kind == "conv1d" else x
+
+    def apply(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if self.kind == "linear":
+            return F.linear(x, w, b)
+        y = F.conv2d(self._as2d(x), self._as2d(w), b, self.stride, self.padding, self.dilation, self.groups)
+        return y.squeeze(-2) if self.kind == "conv1d" else y
+
+    def bias_view(self, b: torch.Tensor, out_dim: int) -> torch.Tensor:
+        """The bias shaped to broadcast over an output of ``out_dim`` dims (channels last for Linear)."""
+        return b if self.kind == "linear" else b.view(-1, *([1] * (out_dim - 2)))
+
+    def columns(self, x: torch.Tensor) -> torch.Tensor:
+        """Input columns the weight multiplies: (G, K, N) with K = in_features per group."""
+        if self.kind == "linear":
+            return x.reshape(-1, x.shape[-1]).T.unsqueeze(0)  # (1, K, N)
+        cols = F.unfold(self._as2d(x), self.kernel, self.dilation, self.padding, self.stride)  # (B, Cin*kh*kw, L)
+        b, k, l = cols.shape
+        g = self.groups
+        return cols.view(b, g, k // g, l).permute(1, 2, 0, 3).reshape(g, k // g, b * l)
+
+    def outputs(self, y: torch.Tensor) -> torch.Tensor:
+        """Layer outputs in the same layout: (G, O/G, N)."""
+        if self.kind == "linear":
+            return y.reshape(-1, y.shape[-1]).T.unsqueeze(0)
+        y = y.flatten(2)  # (B, O, L)
+        b, o, l = y.shape
+        return y.view(b, self.groups, o // self.groups, l).permute(1, 2, 0, 3).reshape(self.groups, o // self.groups, b * l)
+
+    def grouped(self, w: torch.Tensor) -> torch.Tensor:
+        """A weight (O, ...) as (G, O/G, K), matching :meth:`columns` and :meth:`outputs`."""
+        return w.reshape(self.groups, w.shape[0] // self.groups, -1)
+
+
+@dataclass(eq=False)  # compared by identity: it holds tensors and is looked up with `in` / `.index`
+class Unit:
+    """One quantized layer, as the methods see it. Built by an adapter.
+
+    Attributes:
+        name: the layer's name in the user's prepared model (for the report).
+        layer: where the capture finds the unit input I (a simulator module for torch).
+        fp_layer: the plain float Conv/Linear (unfolded), whose output is the BN input PDA
+            looks at; the torch capture also reads I^fp at its input.
+        weight: W_o, the float weight the quantizer sees (BN already folded), (O, ...).
+        bias: the unit's bias (BN folded), kept as is.
+        grid: the weight grid convert will use.
+        write: stores a fake-quantized weight into the simulator.
+        bn: float BatchNorm fed by ``fp_layer`` (PDA), or None.
+        activation: the unit's activation after the layer (adam objective), or None.
+    """
+
+    name: str
+    layer: object
+    fp_layer: nn.Module
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    grid: WeightGrid
+    write: Callable[[torch.Tensor], None]
+    bn: nn.Module | None = None
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def op(self) -> LayerOp:
+        return LayerOp.from_module(self.fp_layer)
+
+    def target(self, i_fp: torch.Tensor) -> torch.Tensor:
+        """T = W_o I^fp + b: the float layer's output, what every method matches."""
+        return self.op.apply(i_fp, self.weight.float(), self.bias)
+
+
+#: ``capture(unit, batch) -> (I, I^fp)``, provided by an adapter
+Capture = Callable[[Unit, object], tuple[torch.Tensor, torch.Tensor]]
+
+
+class UnitData:
+    """A unit's calibration inputs, one batch at a time: ``for i_q, i_fp in data``.
+
+    Each iteration asks the adapter's capture, so I reflects every unit written so far.
+    """
+
+    def __init__(self, unit: Unit, capture: Capture, batches: Sequence) -> None:
+        self.unit, self.capture, self.batches = unit, capture, batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x in self.batches:
+            yield self.capture(self.unit, x)
+
+
+class Gram:
+    """Running H = Σ I Iᵀ, C = Σ T' Iᵀ (T' = target minus bias) and t = Σ ||T'||², per group.
+
+    Incremental like GPTQ's ``add_batch``: one batch in memory at a time. The unit's output
+    error of any weight W follows from them (:meth:`channel_errors`), so methods and the
+    report measure errors without another pass over the data.
+    """
+
+    def __init__(self) -> None:
+        self.H = self.C = self.t_ch = None
+        self.n = 0
+
+    @property
+    def t(self) -> float:
+        return self.t_ch.sum().item()
+
+    def add(self, cols: torch.Tensor, tgt: torch.Tensor) -> None:  # (G, K, N), (G, O/G, N)
+        h = torch.bmm(cols, cols.transpose(1, 2)).double()
+        c = torch.bmm(tgt, cols.transpose(1, 2)).double()
+        t = tgt.double().pow(2).sum(-1)  # (G, O/G)
+        self.H = h if self.H is None else self.H.add_(h)
+        self.C = c if self.C is None else self.C.add_(c)
+        self.t_ch = t if self.t_ch is None else self.t_ch.add_(t)
+        self.n += cols.shape[-1]
+
+    def add_batch(self, unit: Unit, i_q: torch.Tensor, target: torch.Tensor) -> None:
+        """Accumulate one batch of unit inputs ``i_q`` against float outputs ``target`` (bias included)."""
+        op = unit.op
+        with torch.no_grad():
+            bias = 0 if unit.bias is None else op.bias_view(unit.bias, target.dim())
+            self.add(op.columns(i_q), op.outputs(target - bias))
+
+    def channel_errors(self, w: torch.Tensor) -> torch.Tensor:
+        """Per output channel D_o(W) = (w_o H w_oᵀ - 2 w_o·c_o + t_o) / N for w of shape (G, O/G, K);
+        flat (G * O/G,), not clamped. Their sum is D(W) = (tr(W H Wᵀ) - 2 tr(W Cᵀ) + t) / N."""
+        w = w.double()
+        quad = (torch.bmm(w, self.H) * w).sum(-1) - 2 * (w * self.C).sum(-1)
+        return ((quad + self.t_ch) / self.n).flatten()
+
+
+def float_layer(weight: torch.Tensor, bias: torch.Tensor | None = None, *, stride=1, padding=0, dilation=1,
+                groups: int = 1) -> nn.Module:
+    """An eval-mode Linear (2-D weight) or Conv1d/Conv2d (3-D/4-D) holding copies of ``weight``/``bias``.
+
+    Adapters whose float model is a graph (an exported ``.pt2``, an ONNX file) use it to give a
+    unit the float module the methods read.
+    """
+    w = weight.detach().float()
+    if w.dim() == 2:
+        layer: nn.Module = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+    elif w.dim() in (3, 4):
+        conv = nn.Conv2d if w.dim() == 4 else nn.Conv1d
+        layer = conv(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=stride, padding=padding,
+                     dilation=dilation, groups=groups, bias=bias is not None)
+    else:
+        raise NotImplementedError(f"a {w.dim()}-D weight is neither Linear nor Conv1d/Conv2d")
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        if bias is not None:
+            layer.bias.copy_(bias.detach().float())
+    return layer.eval().requires_grad_(False)
+
+
+def float_bn(weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float,
+             spatial_dims: int) -> nn.Module:
+    """An eval-mode BatchNorm (2d for ``spatial_dims`` = 2, else 1d) with the given affine and running stats."""
+    bn = (nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm1d)(len(mean), eps=eps)
+    with torch.no_grad():
+        for t, v in zip((bn.weight, bn.bias, bn.running_mean, bn.running_var), (weight, bias, mean, var)):
+            t.copy_(torch.as_tensor(v, dtype=torch.float32))
+    return bn.eval().requires_grad_(False)
