@@ -28,7 +28,7 @@ class UnitReport:
     error_after: float
     target_energy: float  # mean squared norm of the float target, to read errors relatively
     flips: int
-    pda: str  # "applied" or "skipped: <reason>"
+    pda: str  # "applied", "applied (<variant>)" or "skipped: <reason>"
     seconds: float  # all of this unit: capture + PDA + solve
     pda_seconds: float = 0.0
     solve_seconds: float = 0.0
@@ -87,14 +87,14 @@ class PurifyReport:
         head = f"{'unit':<28} {'kind':<8} {'levels':>6} {'rel.err before':>14} {'after':>9} {'flips':>7}  {'pda':<10} {'s':>6}"
         rows = [head, "-" * len(head)]
         for u in self.units:
-            pda = "applied" if u.pda == "applied" else "skipped"
+            pda = "applied" if u.pda.startswith("applied") else "skipped"
             rows.append(
                 f"{u.name[:28]:<28} {u.kind:<8} {u.levels:>6} {u.rel_error_before:>14.3e} {u.rel_error_after:>9.3e}"
                 f" {100 * u.flip_rate:>6.1f}%  {pda:<10} {u.seconds:>6.2f}")
         rows.append(f"{len(self.units)} units in {self.seconds:.1f} s ({self.method}, {self.mode}), mean rel. error "
                     f"{self.rel_error_before:.3e} -> {self.rel_error_after:.3e}, peak RSS {self.peak_rss_mb:.0f} MB")
-        skipped = {u.pda for u in self.units if u.pda != "applied"}
-        rows += [f"PDA {reason}" for reason in sorted(skipped)]
+        notes = {u.pda for u in self.units if u.pda != "applied"}  # skip reasons and PDA variants
+        rows += [f"PDA {reason}" for reason in sorted(notes)]
         return "\n".join(rows)
 
     def plot(self, path: str | Path) -> Path:

@@ -73,8 +73,9 @@ def _float_layer(node, w: np.ndarray, b: np.ndarray | None) -> nn.Module | None:
                        None if b is None else torch.from_numpy(np.array(b, dtype=np.float32)), **kwargs)
 
 
-def _bn_after(graph, node, vals) -> nn.Module | None:
-    """The FP32 graph's BatchNormalization fed by ``node``, as a torch module."""
+def _bn_after(graph, node, vals, spatial_dims: int) -> nn.Module | None:
+    """The FP32 graph's BatchNormalization fed by ``node``, as a torch module (BatchNorm1d after a
+    Gemm/MatMul/1-D Conv, whose PDA matches batch statistics, BatchNorm2d after a 2-D Conv)."""
     users = [n for n in graph.node if node.output[0] in n.input]
     if len(users) != 1 or users[0].op_type != "BatchNormalization":
         return None
@@ -83,7 +84,7 @@ def _bn_after(graph, node, vals) -> nn.Module | None:
         scale, bias, mean, var = (vals[i] for i in bn_node.input[1:5])
     except KeyError:
         return None
-    return float_bn(scale, bias, mean, var, eps=_attrs(bn_node).get("epsilon", 1e-5), spatial_dims=2)
+    return float_bn(scale, bias, mean, var, eps=_attrs(bn_node).get("epsilon", 1e-5), spatial_dims=spatial_dims)
 
 
 class _Initializer:
@@ -144,7 +145,7 @@ def _discover(fp, qmodel, qmin: int, qmax: int) -> list[_Site]:
         if mismatch > 1e-3:
             raise RuntimeError(f"'{node.name}': could not reproduce ORT's weight grid ({mismatch:.2%} of integers "
                                "differ); please report this with your ORT version and quantization arguments")
-        sites.append(_Site(node.name, node.input[0], fnode.input[0], layer, _bn_after(fp.graph, fnode, fp_vals), grid,
+        sites.append(_Site(node.name, node.input[0], fnode.input[0], layer, _bn_after(fp.graph, fnode, fp_vals, w.ndim - 2), grid,
                            _Initializer(init, transpose, q_stored.dtype)))
     return sites
 
