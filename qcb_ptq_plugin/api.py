@@ -50,7 +50,7 @@ def purify(prepared: nn.Module, float_model: nn.Module, calib_data, config: Meth
     m = get_method(method)
     cfg = m.config(config, **overrides)
     adapter, plan, batches = prepare_plan(prepared, float_model, calib_data, cfg)
-    codes, report = _pass.run(plan.units, plan.capture, batches, m, cfg)
+    codes, report = _pass.run(plan.units, plan.capture, batches, m, cfg, unsupported=plan.unsupported)
     plan.commit(codes)
     report.mode = adapter.mode_of(prepared)
     log.info("purified %d layers in %.1fs (%s)", len(report.units), report.seconds, m.name)

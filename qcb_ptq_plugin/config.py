@@ -42,12 +42,16 @@ class MethodConfig:
         num_samples: use at most this many calibration samples (None: all of them).
         seed: seeds any random sampling a method does.
         progress: show a tqdm bar over units.
+        skip_unsupported: leave quantized layers no method can handle at round-to-nearest, with
+            a warning per layer and their names in the report. By default such a layer is an
+            error naming it and the way out (exclude it from quantization).
     """
 
     batch_size: int = 128
     num_samples: int | None = None
     seed: int = 0
     progress: bool = True
+    skip_unsupported: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

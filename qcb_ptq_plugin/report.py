@@ -56,6 +56,10 @@ class PurifyReport:
     mode: str = ""
     method: str = ""
     config: dict = field(default_factory=dict)
+    #: quantized layers left at round-to-nearest (``skip_unsupported=True``): {"name", "kind", "reason"}
+    skipped: list = field(default_factory=list)
+    #: notes on the calibration data (e.g. ranges unlike what the observers recorded)
+    warnings: list = field(default_factory=list)
     #: the integer weights chosen per unit (name -> int64 tensor), not part of the JSON
     codes: dict = field(default_factory=dict, repr=False)
     #: per-channel errors (name -> {"before", "after", "energy"} float64 tensors), not part of the JSON
@@ -76,6 +80,8 @@ class PurifyReport:
             "seconds": self.seconds,
             "peak_rss_mb": self.peak_rss_mb,
             "config": self.config,
+            "skipped": self.skipped,
+            "warnings": self.warnings,
             "units": [asdict(u) | {"flip_rate": u.flip_rate, "rel_error_before": u.rel_error_before,
                                    "rel_error_after": u.rel_error_after} for u in self.units],
         }
@@ -95,6 +101,8 @@ class PurifyReport:
                     f"{self.rel_error_before:.3e} -> {self.rel_error_after:.3e}, peak RSS {self.peak_rss_mb:.0f} MB")
         notes = {u.pda for u in self.units if u.pda != "applied"}  # skip reasons and PDA variants
         rows += [f"PDA {reason}" for reason in sorted(notes)]
+        rows += [f"NOT PURIFIED (left at round-to-nearest): {s['name']} ({s['kind']}): {s['reason']}" for s in self.skipped]
+        rows += [f"WARNING: {w}" for w in self.warnings]
         return "\n".join(rows)
 
     def plot(self, path: str | Path) -> Path:

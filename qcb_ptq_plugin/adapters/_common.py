@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.ao.quantization.observer import ObserverBase, PlaceholderObserver
 
-from ..units import Capture, Unit
+from ..units import Capture, Unit, Unsupported
 from ._capture import StopForward
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ class Plan:
     units: list[Unit]
     capture: Capture
     commit: Callable[[list[torch.Tensor]], None]
+    unsupported: list[Unsupported] = field(default_factory=list)  # quantized layers no method can purify
 
 
 class FrozenQuant(nn.Module):
