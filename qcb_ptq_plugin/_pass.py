@@ -94,15 +94,23 @@ def _unit_report(unit: Unit, result: UnitResult, seconds: float) -> tuple[UnitRe
 
 
 _flush_depth = 0
+_flush_before = False
+
+
+def _flushing() -> bool:
+    """Whether denormals are flushed now (torch has no getter): does 1e-40 survive a multiply?"""
+    return (torch.tensor([1e-20]) * torch.tensor([1e-20])).item() == 0.0
 
 
 @contextmanager
 def flush_denormals():
-    """Flush denormal floats to zero inside the block (re-entrant).
+    """Flush denormal floats to zero inside the block (re-entrant); the caller's setting is restored.
 
     PGD and small gradients produce denormals that slow x86 CPUs down 3-10x.
     """
-    global _flush_depth
+    global _flush_depth, _flush_before
+    if _flush_depth == 0:
+        _flush_before = _flushing()
     supported = torch.set_flush_denormal(True)
     _flush_depth += 1
     try:
@@ -110,4 +118,4 @@ def flush_denormals():
     finally:
         _flush_depth -= 1
         if supported and _flush_depth == 0:
-            torch.set_flush_denormal(False)
+            torch.set_flush_denormal(_flush_before)

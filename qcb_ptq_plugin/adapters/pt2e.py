@@ -30,8 +30,8 @@ from torch.fx import GraphModule
 from ..grid import WeightGrid
 from ..units import LayerOp, Unit, Unsupported, float_bn, float_layer
 from ._capture import ModuleCapture
-from ._common import (Plan, execution_order, following_bn, freeze_observers, is_aten_graph, match_float_layer,
-                      torchao_observer_base)
+from ._common import (Plan, execution_order, following_bn, freeze_observers, input_observer_range, is_aten_graph,
+                      match_float_layer, torchao_observer_base)
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,8 @@ def plan(prepared: GraphModule, float_model: nn.Module, example: torch.Tensor) -
     sites, units = [sites[i] for i in order], [units[i] for i in order]
     fp_points = {u.name: exported_side[u.name][2] for u in units} if exported_side is not None else None
     return Plan(units=units, capture=ModuleCapture(simulator, float_model, units, fp_points=fp_points),
-                commit=functools.partial(_commit, prepared, sites, units), unsupported=unsupported)
+                commit=functools.partial(_commit, prepared, sites, units), unsupported=unsupported,
+                input_range=input_observer_range(prepared))
 
 
 def _discover(prepared: GraphModule, float_model: nn.Module, example: torch.Tensor,

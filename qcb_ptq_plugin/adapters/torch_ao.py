@@ -36,7 +36,8 @@ from torch.fx import GraphModule
 from ..grid import WeightGrid
 from ..units import LayerOp, Unit, Unsupported
 from ._capture import ModuleCapture
-from ._common import Plan, execution_order, following_bn, freeze_observers, is_aten_graph, match_float_layer
+from ._common import (Plan, execution_order, following_bn, freeze_observers, input_observer_range, is_aten_graph,
+                      match_float_layer)
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,8 @@ def plan(prepared: nn.Module, float_model: nn.Module, example: torch.Tensor) -> 
     sites, unsupported = _discover(prepared, float_model, example)
     simulator, units = _simulate(prepared, sites, [u.name for u in unsupported])
     return Plan(units=units, capture=ModuleCapture(simulator, float_model, units),
-                commit=functools.partial(_commit, sites, units), unsupported=unsupported)
+                commit=functools.partial(_commit, sites, units), unsupported=unsupported,
+                input_range=input_observer_range(prepared))
 
 
 def _discover(prepared: nn.Module, float_model: nn.Module, example: torch.Tensor

@@ -131,7 +131,7 @@ def _cholesky(H: torch.Tensor) -> torch.Tensor:
     eye = None
     for extra in (0.0, 1e-6, 1e-4, 1e-2):
         if extra:
-            eye = torch.eye(H.shape[-1], dtype=H.dtype) if eye is None else eye
+            eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device) if eye is None else eye
             A = H + extra * H.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * eye
         else:
             A = H
@@ -152,7 +152,7 @@ def _gptq(w: torch.Tensor, H: torch.Tensor, s, z, grid: WeightGrid, block: int =
     Q = torch.empty_like(W, dtype=torch.int64)
     for i0 in range(0, K, block):
         i1 = min(i0 + block, K)
-        E = torch.empty(G, Og, i1 - i0, dtype=W.dtype)
+        E = torch.empty(G, Og, i1 - i0, dtype=W.dtype, device=W.device)
         for i in range(i0, i1):
             col = W[:, :, i : i + 1]
             q = (torch.round(col / s) + z).clamp(grid.qmin, grid.qmax)
@@ -216,7 +216,8 @@ def _solve_adam(inputs: torch.Tensor, targets: torch.Tensor, unit: Unit, cfg: Pu
     gen = torch.Generator().manual_seed(cfg.seed)
     tgt_all = act(targets)
     for _ in range(cfg.adam_steps):
-        idx = torch.randint(0, inputs.shape[0], (min(cfg.adam_batch_size, inputs.shape[0]),), generator=gen)
+        idx = torch.randint(0, inputs.shape[0], (min(cfg.adam_batch_size, inputs.shape[0]),), generator=gen
+                            ).to(inputs.device)  # CPU generator: the same draws on every device
         q = (_RoundSTE.apply((w_o + delta) / s) + z).clamp(grid.qmin, grid.qmax)
         out = act(op.apply(inputs[idx], s * (q - z), unit.bias))
         loss = (out - tgt_all[idx]).pow(2).sum(1).mean()
