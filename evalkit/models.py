@@ -6,6 +6,10 @@
 
 ``resnet18_cifar``: the CIFAR-style ResNet-18 (11M parameters) for the speed benchmark.
 
+``MLP``: an MLP head / tabular net with BatchNorm1d (PDA on (N, C) inputs)::
+
+    x -> flatten -> [Linear-BN1d-ReLU] x len(hidden) -> Linear
+
 ``TinyTransformer``: a pre-LN transformer encoder (Linear + LayerNorm + attention, no BN) that
 reads an image row by row as a token sequence: the LLM-style Linear stack of the tests.
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SmallCNN", "resnet18_cifar", "BasicBlock", "ResNet", "TinyTransformer"]
+__all__ = ["SmallCNN", "MLP", "resnet18_cifar", "BasicBlock", "ResNet", "TinyTransformer"]
 
 
 def _cbr(cin: int, cout: int) -> list[nn.Module]:
@@ -32,6 +36,22 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.features(x), 1))
+
+
+class MLP(nn.Module):
+    """Flattened input -> ``Linear-BatchNorm1d-ReLU`` per hidden width -> Linear head."""
+
+    def __init__(self, in_features: int = 784, num_classes: int = 10, hidden: tuple[int, ...] = (256, 128)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        for h in hidden:
+            layers += [nn.Linear(in_features, h), nn.BatchNorm1d(h), nn.ReLU()]
+            in_features = h
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
 
 
 class BasicBlock(nn.Module):

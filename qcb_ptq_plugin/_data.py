@@ -7,7 +7,10 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
-__all__ = ["as_batches"]
+__all__ = ["as_batches", "range_mismatch"]
+
+#: calibration ranges this many times wider or narrower than the observers' are suspicious
+RANGE_FACTOR = 4.0
 
 
 def _sample_tensor(item) -> torch.Tensor:
@@ -51,3 +54,26 @@ def as_batches(data, batch_size: int, num_samples: int | None = None) -> list[to
     if bad:
         raise ValueError(f"calibration data contains {bad} NaN/Inf values; clean or drop those samples")
     return list(x.float().split(batch_size))
+
+
+def range_mismatch(batches: list[torch.Tensor], observed: tuple[float, float] | None,
+                   factor: float = RANGE_FACTOR) -> str | None:
+    """A warning when the calibration data's range differs from the range the input observer
+    recorded by more than ``factor`` (e.g. images in 0..255 after observers saw 0..1), else None.
+
+    LAC fits the integers to the data it is given; on data unlike what set the activation scales,
+    it fits the wrong distribution (98.99% -> 8.65% accuracy on MNIST images x1000).
+    """
+    if observed is None:
+        return None
+    lo = min(float(b.min()) for b in batches)
+    hi = max(float(b.max()) for b in batches)
+    span_data, span_obs = hi - lo, observed[1] - observed[0]
+    if span_obs <= 0 or span_data <= 0:
+        return None
+    ratio = span_data / span_obs
+    if 1 / factor <= ratio <= factor:
+        return None
+    return (f"calibration data spans [{lo:.4g}, {hi:.4g}] but the observers recorded [{observed[0]:.4g}, "
+            f"{observed[1]:.4g}] at the model input ({ratio:.4g}x); purify with the data you calibrated with "
+            "(same preprocessing), or the result fits the wrong distribution")

@@ -20,23 +20,39 @@ from tqdm.auto import tqdm
 from .config import MethodConfig
 from .methods import Method, UnitResult
 from .report import PurifyReport, UnitReport
-from .units import Capture, Unit, UnitData
+from .units import Capture, Unit, UnitData, Unsupported
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run", "flush_denormals"]
+__all__ = ["run", "check_coverage", "flush_denormals"]
+
+
+def check_coverage(unsupported: Sequence[Unsupported], cfg: MethodConfig) -> list[dict]:
+    """Every quantized layer is purified or named: an error listing the layers no method can
+    handle, or with ``cfg.skip_unsupported`` a warning per layer; returns the report's rows."""
+    if unsupported and not cfg.skip_unsupported:
+        names = "; ".join(f"'{u.name}' ({u.kind}): {u.reason}" for u in unsupported)
+        raise NotImplementedError(
+            f"{len(unsupported)} quantized layer(s) cannot be purified: {names}. Exclude them from quantization "
+            "(e.g. qconfig_mapping.set_module_name(name, None), or the quantizer's / ORT's nodes_to_exclude), or "
+            "pass skip_unsupported=True to leave them at round-to-nearest")
+    for u in unsupported:
+        log.warning("'%s' (%s) is quantized but NOT purified (left at round-to-nearest): %s", u.name, u.kind, u.reason)
+    return [{"name": u.name, "kind": u.kind, "reason": u.reason} for u in unsupported]
 
 
 def run(units: Sequence[Unit], capture: Capture, batches: Sequence, method: Method, cfg: MethodConfig,
-        write_back: bool = True) -> tuple[list[torch.Tensor], PurifyReport]:
+        write_back: bool = True, unsupported: Sequence[Unsupported] = ()) -> tuple[list[torch.Tensor], PurifyReport]:
     """Purify ``units`` in order with ``method``; returns the chosen integer weights and the report.
 
     With ``write_back=False`` (the audit) nothing is written: every unit sees the plain
     round-to-nearest model, and the report says how far each layer could be corrected.
+    ``unsupported``: quantized layers the adapter found but cannot purify (:func:`check_coverage`).
     """
+    skipped = check_coverage(unsupported, cfg)
     if method.check is not None:
         method.check(units, cfg)
-    report = PurifyReport(method=method.name, config=cfg.to_dict())
+    report = PurifyReport(method=method.name, config=cfg.to_dict(), skipped=skipped)
     codes: list[torch.Tensor] = []
     t_all = time.perf_counter()
     bar = tqdm(units, desc=method.name, unit="unit", disable=not cfg.progress)
@@ -78,15 +94,23 @@ def _unit_report(unit: Unit, result: UnitResult, seconds: float) -> tuple[UnitRe
 
 
 _flush_depth = 0
+_flush_before = False
+
+
+def _flushing() -> bool:
+    """Whether denormals are flushed now (torch has no getter): does 1e-40 survive a multiply?"""
+    return (torch.tensor([1e-20]) * torch.tensor([1e-20])).item() == 0.0
 
 
 @contextmanager
 def flush_denormals():
-    """Flush denormal floats to zero inside the block (re-entrant).
+    """Flush denormal floats to zero inside the block (re-entrant); the caller's setting is restored.
 
     PGD and small gradients produce denormals that slow x86 CPUs down 3-10x.
     """
-    global _flush_depth
+    global _flush_depth, _flush_before
+    if _flush_depth == 0:
+        _flush_before = _flushing()
     supported = torch.set_flush_denormal(True)
     _flush_depth += 1
     try:
@@ -94,4 +118,4 @@ def flush_denormals():
     finally:
         _flush_depth -= 1
         if supported and _flush_depth == 0:
-            torch.set_flush_denormal(False)
+            torch.set_flush_denormal(_flush_before)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import _pass, adapters
-from ._data import as_batches
+from ._data import as_batches, range_mismatch
 from .config import MethodConfig
 from .methods import DEFAULT_METHOD, get_method
 from .report import PurifyReport
@@ -50,7 +50,11 @@ def purify(prepared: nn.Module, float_model: nn.Module, calib_data, config: Meth
     m = get_method(method)
     cfg = m.config(config, **overrides)
     adapter, plan, batches = prepare_plan(prepared, float_model, calib_data, cfg)
-    codes, report = _pass.run(plan.units, plan.capture, batches, m, cfg)
+    mismatch = range_mismatch(batches, plan.input_range)  # before LAC: is this the data the observers saw?
+    if mismatch:
+        log.warning("%s", mismatch)
+    codes, report = _pass.run(plan.units, plan.capture, batches, m, cfg, unsupported=plan.unsupported)
+    report.warnings += [mismatch] if mismatch else []
     plan.commit(codes)
     report.mode = adapter.mode_of(prepared)
     log.info("purified %d layers in %.1fs (%s)", len(report.units), report.seconds, m.name)
@@ -65,6 +69,8 @@ def prepare_plan(prepared: nn.Module, float_model: nn.Module, calib_data, cfg: M
     adapter = adapters.detect(prepared)
     fixed = getattr(adapter, "fixed_batch_size", lambda _: None)(prepared)
     batches = as_batches(calib_data, fixed or cfg.batch_size, cfg.num_samples)
+    device = next((t.device for t in (*prepared.parameters(), *prepared.buffers())), torch.device("cpu"))
+    batches = [b.to(device) for b in batches]  # calibration data where the model is (CUDA models)
     if fixed:  # exported without dynamic_shapes: every forward must use the exported batch size
         batches = _exact_batches(batches, fixed)
     fp = _frozen_copy(float_model)

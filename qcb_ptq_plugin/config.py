@@ -42,12 +42,16 @@ class MethodConfig:
         num_samples: use at most this many calibration samples (None: all of them).
         seed: seeds any random sampling a method does.
         progress: show a tqdm bar over units.
+        skip_unsupported: leave quantized layers no method can handle at round-to-nearest, with
+            a warning per layer and their names in the report. By default such a layer is an
+            error naming it and the way out (exclude it from quantization).
     """
 
     batch_size: int = 128
     num_samples: int | None = None
     seed: int = 0
     progress: bool = True
+    skip_unsupported: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -74,7 +78,8 @@ class PurifyConfig(MethodConfig):
         lr: adam only: learning rate of the weight offset (paper: 1e-3).
         adam_batch_size: adam only: random minibatch of cached unit inputs (paper: 32).
         damp: gram only: ridge added to H as a fraction of its mean diagonal; pulls directions
-            the calibration data never excites towards the float weight.
+            the calibration data never excites towards the float weight. Must be > 0: with 0 an
+            input column that is never excited (H_kk = 0) leaves its integers undetermined.
         pda: :class:`PDAMode`; ``"auto"`` (default), ``"on"`` or ``"off"``.
         gamma: l_inf bound of the PDA input perturbation (paper: 1e-3; 1e-4..1e-2 all work).
         pda_steps: signed-gradient PGD steps of PDA; the step halves half-way (paper: 500;
@@ -113,6 +118,9 @@ class PurifyConfig(MethodConfig):
         for name in ("lr", "gamma", "pda_step_size", "damp"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if not self.damp > 0:
+            raise ValueError(f"damp={self.damp} must be > 0 (e.g. 0.01): input columns the calibration data never "
+                             "excites (H_kk = 0) would get arbitrary integers; damp pulls them towards the float weight")
 
     @classmethod
     def paper(cls, **overrides) -> PurifyConfig:

@@ -28,7 +28,7 @@ class UnitReport:
     error_after: float
     target_energy: float  # mean squared norm of the float target, to read errors relatively
     flips: int
-    pda: str  # "applied" or "skipped: <reason>"
+    pda: str  # "applied", "applied (<variant>)" or "skipped: <reason>"
     seconds: float  # all of this unit: capture + PDA + solve
     pda_seconds: float = 0.0
     solve_seconds: float = 0.0
@@ -56,6 +56,10 @@ class PurifyReport:
     mode: str = ""
     method: str = ""
     config: dict = field(default_factory=dict)
+    #: quantized layers left at round-to-nearest (``skip_unsupported=True``): {"name", "kind", "reason"}
+    skipped: list = field(default_factory=list)
+    #: notes on the calibration data (e.g. ranges unlike what the observers recorded)
+    warnings: list = field(default_factory=list)
     #: the integer weights chosen per unit (name -> int64 tensor), not part of the JSON
     codes: dict = field(default_factory=dict, repr=False)
     #: per-channel errors (name -> {"before", "after", "energy"} float64 tensors), not part of the JSON
@@ -76,6 +80,8 @@ class PurifyReport:
             "seconds": self.seconds,
             "peak_rss_mb": self.peak_rss_mb,
             "config": self.config,
+            "skipped": self.skipped,
+            "warnings": self.warnings,
             "units": [asdict(u) | {"flip_rate": u.flip_rate, "rel_error_before": u.rel_error_before,
                                    "rel_error_after": u.rel_error_after} for u in self.units],
         }
@@ -87,14 +93,16 @@ class PurifyReport:
         head = f"{'unit':<28} {'kind':<8} {'levels':>6} {'rel.err before':>14} {'after':>9} {'flips':>7}  {'pda':<10} {'s':>6}"
         rows = [head, "-" * len(head)]
         for u in self.units:
-            pda = "applied" if u.pda == "applied" else "skipped"
+            pda = "applied" if u.pda.startswith("applied") else "skipped"
             rows.append(
                 f"{u.name[:28]:<28} {u.kind:<8} {u.levels:>6} {u.rel_error_before:>14.3e} {u.rel_error_after:>9.3e}"
                 f" {100 * u.flip_rate:>6.1f}%  {pda:<10} {u.seconds:>6.2f}")
         rows.append(f"{len(self.units)} units in {self.seconds:.1f} s ({self.method}, {self.mode}), mean rel. error "
                     f"{self.rel_error_before:.3e} -> {self.rel_error_after:.3e}, peak RSS {self.peak_rss_mb:.0f} MB")
-        skipped = {u.pda for u in self.units if u.pda != "applied"}
-        rows += [f"PDA {reason}" for reason in sorted(skipped)]
+        notes = {u.pda for u in self.units if u.pda != "applied"}  # skip reasons and PDA variants
+        rows += [f"PDA {reason}" for reason in sorted(notes)]
+        rows += [f"NOT PURIFIED (left at round-to-nearest): {s['name']} ({s['kind']}): {s['reason']}" for s in self.skipped]
+        rows += [f"WARNING: {w}" for w in self.warnings]
         return "\n".join(rows)
 
     def plot(self, path: str | Path) -> Path:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .grid import WeightGrid
 
-__all__ = ["Unit", "LayerOp", "Capture", "UnitData", "Gram", "float_layer", "float_bn"]
+__all__ = ["Unit", "Unsupported", "LayerOp", "Capture", "UnitData", "Gram", "float_layer", "float_bn"]
 
 
 @dataclass(frozen=True)
@@ -39,17 +39,17 @@ class LayerOp:
         if isinstance(m, nn.Linear):
             return cls("linear")
         if isinstance(m, (nn.Conv1d, nn.Conv2d)) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
-            if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            dims = 1 if isinstance(m, nn.Conv1d) else 2
+            pad = numeric_padding(m.padding, m.kernel_size, m.dilation, m.stride)
+            if m.padding_mode != "zeros" or pad is None:
                 raise NotImplementedError(
                     f"{type(m).__name__} with padding={m.padding!r}, padding_mode={m.padding_mode!r} is not "
-                    "supported; use numeric zero padding")
-            two = (lambda v: (1, v[0])) if isinstance(m, nn.Conv1d) else (lambda v: tuple(v))
-            pad = (0, m.padding[0]) if isinstance(m, nn.Conv1d) else tuple(m.padding)
-            return cls("conv1d" if isinstance(m, nn.Conv1d) else "conv2d",
-                       two(m.stride), pad, two(m.dilation), m.groups, two(m.kernel_size))
+                    "supported; use numeric (or symmetric 'same') zero padding")
+            two = (lambda v: (1, v[0])) if dims == 1 else (lambda v: tuple(v))
+            return cls("conv1d" if dims == 1 else "conv2d", two(m.stride), (0, pad[0]) if dims == 1 else pad,
+                       two(m.dilation), m.groups, two(m.kernel_size))
         raise NotImplementedError(
-            f"{type(m).__name__} layers are not supported by LAC; supported: Linear, Conv1d, Conv2d "
-            "(exclude the layer from quantization or open an issue)")
+            f"{type(m).__name__} layers are not supported by LAC; supported: Linear, Conv1d, Conv2d")
 
     def _as2d(self, x: torch.Tensor) -> torch.Tensor:
         return x.unsqueeze(-2) if self.kind == "conv1d" else x
@@ -84,6 +84,28 @@ class LayerOp:
     def grouped(self, w: torch.Tensor) -> torch.Tensor:
         """A weight (O, ...) as (G, O/G, K), matching :meth:`columns` and :meth:`outputs`."""
         return w.reshape(self.groups, w.shape[0] // self.groups, -1)
+
+
+def numeric_padding(padding, kernel, dilation, stride) -> tuple[int, ...] | None:
+    """Zero padding per spatial dim; 'valid' -> 0, 'same' -> d(k-1)/2 where that is symmetric,
+    None where it is not (an even d(k-1), which torch pads one more on the right)."""
+    if not isinstance(padding, str):
+        return tuple(padding)
+    if padding == "valid":
+        return (0,) * len(kernel)
+    total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    if padding != "same" or any(t % 2 for t in total) or any(s != 1 for s in stride):
+        return None
+    return tuple(t // 2 for t in total)
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """A quantized layer no method can purify, found by an adapter: named, never silently skipped."""
+
+    name: str  # the layer's name in the user's model
+    kind: str  # its module type or graph op
+    reason: str  # why, and what to do about it
 
 
 @dataclass(eq=False)  # compared by identity: it holds tensors and is looked up with `in` / `.index`

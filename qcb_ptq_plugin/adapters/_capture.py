@@ -23,12 +23,13 @@ class StopForward(Exception):
 
 
 @contextmanager
-def _input_tap(module: nn.Module):
+def _input_tap(module: nn.Module, stop_after: int = 1):
     box: list[torch.Tensor] = []
 
     def hook(_m, args):
         box.append(args[0].detach())
-        raise StopForward
+        if len(box) >= stop_after:
+            raise StopForward
 
     handle = module.register_forward_pre_hook(hook)
     try:
@@ -53,26 +54,49 @@ class ModuleCapture:
         self.units = list(units)
         self.fp_points = fp_points or {}  # where I^fp is read, when not at unit.fp_layer itself
         self.cache_bytes = cache_mb * 2**20
-        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._cache: dict[tuple[int, int], list[torch.Tensor]] = {}  # one entry per call site
         self._bytes = 0
         self._stepper = _GraphStepper(simulator) if isinstance(simulator, torch.fx.GraphModule) else None
+        self._ncalls: dict[int, int] | None = None
 
     def __call__(self, unit: Unit, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(I, I^fp) at every call site of the unit (a shared module), joined into one batch."""
+        calls = self._calls(unit, x)
         i_q = None if self._stepper is None else self._stepper.input_of(unit.layer, x)
         if i_q is None:
-            i_q = _unit_input(self.simulator, unit.layer, x)
+            i_q = _unit_inputs(self.simulator, unit.layer, x, calls)
         point = self._fp_point(unit)
         key = (id(point), id(x))
         if key not in self._cache and unit in self.units:
             self._fill(x, self.units[self.units.index(unit):])
         cached = self._cache.pop(key, None)
         if cached is None:
-            return i_q, _unit_input(self.float_model, point, x)
-        self._bytes -= cached.numel() * cached.element_size()
-        return i_q, cached.float()
+            i_fp = _unit_inputs(self.float_model, point, x, calls)
+        else:
+            self._bytes -= sum(t.numel() * t.element_size() for t in cached)
+            i_fp = [t.float() for t in cached]
+        if len(i_q) != len(i_fp):
+            raise RuntimeError(f"'{unit.name}' is called {len(i_fp)} times in the float model but {len(i_q)} times "
+                               "in the quantized one; exclude it from quantization")
+        return _join(unit, i_q), _join(unit, i_fp)
 
     def _fp_point(self, unit: Unit) -> nn.Module:
         return self.fp_points.get(unit.name, unit.fp_layer)
+
+    def _calls(self, unit: Unit, x: torch.Tensor) -> int:
+        """How often one forward calls the unit's layer (shared modules: more than once)."""
+        if self._ncalls is None:
+            counts: dict[int, int] = {}
+            hook = lambda m, _a: counts.__setitem__(id(m), counts.get(id(m), 0) + 1)  # noqa: E731
+            handles = [self._fp_point(u).register_forward_pre_hook(hook) for u in self.units]
+            try:
+                with torch.no_grad():
+                    self.float_model(x)
+            finally:
+                for h in handles:
+                    h.remove()
+            self._ncalls = counts
+        return max(self._ncalls.get(id(self._fp_point(unit)), 1), 1)
 
     @torch.no_grad()
     def _fill(self, x: torch.Tensor, units: Sequence[Unit]) -> None:
@@ -80,18 +104,34 @@ class ModuleCapture:
             key = (id(m), id(x))
             t = args[0].detach()
             t = t.dequantize() if t.is_quantized else t
-            if key in self._cache or self._bytes + t.numel() * 2 > self.cache_bytes:
+            if key in full or self._bytes + t.numel() * 2 > self.cache_bytes:
+                if key not in full:  # all calls of a layer or none of them
+                    self._bytes -= sum(c.numel() * c.element_size() for c in self._cache.pop(key, []))
+                full.add(key)
                 return
             small = t.half() if t.abs().max() < 6e4 else t.float()
-            self._cache[key] = small
+            self._cache.setdefault(key, []).append(small)
             self._bytes += small.numel() * small.element_size()
 
+        full: set = set(self._cache)  # entries of earlier batches' fills stay as they are
         handles = [self._fp_point(u).register_forward_pre_hook(hook) for u in units]
         try:
             self.float_model(x)
         finally:
             for h in handles:
                 h.remove()
+
+
+def _join(unit: Unit, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Inputs of a layer's call sites as one batch: rows of (-1, K) for Linear, stacked maps for convs."""
+    if len(parts) == 1:
+        return parts[0]
+    if unit.op.kind == "linear":
+        return torch.cat([p.reshape(-1, p.shape[-1]) for p in parts])  # (sum of N*..., K)
+    if any(p.shape[1:] != parts[0].shape[1:] for p in parts):
+        raise NotImplementedError(f"'{unit.name}' is shared by call sites with different input shapes "
+                                  f"{[tuple(p.shape) for p in parts]}; exclude it from quantization")
+    return torch.cat(parts)
 
 
 class _GraphStepper:
@@ -106,11 +146,11 @@ class _GraphStepper:
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         self.interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
         self.nodes = list(gm.graph.nodes)
-        self.site: dict[int, int] = {}  # id(module) -> index of the first node that calls it
+        self.sites: dict[int, list[int]] = {}  # id(module) -> indices of the nodes that call it
         for i, n in enumerate(self.nodes):
             if n.op == "call_module":
                 for m in gm.get_submodule(n.target).modules():
-                    self.site.setdefault(id(m), i)
+                    self.sites.setdefault(id(m), []).append(i)
         self.static: set = set()
         for n in self.nodes:
             if n.op == "get_attr" or (n.op.startswith("call_") and all(a in self.static for a in n.all_input_nodes)):
@@ -145,10 +185,24 @@ class _GraphStepper:
                 env.pop(a, None)
 
     @torch.no_grad()
-    def input_of(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        target = self.site.get(id(layer))
-        if target is None:
+    def input_of(self, layer: nn.Module, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """The layer's input at each node that calls it; the run stays paused at the first one.
+
+        Later call sites of a shared layer are read by running on from the first (the layer
+        itself still with its old weight), then the run goes back to the first site.
+        """
+        sites = self.sites.get(id(layer))
+        if not sites:
             return None
+        inputs = [self._read(layer, x, sites[0])]
+        if len(sites) > 1:
+            _, pos, env = self.runs[id(x)]
+            paused = (x, pos, dict(env))
+            inputs += [self._read(layer, x, i) for i in sites[1:]]
+            self.runs[id(x)] = paused
+        return inputs
+
+    def _read(self, layer: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
         _, pos, env = self.runs.get(id(x), (x, 0, {}))
         if pos > target:  # asked for an earlier layer: start this batch again
             pos, env = 0, {}
@@ -166,26 +220,31 @@ class _GraphStepper:
         node = self.nodes[target]
         with self._inputs_ready(node, env):
             call_args, call_kwargs = self.interp.fetch_args_kwargs_from_env(node)
-        return _tapped_input(layer, lambda: self.interp.fetch_attr(node.target)(*call_args, **call_kwargs))
+        inp = _tapped_input(layer, lambda: self.interp.fetch_attr(node.target)(*call_args, **call_kwargs))
+        if inp is None:
+            raise RuntimeError(f"node {node.name} did not call {type(layer).__name__}")
+        return inp
 
 
 def _tapped_input(module: nn.Module, forward: Callable[[], object]) -> torch.Tensor | None:
     """The (dequantized) input ``module`` receives when ``forward()`` runs, which stops there; None if never."""
-    with _input_tap(module) as box:
+    inputs = _tapped_inputs(module, forward, 1)
+    return inputs[0] if inputs else None
+
+
+def _tapped_inputs(module: nn.Module, forward: Callable[[], object], calls: int) -> list[torch.Tensor]:
+    """The (dequantized) inputs of ``module``'s first ``calls`` calls when ``forward()`` runs."""
+    with _input_tap(module, calls) as box:
         try:
             forward()
         except StopForward:
             pass
-    if not box:
-        return None
-    inp = box[0]
-    return inp.dequantize() if inp.is_quantized else inp.float()
+    return [inp.dequantize() if inp.is_quantized else inp.float() for inp in box]
 
 
 @torch.no_grad()
-def _unit_input(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    inp = _tapped_input(module, lambda: model(x))
-    if inp is None:
+def _unit_inputs(model: nn.Module, module: nn.Module, x: torch.Tensor, calls: int = 1) -> list[torch.Tensor]:
+    inputs = _tapped_inputs(module, lambda: model(x), calls)
+    if not inputs:
         raise RuntimeError(f"the forward pass never reached {type(module).__name__}; is the layer used in forward()?")
-    return inp
-
+    return inputs

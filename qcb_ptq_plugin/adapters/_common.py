@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.ao.quantization.observer import ObserverBase, PlaceholderObserver
 
-from ..units import Capture, Unit
+from ..units import Capture, Unit, Unsupported
 from ._capture import StopForward
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,8 @@ class Plan:
     units: list[Unit]
     capture: Capture
     commit: Callable[[list[torch.Tensor]], None]
+    unsupported: list[Unsupported] = field(default_factory=list)  # quantized layers no method can purify
+    input_range: tuple[float, float] | None = None  # what the observer at the model input recorded
 
 
 class FrozenQuant(nn.Module):
@@ -163,3 +165,27 @@ def match_float_layer(name: str, prepared_weight: torch.Tensor, fp_layer: nn.Mod
         f"float model does not match the prepared model at '{name}': its weights differ "
         f"{'from the float layer and from the layer with its BatchNorm folded' if bn is not None else 'from the float layer'}. "
         "Pass the same float model (same weights, eval-mode BN) that was given to prepare")
+
+
+def input_observer_range(prepared: nn.Module) -> tuple[float, float] | None:
+    """(min, max) recorded by the observer that quantizes the model input, or None if not found.
+
+    Graphs (FX, PT2E): the observer called on the first placeholder; eager: the QuantStub's.
+    """
+    kinds = observer_types()
+    obs = None
+    if isinstance(prepared, torch.fx.GraphModule):
+        for node in prepared.graph.nodes:
+            if node.op == "placeholder":
+                users = [u for u in node.users if u.op == "call_module"
+                         and isinstance(prepared.get_submodule(u.target), kinds)]
+                obs = prepared.get_submodule(users[0].target) if users else None
+                break
+    else:
+        obs = next((m.activation_post_process for m in prepared.modules()
+                    if type(m).__name__ == "QuantStub" and isinstance(getattr(m, "activation_post_process", None), kinds)),
+                   None)
+    mn, mx = getattr(obs, "min_val", None), getattr(obs, "max_val", None)
+    if not isinstance(mn, torch.Tensor) or mn.numel() == 0 or not torch.isfinite(mn).all():
+        return None
+    return float(mn.min()), float(mx.max())

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..grid import WeightGrid
 from ..onnx._ort import constant_values, session
-from ..units import Unit, float_bn, float_layer
+from ..units import Unit, Unsupported, float_bn, float_layer
 from ._common import Plan
 
 log = logging.getLogger(__name__)
@@ -34,14 +34,18 @@ log = logging.getLogger(__name__)
 __all__ = ["plan"]
 
 
+#: ops whose second input is a weight: with an integer initializer there, a quantized layer
+_WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "Gather", "LSTM", "GRU", "RNN"}
+
+
 def plan(fp: onnx.ModelProto, qmodel: onnx.ModelProto, qmin: int, qmax: int) -> Plan:
     """Units of ``qmodel`` (written in place by commit) matched to the FP32 model ``fp``."""
-    sites = _discover(fp, qmodel, qmin, qmax)
+    sites, unsupported = _discover(fp, qmodel, qmin, qmax)
     capture = _OnnxCapture(qmodel, fp, {s.name: (s.q_input, s.fp_input) for s in sites})
     units = [Unit(name=s.name, layer=s.init, fp_layer=s.fp_layer, weight=s.fp_layer.weight.detach().clone(),
                   bias=None if s.fp_layer.bias is None else s.fp_layer.bias.detach().clone(), grid=s.grid,
                   write=functools.partial(_write, s.init, s.grid, capture), bn=s.bn) for s in sites]
-    return Plan(units=units, capture=capture, commit=functools.partial(_commit, units))
+    return Plan(units=units, capture=capture, commit=functools.partial(_commit, units), unsupported=unsupported)
 
 
 def _attrs(node) -> dict:
@@ -73,8 +77,9 @@ def _float_layer(node, w: np.ndarray, b: np.ndarray | None) -> nn.Module | None:
                        None if b is None else torch.from_numpy(np.array(b, dtype=np.float32)), **kwargs)
 
 
-def _bn_after(graph, node, vals) -> nn.Module | None:
-    """The FP32 graph's BatchNormalization fed by ``node``, as a torch module."""
+def _bn_after(graph, node, vals, spatial_dims: int) -> nn.Module | None:
+    """The FP32 graph's BatchNormalization fed by ``node``, as a torch module (BatchNorm1d after a
+    Gemm/MatMul/1-D Conv, whose PDA matches batch statistics, BatchNorm2d after a 2-D Conv)."""
     users = [n for n in graph.node if node.output[0] in n.input]
     if len(users) != 1 or users[0].op_type != "BatchNormalization":
         return None
@@ -83,7 +88,7 @@ def _bn_after(graph, node, vals) -> nn.Module | None:
         scale, bias, mean, var = (vals[i] for i in bn_node.input[1:5])
     except KeyError:
         return None
-    return float_bn(scale, bias, mean, var, eps=_attrs(bn_node).get("epsilon", 1e-5), spatial_dims=2)
+    return float_bn(scale, bias, mean, var, eps=_attrs(bn_node).get("epsilon", 1e-5), spatial_dims=spatial_dims)
 
 
 class _Initializer:
@@ -110,24 +115,34 @@ class _Site:
     init: _Initializer
 
 
-def _discover(fp, qmodel, qmin: int, qmax: int) -> list[_Site]:
+def _discover(fp, qmodel, qmin: int, qmax: int) -> tuple[list[_Site], list[Unsupported]]:
+    """Units for each node whose weight is ORT's integer initializer; nodes with such a weight we
+    cannot purify (no float twin, another op type, a flavour the methods cannot model) named."""
     fp_vals, q_vals = constant_values(fp), constant_values(qmodel)
     fp_nodes = {n.name: n for n in fp.graph.node if n.name}
     q_producer = {o: n for n in qmodel.graph.node for o in n.output}
     q_inits = {i.name: i for i in qmodel.graph.initializer}
-    sites = []
+    sites, unsupported = [], []
     for node in qmodel.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.name not in fp_nodes:
+        if node.op_type not in _WEIGHTED_OPS or len(node.input) < 2:
             continue
         dq = q_producer.get(node.input[1])
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in q_inits:
+            continue  # no integer weight
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            unsupported.append(Unsupported(node.name, node.op_type, "LAC supports Conv (1-D/2-D), Gemm and MatMul"))
             continue
-        fnode = fp_nodes[node.name]
+        fnode = fp_nodes.get(node.name)
+        if fnode is None:
+            unsupported.append(Unsupported(node.name, node.op_type, "no node of this name in the FP32 model (its "
+                                           "float twin), so there is no float output to match"))
+            continue
         w = fp_vals.get(fnode.input[1])
         b = fp_vals.get(fnode.input[2]) if len(fnode.input) > 2 and fnode.input[2] else None
         layer = _float_layer(fnode, w, b) if w is not None else None
         if layer is None:
-            log.info("'%s' (%s) is quantized but not supported; left as ORT rounded it", node.name, node.op_type)
+            unsupported.append(Unsupported(node.name, node.op_type, "a flavour the methods cannot model (a weight "
+                                           "computed at run time, asymmetric/auto padding, a Gemm with alpha/beta/transA)"))
             continue
         init = q_inits[dq.input[0]]
         q_stored = numpy_helper.to_array(init)
@@ -144,9 +159,9 @@ def _discover(fp, qmodel, qmin: int, qmax: int) -> list[_Site]:
         if mismatch > 1e-3:
             raise RuntimeError(f"'{node.name}': could not reproduce ORT's weight grid ({mismatch:.2%} of integers "
                                "differ); please report this with your ORT version and quantization arguments")
-        sites.append(_Site(node.name, node.input[0], fnode.input[0], layer, _bn_after(fp.graph, fnode, fp_vals), grid,
+        sites.append(_Site(node.name, node.input[0], fnode.input[0], layer, _bn_after(fp.graph, fnode, fp_vals, w.ndim - 2), grid,
                            _Initializer(init, transpose, q_stored.dtype)))
-    return sites
+    return sites, unsupported
 
 
 def _with_outputs(model, names: list[str]):

@@ -28,14 +28,16 @@ from torch import nn
 from torch.fx import GraphModule
 
 from ..grid import WeightGrid
-from ..units import LayerOp, Unit, float_bn, float_layer
+from ..units import LayerOp, Unit, Unsupported, float_bn, float_layer
 from ._capture import ModuleCapture
-from ._common import (Plan, execution_order, following_bn, freeze_observers, is_aten_graph, match_float_layer,
-                      torchao_observer_base)
+from ._common import (Plan, execution_order, following_bn, freeze_observers, input_observer_range, is_aten_graph,
+                      match_float_layer, torchao_observer_base)
 
 log = logging.getLogger(__name__)
 
-_CONV = {torch.ops.aten.conv1d.default: nn.Conv1d, torch.ops.aten.conv2d.default: nn.Conv2d}
+# every overload: ``.padding`` takes padding="same"/"valid" (nn.Conv2d(padding="same") exports to it)
+_CONV = {torch.ops.aten.conv1d.default: nn.Conv1d, torch.ops.aten.conv1d.padding: nn.Conv1d,
+         torch.ops.aten.conv2d.default: nn.Conv2d, torch.ops.aten.conv2d.padding: nn.Conv2d}
 _LINEAR = torch.ops.aten.linear.default
 
 
@@ -90,7 +92,7 @@ def fixed_batch_size(prepared: GraphModule) -> int | None:
 def _weight_node(node):
     """(weight get_attr node, weight observer node) of an aten conv/linear, or None."""
     w = node.args[1] if len(node.args) > 1 else None
-    if w is None or w.op != "call_module" or not w.args or getattr(w.args[0], "op", None) != "get_attr":
+    if not isinstance(w, torch.fx.Node) or w.op != "call_module" or not w.args or getattr(w.args[0], "op", None) != "get_attr":
         return None
     return w.args[0], w
 
@@ -114,7 +116,7 @@ def _exported_float_side(float_gm: GraphModule) -> tuple[GraphModule, dict[str, 
     float Conv/Linear and BatchNorm modules the algorithm needs. Returns (tapped copy,
     {module path: (fp_layer, bn or None, tap)})."""
     gm = copy.deepcopy(float_gm)
-    side = {}
+    side, taps = {}, {}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or (node.target not in _CONV and node.target != _LINEAR):
             continue
@@ -127,12 +129,14 @@ def _exported_float_side(float_gm: GraphModule) -> tuple[GraphModule, dict[str, 
         if len(users) == 1 and users[0].target == torch.ops.aten.batch_norm.default:
             a = users[0].args  # (x, weight, bias, running_mean, running_var, training, momentum, eps, ...)
             bn = float_bn(*(_attr(gm, arg) for arg in a[1:5]), eps=a[7], spatial_dims=w.dim() - 2)
-        tap_name = f"qcb_fp_tap_{len(side)}"
-        gm.add_module(tap_name, _Tap())
+        path = stack[-1][0]
+        tap_name = taps.setdefault(path, f"qcb_fp_tap_{len(taps)}")  # a shared module: one tap, every call
+        if not hasattr(gm, tap_name):
+            gm.add_module(tap_name, _Tap())
         with gm.graph.inserting_before(node):
             tap = gm.graph.call_module(tap_name, (node.args[0],))
         node.update_arg(0, tap)
-        side[stack[-1][0]] = (layer, bn, gm.get_submodule(tap_name))
+        side.setdefault(path, (layer, bn, gm.get_submodule(tap_name)))
     gm.recompile()
     return gm, side
 
@@ -141,10 +145,10 @@ def _exported_float_side(float_gm: GraphModule) -> tuple[GraphModule, dict[str, 
 class _Site:
     """A quantized aten conv/linear node of the prepared graph with what purifying it needs."""
 
-    node: str  # node name (the same in the prepared graph and its copies)
+    nodes: list[str]  # node names (the same in the prepared graph and its copies); several for a shared module
     name: str  # the float module it came from
     weight_target: str  # get_attr target of the weight parameter
-    observer_target: str  # the weight observer module
+    observer_targets: list[str]  # the weight observer module of each node
     fp_layer: nn.Module
     bn: nn.Module | None
     grid: WeightGrid
@@ -157,35 +161,45 @@ def plan(prepared: GraphModule, float_model: nn.Module, example: torch.Tensor) -
     exported_side = None
     if is_aten_graph(float_model):  # e.g. loaded from a .pt2 file: no hookable Conv modules
         float_model, exported_side = _exported_float_side(float_model)
-    sites = _discover(prepared, float_model, example, exported_side)
+    sites, unsupported = _discover(prepared, float_model, example, exported_side)
     simulator, units = _simulate(prepared, sites)
     rank = {id(m): i for i, m in enumerate(execution_order(simulator, example))}  # purify in execution order
     order = sorted(range(len(units)), key=lambda i: rank.get(id(units[i].layer), 1 << 30))
     sites, units = [sites[i] for i in order], [units[i] for i in order]
     fp_points = {u.name: exported_side[u.name][2] for u in units} if exported_side is not None else None
     return Plan(units=units, capture=ModuleCapture(simulator, float_model, units, fp_points=fp_points),
-                commit=functools.partial(_commit, prepared, sites, units))
+                commit=functools.partial(_commit, prepared, sites, units), unsupported=unsupported,
+                input_range=input_observer_range(prepared))
 
 
 def _discover(prepared: GraphModule, float_model: nn.Module, example: torch.Tensor,
-              exported_side: dict | None) -> list[_Site]:
-    """Every aten conv/linear whose weight passes a torchao observer, matched to its float module."""
+              exported_side: dict | None) -> tuple[list[_Site], list[Unsupported]]:
+    """Every aten conv/linear whose weight passes a torchao observer, matched to its float module
+    (one site per weight: a module called twice is one unit); quantized ops we cannot purify
+    (conv_transpose, conv3d, ...) are returned named."""
     base = torchao_observer_base()
     fp_modules = dict(float_model.named_modules())
     fp_order = execution_order(float_model, example)
-    sites = []
+    sites: dict[str, _Site] = {}  # weight target -> site
+    unsupported = []
+    float_uses = {n.args[1].target for n in prepared.graph.nodes  # weights some op reads unobserved
+                  if n.op == "call_function" and len(n.args) > 1 and isinstance(n.args[1], torch.fx.Node)
+                  and n.args[1].op == "get_attr"}
     for node in prepared.graph.nodes:
-        if node.op != "call_function" or (node.target not in _CONV and node.target != _LINEAR):
-            continue
-        found = _weight_node(node)
-        if found is None:
+        found = _weight_node(node) if node.op == "call_function" else None
+        if found is None or not isinstance(prepared.get_submodule(found[1].target), base):
             continue
         w_node, obs_node = found
-        observer = prepared.get_submodule(obs_node.target)
-        if not isinstance(observer, base):
-            continue
         stack = list(node.meta.get("nn_module_stack", {}).values())
         fp_name = stack[-1][0] if stack else None
+        if node.target not in _CONV and node.target != _LINEAR:
+            unsupported.append(Unsupported(fp_name or node.name, str(node.target),
+                                           "LAC supports linear, conv1d and conv2d (any overload)"))
+            continue
+        if w_node.target in sites:  # the same weight at another call site
+            sites[w_node.target].nodes.append(node.name)
+            sites[w_node.target].observer_targets.append(obs_node.target)
+            continue
         if exported_side is not None:
             fp_layer, fp_bn, _ = exported_side.get(fp_name, (None, None, None))
         else:
@@ -194,19 +208,27 @@ def _discover(prepared: GraphModule, float_model: nn.Module, example: torch.Tens
         if fp_layer is None:
             raise ValueError(f"float model does not match the prepared model: it has no module '{fp_name}' "
                              f"(the source of node '{node.name}'). Pass the float model that was exported")
+        if w_node.target in float_uses:
+            unsupported.append(Unsupported(fp_name, str(node.target), "its weight is also used by a call site "
+                                           "the quantizer left in float"))
+            continue
+        try:
+            LayerOp.from_module(fp_layer)
+        except NotImplementedError as e:
+            unsupported.append(Unsupported(fp_name, str(node.target), str(e)))
+            continue
         weight = _get(prepared, w_node.target)
-        LayerOp.from_module(fp_layer)  # raises on unsupported layer flavours
         users = list(node.users)
-        sites.append(_Site(
-            node=node.name, name=fp_name, weight_target=w_node.target, observer_target=obs_node.target,
+        sites[w_node.target] = _Site(
+            nodes=[node.name], name=fp_name, weight_target=w_node.target, observer_targets=[obs_node.target],
             fp_layer=fp_layer, bn=match_float_layer(fp_name, weight, fp_layer, fp_bn),
-            grid=WeightGrid.from_observer(observer), weight=weight,
+            grid=WeightGrid.from_observer(prepared.get_submodule(obs_node.target)), weight=weight,
             bias=_attr(prepared, node.args[2]) if len(node.args) > 2 else None,
-            relu=len(users) == 1 and users[0].target in (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)))
-    if not sites:
+            relu=len(users) == 1 and users[0].target in (torch.ops.aten.relu.default, torch.ops.aten.relu_.default))
+    if not sites and not unsupported:
         raise ValueError("no quantized Conv/Linear layer found in the prepared model; check the quantizer's config "
                          "(purify handles statically quantized linear, conv1d and conv2d)")
-    return sites
+    return list(sites.values()), unsupported
 
 
 def _simulate(prepared: GraphModule, sites: list[_Site]) -> tuple[GraphModule, list[Unit]]:
@@ -216,12 +238,13 @@ def _simulate(prepared: GraphModule, sites: list[_Site]) -> tuple[GraphModule, l
     sim_nodes = {n.name: n for n in simulator.graph.nodes}
     units = []
     for i, site in enumerate(sites):
-        sim_node = sim_nodes[site.node]
         tap_name = f"qcb_tap_{i}"
         simulator.add_module(tap_name, _Tap())
-        with simulator.graph.inserting_before(sim_node):
-            tap = simulator.graph.call_module(tap_name, (sim_node.args[0],))
-        sim_node.update_arg(0, tap)
+        for node_name in site.nodes:  # one tap module at every call site: the capture reads them all
+            sim_node = sim_nodes[node_name]
+            with simulator.graph.inserting_before(sim_node):
+                tap = simulator.graph.call_module(tap_name, (sim_node.args[0],))
+            sim_node.update_arg(0, tap)
         sim_w = _get(simulator, site.weight_target)
         with torch.no_grad():
             sim_w.copy_(site.grid.fake_quantize(site.weight))
@@ -244,6 +267,7 @@ def _commit(prepared: GraphModule, sites: list[_Site], units: list[Unit], codes:
     for site, unit, q in zip(sites, units, codes):
         with torch.no_grad():
             site.weight.copy_(unit.grid.dequantize(q))
-        parent, _, attr = site.observer_target.rpartition(".")
-        owner = prepared.get_submodule(parent) if parent else prepared
-        setattr(owner, attr, _pinned(getattr(owner, attr)))
+        for target in site.observer_targets:
+            parent, _, attr = target.rpartition(".")
+            owner = prepared.get_submodule(parent) if parent else prepared
+            setattr(owner, attr, _pinned(getattr(owner, attr)))

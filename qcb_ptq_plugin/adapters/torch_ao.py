@@ -34,13 +34,14 @@ from torch.ao.quantization.observer import ObserverBase, PlaceholderObserver
 from torch.fx import GraphModule
 
 from ..grid import WeightGrid
-from ..units import LayerOp, Unit
+from ..units import LayerOp, Unit, Unsupported
 from ._capture import ModuleCapture
-from ._common import Plan, execution_order, following_bn, freeze_observers, is_aten_graph, match_float_layer
+from ._common import (Plan, execution_order, following_bn, freeze_observers, input_observer_range, is_aten_graph,
+                      match_float_layer)
 
 log = logging.getLogger(__name__)
 
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+_WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)  # the layer families convert gives integer weights
 _QUANTIZED_MODULE_PREFIXES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
 
 
@@ -75,11 +76,22 @@ def mode_of(prepared: nn.Module) -> str:
     return "fx" if isinstance(prepared, GraphModule) else "eager"
 
 
+@functools.cache
+def _quantized_types() -> frozenset[type]:
+    """Module types convert swaps for quantized ones (the exact-type lookup convert does)."""
+    from torch.ao.quantization.quantization_mappings import (get_default_dynamic_quant_module_mappings,
+                                                             get_default_static_quant_module_mappings)
+
+    return frozenset(get_default_static_quant_module_mappings()) | frozenset(get_default_dynamic_quant_module_mappings())
+
+
 def _layer(m: nn.Module) -> nn.Module | None:
-    """The Conv/Linear inside a (possibly fused) module, else None."""
+    """The Conv/Linear (any flavour) inside a (possibly fused) module that convert quantizes, else None."""
+    if type(m) not in _quantized_types():
+        return None
     if isinstance(m, nni._FusedModule):
         m = m[0]
-    return m if type(m) in _LAYERS else None
+    return m if isinstance(m, _WEIGHTED) else None
 
 
 def _activation(m: nn.Module):
@@ -124,14 +136,17 @@ class _Site:
 
 
 def plan(prepared: nn.Module, float_model: nn.Module, example: torch.Tensor) -> Plan:
-    sites = _discover(prepared, float_model, example)
-    simulator, units = _simulate(prepared, sites)
+    sites, unsupported = _discover(prepared, float_model, example)
+    simulator, units = _simulate(prepared, sites, [u.name for u in unsupported])
     return Plan(units=units, capture=ModuleCapture(simulator, float_model, units),
-                commit=functools.partial(_commit, sites, units))
+                commit=functools.partial(_commit, sites, units), unsupported=unsupported,
+                input_range=input_observer_range(prepared))
 
 
-def _discover(prepared: nn.Module, float_model: nn.Module, example: torch.Tensor) -> list[_Site]:
-    """The quantized Conv/Linear layers in execution order, matched to the float model."""
+def _discover(prepared: nn.Module, float_model: nn.Module, example: torch.Tensor
+              ) -> tuple[list[_Site], list[Unsupported]]:
+    """The quantized Conv/Linear layers in execution order, matched to the float model, and the
+    quantized layers no method can purify (ConvTranspose, Conv3d, ...), named."""
     if any(type(m).__module__.startswith(_QUANTIZED_MODULE_PREFIXES) for m in prepared.modules()):
         raise ValueError("the model is already converted to INT8; call purify after calibration and before convert")
     if any(isinstance(m, FakeQuantizeBase) for m in prepared.modules()):
@@ -149,33 +164,45 @@ def _discover(prepared: nn.Module, float_model: nn.Module, example: torch.Tensor
     fp_modules = dict(float_model.named_modules())
     fp_order = execution_order(float_model, example)  # the prepared model has the float model's call order
     rank = {id(m): i for i, m in enumerate(fp_order)}
-    sites = []
+    sites, unsupported = [], []
     for name, mod in candidates.items():
         fp = fp_modules.get(name)
         if fp is None:
             raise ValueError(f"float model does not match the prepared model: it has no module '{name}'. "
                              "Pass the float model that was given to prepare")
-        fp_layer = _layer(fp) or fp
+        fp_layer = _layer(fp) or (fp[0] if isinstance(fp, nni._FusedModule) else fp)
         if id(fp_layer) not in rank:
             log.info("'%s' is not called in forward(); left as is", name)
             continue
         layer = _layer(mod)
-        LayerOp.from_module(layer)  # raises on unsupported layer flavours
+        try:
+            LayerOp.from_module(layer)
+        except NotImplementedError as e:
+            unsupported.append(Unsupported(name, type(layer).__name__, str(e)))
+            continue
         bn = match_float_layer(name, layer.weight, fp_layer, following_bn(fp_layer, fp_order))
         grid, pin = _weight_grid(name, mod.qconfig, layer.weight)
         sites.append(_Site(name, mod, fp_layer, bn, grid, pin))
-    if not sites:
+    if not sites and not unsupported:
         raise ValueError("no quantized Conv/Linear layer found in the prepared model; check the qconfig mapping "
                          "(purify handles statically quantized Linear, Conv1d and Conv2d)")
-    return sorted(sites, key=lambda site: rank[id(site.fp_layer)])
+    return sorted(sites, key=lambda site: rank[id(site.fp_layer)]), unsupported
 
 
-def _simulate(prepared: nn.Module, sites: list[_Site]) -> tuple[nn.Module, list[Unit]]:
+def _simulate(prepared: nn.Module, sites: list[_Site], unsupported: list[str] = ()) -> tuple[nn.Module, list[Unit]]:
     """A copy of ``prepared`` computing what the INT8 model will (observers frozen, weights
-    fake-quantized), and one :class:`Unit` per site whose ``write`` updates that copy."""
+    fake-quantized, unsupported layers at round to nearest), and one :class:`Unit` per site
+    whose ``write`` updates that copy."""
     simulator = copy.deepcopy(prepared).eval()
     freeze_observers(simulator)
     sim_modules = dict(simulator.named_modules())
+    for name in unsupported:  # what convert will do to them: round to nearest on their qconfig's grid
+        layer = _layer(sim_modules[name])
+        obs = sim_modules[name].qconfig.weight()
+        obs(layer.weight.detach())
+        with torch.no_grad():
+            layer.weight.copy_(WeightGrid.from_observer(obs).fake_quantize(layer.weight)
+                               if getattr(obs, "ch_axis", 0) == 0 else layer.weight)
     units = []
     for site in sites:
         layer, w_sim = site.layer, _layer(sim_modules[site.name]).weight

@@ -32,7 +32,7 @@ class UnitResult:
         codes: the chosen integers, shaped like the unit's weight.
         gram: statistics of the unit's inputs the report measures errors on (before = round
             to nearest, after = ``codes``).
-        pda: "applied" or "skipped: <reason>".
+        pda: "applied", "applied (<variant>)" (e.g. BatchNorm1d batch statistics) or "skipped: <reason>".
         pda_seconds, solve_seconds: where the unit's time went.
     """
 

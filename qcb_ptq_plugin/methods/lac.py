@@ -52,32 +52,53 @@ __all__ = ["lac_pda"]
 # PDA
 
 
-def _bn_input_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample spatial mean/std (B, C) for conv maps; batch mean/std (1, C) for vectors."""
-    dims = tuple(range(2, z.dim())) if z.dim() > 2 else (0,)
-    return z.mean(dims), (z.var(dims, unbiased=False) + 1e-6).sqrt()
+#: what the report says for a BatchNorm1d unit: batch statistics are our extension, not the paper's
+BN1D_APPLIED = "applied (BatchNorm1d: batch statistics per feature; our extension, not the paper's)"
+
+
+def _per_sample(bn) -> bool:
+    """The paper's per-sample spatial statistics need a spatial map: BatchNorm2d/3d only."""
+    return not isinstance(bn, torch.nn.BatchNorm1d)
+
+
+def _bn_input_stats(z: torch.Tensor, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean/std of the BN input z, per channel.
+
+    per_sample (the paper, BN2d): over H, W for each sample -> (B, C).
+    else (BatchNorm1d, our extension): an (N, C) input has no spatial axis and per-sample
+    statistics over L of (N, C, L) are not what BN1d normalises by, so match the batch
+    statistics over N (and L) -> (1, C), the quantities the running mean/var track.
+    """
+    dims = tuple(range(2, z.dim())) if per_sample else (0, *range(2, z.dim()))
+    m, v = z.mean(dims), z.var(dims, unbiased=False)
+    if not per_sample:
+        m, v = m.unsqueeze(0), v.unsqueeze(0)  # (1, C)
+    return m, (v + 1e-6).sqrt()
 
 
 def _pda(x: torch.Tensor, unit: Unit, cfg: PurifyConfig) -> tuple[torch.Tensor, float, float]:
     """Signed-gradient PGD on dI (||dI||_inf <= gamma) matching BN-input stats to running stats."""
     bn = unit.bn
-    mu, sd = bn.running_mean.detach(), (bn.running_var.detach() + 1e-6).sqrt()
+    per_sample = _per_sample(bn)
+    mu, sd = bn.running_mean.detach().to(x), (bn.running_var.detach().to(x) + 1e-6).sqrt()
+
+    def gap(d: torch.Tensor) -> torch.Tensor:  # sum_i ||mu_i(I) - mu_i||^2 + ||sd_i(I) - sd_i||^2
+        m, s = _bn_input_stats(unit.fp_layer(x + d), per_sample)
+        return ((m - mu) ** 2).sum(1).mean() + ((s - sd) ** 2).sum(1).mean()
+
     delta = torch.zeros_like(x, requires_grad=True)
     step, first = cfg.pda_step_size, None
-    loss = None
     for it in range(cfg.pda_steps):
         if it == cfg.pda_steps // 2:
             step /= 2  # the release halves the step half-way (at 250 of 500)
-        m, s = _bn_input_stats(unit.fp_layer(x + delta))
-        loss = ((m - mu) ** 2).sum(1).mean() + ((s - sd) ** 2).sum(1).mean()
+        loss = gap(delta)
         (grad,) = torch.autograd.grad(loss, delta)
         first = loss.item() if first is None else first
         with torch.no_grad():
             delta -= step * grad.sign()
             delta.clamp_(-cfg.gamma, cfg.gamma)
     with torch.no_grad():
-        m, s = _bn_input_stats(unit.fp_layer(x + delta))
-        last = (((m - mu) ** 2).sum(1).mean() + ((s - sd) ** 2).sum(1).mean()).item()
+        last = gap(delta).item()
     return (x + delta).detach(), (first if first is not None else last), last
 
 
@@ -110,7 +131,7 @@ def _cholesky(H: torch.Tensor) -> torch.Tensor:
     eye = None
     for extra in (0.0, 1e-6, 1e-4, 1e-2):
         if extra:
-            eye = torch.eye(H.shape[-1], dtype=H.dtype) if eye is None else eye
+            eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device) if eye is None else eye
             A = H + extra * H.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * eye
         else:
             A = H
@@ -131,7 +152,7 @@ def _gptq(w: torch.Tensor, H: torch.Tensor, s, z, grid: WeightGrid, block: int =
     Q = torch.empty_like(W, dtype=torch.int64)
     for i0 in range(0, K, block):
         i1 = min(i0 + block, K)
-        E = torch.empty(G, Og, i1 - i0, dtype=W.dtype)
+        E = torch.empty(G, Og, i1 - i0, dtype=W.dtype, device=W.device)
         for i in range(i0, i1):
             col = W[:, :, i : i + 1]
             q = (torch.round(col / s) + z).clamp(grid.qmin, grid.qmax)
@@ -195,7 +216,8 @@ def _solve_adam(inputs: torch.Tensor, targets: torch.Tensor, unit: Unit, cfg: Pu
     gen = torch.Generator().manual_seed(cfg.seed)
     tgt_all = act(targets)
     for _ in range(cfg.adam_steps):
-        idx = torch.randint(0, inputs.shape[0], (min(cfg.adam_batch_size, inputs.shape[0]),), generator=gen)
+        idx = torch.randint(0, inputs.shape[0], (min(cfg.adam_batch_size, inputs.shape[0]),), generator=gen
+                            ).to(inputs.device)  # CPU generator: the same draws on every device
         q = (_RoundSTE.apply((w_o + delta) / s) + z).clamp(grid.qmin, grid.qmax)
         out = act(op.apply(inputs[idx], s * (q - z), unit.bias))
         loss = (out - tgt_all[idx]).pow(2).sum(1).mean()
@@ -257,5 +279,6 @@ def lac_pda(unit: Unit, data: UnitData, cfg: PurifyConfig) -> UnitResult:
         q = _solve_gram(gram, unit.op.grouped(w_o), unit.grid, cfg).reshape(w_o.shape)
     else:
         q = _solve_adam(torch.cat(cache_in), torch.cat(cache_tgt), unit, cfg)
-    return UnitResult(codes=q, gram=gram, pda="applied" if skip is None else skip, pda_seconds=pda_s,
+    applied = "applied" if _per_sample(unit.bn) else BN1D_APPLIED
+    return UnitResult(codes=q, gram=gram, pda=applied if skip is None else skip, pda_seconds=pda_s,
                       solve_seconds=time.perf_counter() - t_solve)

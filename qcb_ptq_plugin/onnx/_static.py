@@ -149,10 +149,10 @@ def quantize_static(model_input, model_output, calibration_data_reader, quant_fo
 
     qmin, qmax = _weight_qrange(weight_type, reduce_range, extra_options)
     plan = ort.plan(fp, qmodel, qmin, qmax)
-    if not plan.units:
+    if not plan.units and not plan.unsupported:
         raise ValueError("the model has no Conv/Gemm/MatMul with a constant weight that ORT quantized; "
                          "nothing to purify (check op_types_to_quantize / nodes_to_exclude)")
-    codes, report = _pass.run(plan.units, plan.capture, feeds, m, cfg)
+    codes, report = _pass.run(plan.units, plan.capture, feeds, m, cfg, unsupported=plan.unsupported)
     plan.commit(codes)
     report.mode = "onnxruntime"
     Path(model_output).parent.mkdir(parents=True, exist_ok=True)
