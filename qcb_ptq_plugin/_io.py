@@ -153,7 +153,7 @@ def _inspect_pt2(path: Path, data: bytes) -> bool:
     """Raise unless the archive is a torch.export.save file whose loading runs nothing from it.
 
     Returns whether the graph uses ``quantized_decomposed`` ops (registered by torchao)."""
-    not_pt2 = (f"{path} is not a torch.export archive or it is corrupt/truncated; re-save it with "
+    not_pt2 = (f"{path} is not a torch.export archive, or it is corrupt or truncated; re-save it with "
                "torch.export.save(exported_program, 'model.pt2')")
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))

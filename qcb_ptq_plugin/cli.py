@@ -2,7 +2,7 @@
 
     qcb-ptq demo                       plant a QCB, expose it with plain PTQ, purify it (table)
     qcb-ptq onnx  fp32.onnx --calib calib.npz -o int8.onnx     ORT quantize_static + purification
-    qcb-ptq purify model.pt2 --calib calib.npz -o int8.pt2      exported program or pickled module
+    qcb-ptq purify model.pt2 --calib calib.npz -o int8.pt2      exported program (pickled modules: --trust-model-code)
     qcb-ptq audit  model.pt2 --calib calib.npz                  verdict: does quantization wake a backdoor?
 """
 

@@ -75,6 +75,11 @@ def export(model: nn.Module, example_inputs, path: str | Path, *, validate: bool
     return path
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[-1] if text else type(e).__name__)[:300]
+
+
 def _unshare_weight_qparams(model) -> None:
     """Give every weight DequantizeLinear its own scale and zero-point initializers.
 
@@ -112,7 +117,11 @@ def _validate(model: nn.Module, x: torch.Tensor, path: Path, atol: float | None,
     with torch.no_grad():
         ref = model(x)
     ref = (ref.dequantize() if ref.is_quantized else ref).numpy()
-    sess = session(str(path))
+    try:
+        sess = session(str(path))
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise ExportMismatchError(f"{shown}: onnxruntime cannot load the exported file ({_first_line(e)}); nothing "
+                                  "was written. Try another opset or report the model") from e
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     if got.shape != ref.shape:
         raise ExportMismatchError(f"onnxruntime output shape {got.shape} != torch {ref.shape}")
