@@ -24,6 +24,7 @@ from pathlib import Path
 from torch import nn
 
 from . import _pass
+from ._io import write_text
 from .api import prepare_plan
 from .config import PurifyConfig
 from .methods import get_method
@@ -45,7 +46,7 @@ class AuditReport:
         return asdict(self)
 
     def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        write_text(path, json.dumps(self.to_dict(), indent=2), "audit report")
 
     def table(self) -> str:
         verdict = "EXPOSED: quantization wakes up a likely backdoor" if self.exposed else "not exposed"

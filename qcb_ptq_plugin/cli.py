@@ -2,7 +2,7 @@
 
     qcb-ptq demo                       plant a QCB, expose it with plain PTQ, purify it (table)
     qcb-ptq onnx  fp32.onnx --calib calib.npz -o int8.onnx     ORT quantize_static + purification
-    qcb-ptq purify model.pt2 --calib calib.npz -o int8.pt2      exported program or pickled module
+    qcb-ptq purify model.pt2 --calib calib.npz -o int8.pt2      exported program (pickled modules: --trust-model-code)
     qcb-ptq audit  model.pt2 --calib calib.npz                  verdict: does quantization wake a backdoor?
 """
 
@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from ._io import FileError, atomic_output, check_output, load_array_file
 
 log = logging.getLogger("qcb_ptq_plugin.cli")
 
@@ -30,20 +32,19 @@ def load_calibration(path: str | Path, limit: int | None = None) -> dict[str, np
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"calibration data {path} does not exist")
-    if path.is_file() and path.suffix == ".npz":
-        with np.load(path) as z:
-            arrays = {k: z[k] for k in z.files}
+        raise FileNotFoundError(f"calibration data {path} does not exist; check the path")
+    if path.is_file() and path.suffix in (".npz", ".npy"):
+        arrays = load_array_file(path)
+        if isinstance(arrays, np.ndarray):
+            return arrays
         if not arrays:
-            raise ValueError(f"{path} holds no arrays")
+            raise ValueError(f"{path} holds no arrays; save the calibration inputs with np.savez(path, input=x)")
         return next(iter(arrays.values())) if len(arrays) == 1 else arrays
-    if path.is_file() and path.suffix == ".npy":
-        return np.load(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
         npys = [p for p in files if p.suffix == ".npy"][:limit]
         if npys:
-            arrs = [np.load(p) for p in npys]
+            arrs = [load_array_file(p) for p in npys]
             same = {a.shape for a in arrs}
             if len(same) != 1:
                 return np.concatenate(arrs)
@@ -77,6 +78,7 @@ def _read_images(paths: list[Path]) -> np.ndarray:
 def _cmd_demo(args) -> int:
     from .evalkit.demo import format_table, run_demo
 
+    _outputs(("demo JSON", args.json))
     bits = tuple(int(s.strip().upper().removeprefix("W").split("A")[0]) for s in args.settings.split(","))
     rows = run_demo(args.dataset, bits, calib_size=args.calib, train_samples=args.train_samples, seed=args.seed,
                     progress=not args.no_progress, json_path=args.json)
@@ -87,9 +89,12 @@ def _cmd_demo(args) -> int:
 def _cmd_onnx(args) -> int:
     from onnxruntime.quantization import QuantFormat, QuantType
 
+    import contextlib
+
     from .onnx import quantize_static
     from .onnx._static import _graph_inputs, _load, _Replay
 
+    paths = _outputs(("output", args.output), ("report", args.report or Path(args.output).with_suffix(".report.json")))
     model = _load(args.model)
     inputs = list(_graph_inputs(model))
     data = load_calibration(args.calib, args.limit)
@@ -102,38 +107,56 @@ def _cmd_onnx(args) -> int:
              for i in range(0, n, args.batch_size)]
     reader = _Replay(feeds)
     types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8, "int4": QuantType.QInt4}
-    report = quantize_static(args.model, args.output, reader, quant_format=QuantFormat.QDQ,
-                             per_channel=not args.per_tensor, reduce_range=args.reduce_range,
-                             weight_type=types[args.weight_type], activation_type=types[args.activation_type],
-                             purify_config=_method_config(args), method=args.method)
-    report_path = args.report or Path(args.output).with_suffix(".report.json")
-    report.save_json(report_path)
+    with contextlib.ExitStack() as stack:  # both files land together, or neither
+        tmp = {what: stack.enter_context(atomic_output(path, what)) for what, path in paths.items()}
+        report = quantize_static(model, tmp["output"], reader, quant_format=QuantFormat.QDQ,
+                                 per_channel=not args.per_tensor, reduce_range=args.reduce_range,
+                                 weight_type=types[args.weight_type], activation_type=types[args.activation_type],
+                                 purify_config=_method_config(args), method=args.method)
+        report.save_json(tmp["report"])
     print(report.table())
-    print(f"wrote {args.output} and {report_path}")
+    print(f"wrote {paths['output']} and {paths['report']}")
     return 0
 
 
-def _load_torch_model(path: Path):
-    """(float module, kind): an exported program (.pt2) or a pickled nn.Module (.pt/.pth)."""
-    import torch
+def _load_torch_model(path: Path, trust_code: bool = False):
+    """(float module, kind): an exported program (.pt2) or a pickled nn.Module (.pt/.pth).
+
+    Nothing in the file runs unless ``trust_code`` (``--trust-model-code``) allows unpickling a
+    module; see :mod:`qcb_ptq_plugin._io`.
+    """
+    from ._io import load_exported_program, load_module_file
 
     if path.suffix == ".pt2":
-        return torch.export.load(str(path)).module(), "pt2"
-    torchscript = (f"{path} is a TorchScript file; TorchScript modules cannot be re-quantized by torch.ao or PT2E. "
-                   "Save the float model with torch.export.save(torch.export.export(model, (x,)), 'model.pt2') "
-                   "or torch.save(model) instead")
+        return load_exported_program(path), "pt2"
+    return load_module_file(path, trust_code=trust_code).eval(), "module"
+
+
+def _dynamic_batch_module(program, path: Path, calib):
+    """The float module of an exported program, with a dynamic batch dimension.
+
+    The flows calibrate and export with batches of any size; a program exported for one batch
+    size is re-exported with ``Dim("batch")`` (its input guard skipped), or refused here,
+    before any work, when its graph itself fixes the size (e.g. ``x.view(2, -1)``).
+    """
+    import torch
+
+    from .adapters.pt2e import fixed_batch_size
+
+    module = program.module()
+    fixed = fixed_batch_size(module)
+    if fixed is None:
+        return module
+    x = calib[:2] if len(calib) >= 2 else calib.repeat(2, *([1] * (calib.dim() - 1)))
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)
-    except RuntimeError as e:
-        if "TorchScript" in str(e) or "constants.pkl" in str(e):
-            raise ValueError(torchscript) from e
-        raise
-    if isinstance(obj, torch.jit.ScriptModule):
-        raise ValueError(torchscript)
-    if not isinstance(obj, torch.nn.Module):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a model; save the nn.Module itself "
-                         "(torch.save(model)) or an exported program (.pt2)")
-    return obj.eval(), "module"
+        redone = torch.export.export(program.module(check_guards=False), (x,),
+                                     dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception as e:  # noqa: BLE001 - torch reports the specialisation in several ways
+        raise ValueError(f"{path} was exported for batch size {fixed} only and its graph depends on that size, so it "
+                         "cannot be calibrated with other batches; re-export it with dynamic_shapes=({0: "
+                         f"torch.export.Dim('batch')}},) ({type(e).__name__})") from e
+    log.info("%s was exported for batch size %d; re-exported with a dynamic batch", path, fixed)
+    return redone.module()
 
 
 def _single_input_calibration(args):
@@ -159,15 +182,33 @@ def _method_config(args):
     return method.config(base.replace(solver=solver, pda=args.pda, progress=not args.no_progress))
 
 
+def _outputs(*pairs) -> dict[str, Path]:
+    """Check every output path before any work (one line naming the fix otherwise)."""
+    return {what: check_output(path, what) for what, path in pairs if path}
+
+
 def _cmd_purify(args) -> int:
+    import contextlib
+
     import torch
 
+    from ._io import load_exported_program
     from .ptq import quantize_fx, quantize_pt2e
 
-    model, kind = _load_torch_model(Path(args.model))
+    out = Path(args.output)
+    paths = _outputs(("output", out), ("report", Path(args.report) if args.report else out.with_suffix(".report.json")),
+                     ("ONNX output", args.onnx), ("plot", args.plot))
+    if args.plot:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ImportError("--plot needs matplotlib: pip install 'qcb-ptq-plugin[plot]'")
+    model, kind = _load_torch_model(Path(args.model), args.trust_model_code)
     calib = _single_input_calibration(args)
-    cfg = _method_config(args)
     flow = "pt2e" if kind == "pt2" else args.flow
+    if kind == "pt2":
+        model = _dynamic_batch_module(model, Path(args.model), calib)
+    cfg = _method_config(args)
     if flow == "pt2e":
         int8, report = quantize_pt2e(model, calib, args.bits, cfg, batch_size=args.batch_size, grid=args.grid,
                                      method=args.method)
@@ -175,24 +216,25 @@ def _cmd_purify(args) -> int:
         if args.grid != "x86":
             raise ValueError("--grid xnnpack needs the PT2E flow (--flow pt2e)")
         int8, report = quantize_fx(model, calib, args.bits, cfg, batch_size=args.batch_size, method=args.method)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if flow == "pt2e":
-        torch.export.save(torch.export.export(int8, (calib[:2],),
-                                              dynamic_shapes=({0: torch.export.Dim("batch")},)), str(out))
-    else:  # torch.ao INT8 GraphModules do not pickle; TorchScript is their deployment format
-        torch.jit.save(torch.jit.trace(int8, calib[:2]), str(out))
-    report_path = Path(args.report) if args.report else out.with_suffix(".report.json")
-    report.save_json(report_path)
-    written = [str(out), str(report_path)]
-    if args.onnx:
-        from .onnx import export
+    # every output is written to a temporary file and validated; all are renamed only when all succeeded
+    with contextlib.ExitStack() as stack:
+        tmp = {what: stack.enter_context(atomic_output(path, what)) for what, path in paths.items()}
+        if flow == "pt2e":
+            torch.export.save(torch.export.export(int8, (calib[:2],),
+                                                  dynamic_shapes=({0: torch.export.Dim("batch")},)), str(tmp["output"]))
+            load_exported_program(tmp["output"])  # it loads back, with no pickled member
+        else:  # torch.ao INT8 GraphModules do not pickle; TorchScript is their deployment format
+            torch.jit.save(torch.jit.trace(int8, calib[:2]), str(tmp["output"]))
+            torch.jit.load(str(tmp["output"]))
+        report.save_json(tmp["report"])
+        if args.onnx:
+            from .onnx import export
 
-        written.append(str(export(int8, calib[: min(len(calib), 16)], args.onnx)))
-    if args.plot:
-        written.append(str(report.plot(args.plot)))
+            export(int8, calib[: min(len(calib), 16)], tmp["ONNX output"])
+        if args.plot:
+            report.plot(tmp["plot"])
     print(report.table())
-    print("wrote " + ", ".join(written))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -200,8 +242,11 @@ def _cmd_audit(args) -> int:
     from .audit import audit
     from .ptq import prepare_fx_calibrated, prepare_pt2e_calibrated
 
-    model, kind = _load_torch_model(Path(args.model))
+    _outputs(("audit JSON", args.json))
+    model, kind = _load_torch_model(Path(args.model), args.trust_model_code)
     calib = _single_input_calibration(args)
+    if kind == "pt2":
+        model = _dynamic_batch_module(model, Path(args.model), calib)
     flow = "pt2e" if kind == "pt2" else args.flow
     prepare = prepare_pt2e_calibrated if flow == "pt2e" else prepare_fx_calibrated
     report = audit(prepare(model, calib, args.bits), model, calib, threshold=args.threshold)
@@ -209,6 +254,10 @@ def _cmd_audit(args) -> int:
         report.save_json(args.json)
     print(report.table())
     return 3 if report.exposed and args.fail_if_exposed else 0
+
+
+_TRUST_HELP = ("unpickle a .pt/.pth nn.Module file in full. RISK: unpickling runs any code the file holds; use it "
+               "only for files whose source you trust. Without it such files are refused; .pt2 files never run code")
 
 
 def _add_purify_options(p: argparse.ArgumentParser) -> None:
@@ -257,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize a float model held in a file with the standard torch flow and "
                                    "purify it between calibration and convert.")
     u.add_argument("model", help="float model: exported program (.pt2, torch.export.save) -> PT2E flow, or a "
-                                 "pickled nn.Module (.pt/.pth, torch.save(model)) -> --flow")
+                                 "pickled nn.Module (.pt/.pth, torch.save(model); needs --trust-model-code) -> --flow")
     u.add_argument("--calib", required=True, help="calibration inputs: .npz/.npy, or a folder of .npy files or images")
     u.add_argument("-o", "--output", required=True, help="purified INT8 model: .pt2 (PT2E) or TorchScript .pt (FX; "
                    "load with torch.jit.load)")
@@ -271,13 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--batch-size", type=int, default=64, help="calibration batch size (default: 64)")
     u.add_argument("--limit", type=int, help="use at most this many files of a folder")
     u.add_argument("--report", help="JSON report path (default: OUTPUT with .report.json)")
+    u.add_argument("--trust-model-code", action="store_true", help=_TRUST_HELP)
     u.add_argument("--onnx", metavar="PATH", help="also export the purified INT8 model to ONNX (validated in onnxruntime)")
     u.add_argument("--plot", metavar="PNG", help="also plot per-layer FP-vs-INT error before/after (needs matplotlib)")
     _add_purify_options(u)
     u.set_defaults(func=_cmd_purify)
 
     a = sub.add_parser("audit", help="measure FP-vs-INT drift of a float model's quantized twin; verdict on QCB exposure")
-    a.add_argument("model", help="float model: exported program (.pt2) or pickled nn.Module (.pt/.pth)")
+    a.add_argument("model", help="float model: exported program (.pt2) or pickled nn.Module (.pt/.pth; needs "
+                                 "--trust-model-code)")
     a.add_argument("--calib", required=True, help="benign calibration inputs: .npz/.npy or a folder")
     a.add_argument("--flow", choices=["fx", "pt2e"], default="fx", help="for pickled modules (default: fx)")
     a.add_argument("--bits", type=int, default=8, help="weight bits the deployment will use (default: 8)")
@@ -286,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", metavar="PATH", help="also write the audit report as JSON")
     a.add_argument("--fail-if-exposed", action="store_true", help="exit with code 3 when the verdict is exposed")
     a.add_argument("--limit", type=int, help="use at most this many files of a folder")
+    a.add_argument("--trust-model-code", action="store_true", help=_TRUST_HELP)
     a.set_defaults(func=_cmd_audit)
     return parser
 
@@ -296,10 +348,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # torchao warns at import about GPU kernels a CPU install lacks
         logging.getLogger("torchao").setLevel(logging.ERROR)
+    from .onnx._export import ExportMismatchError
+
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, ImportError) as e:
-        print(f"qcb-ptq {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, NotImplementedError, ImportError, ExportMismatchError) as e:
+        # one line: the problem and its fix (tracebacks with -v)
+        log.debug("failed", exc_info=True)
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"qcb-ptq {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
 

@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ._io import atomic_output, write_text
+
 __all__ = ["UnitReport", "PurifyReport"]
 
 
@@ -87,7 +89,7 @@ class PurifyReport:
         }
 
     def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        write_text(path, json.dumps(self.to_dict(), indent=2), "report")
 
     def table(self) -> str:
         head = f"{'unit':<28} {'kind':<8} {'levels':>6} {'rel.err before':>14} {'after':>9} {'flips':>7}  {'pda':<10} {'s':>6}"
@@ -127,8 +129,11 @@ class PurifyReport:
         ax.set_title("Per-layer FP-vs-INT activation drift on calibration data")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        try:
+            with atomic_output(path, "plot") as tmp:
+                fig.savefig(tmp, dpi=120)
+        finally:
+            plt.close(fig)
         return Path(path)
 
     __str__ = table

@@ -96,7 +96,7 @@ def test_purify_subcommand_pickled_module_and_exported_program(qcb_w4, digits, t
 
     torch.save(qcb_w4, tmp_path / "model.pt")
     out = tmp_path / "int8_fx.pt"
-    assert cli.main(["purify", str(tmp_path / "model.pt"), "--calib", str(calib), "-o", str(out), "--bits", "4",
+    assert cli.main(["purify", str(tmp_path / "model.pt"), "--trust-model-code", "--calib", str(calib), "-o", str(out), "--bits", "4",
                      "--onnx", str(tmp_path / "int8.onnx"), "--no-progress"]) == 0
     int8 = torch.jit.load(str(out))
     assert metrics.attack_success_rate(int8, x, y, TRIGGER, TARGET) <= 0.02

@@ -62,21 +62,25 @@ class _Tap(nn.Identity):
     """Marks a quantized layer's input in the simulator graph (the capture hooks it)."""
 
 
-def _ignore_new_data(self, x):
+def _ignore_new_data(x):
     return x
 
 
 def _pinned(observer):
     """A copy of a torchao weight observer that keeps its calibrated min/max whatever it sees.
 
-    The subclass is registered in this module so pinned models still pickle.
+    torchao's own observer classes get a twin defined at import time in :mod:`._pt2e_pinned`
+    (so pinned models unpickle in a fresh process); any other observer keeps its class and gets
+    a module-level ``forward`` on the instance, which pickles by reference too.
     """
-    cls = type(observer)
-    name = f"Pinned{cls.__name__}"
-    if name not in globals():
-        globals()[name] = type(name, (cls,), {"forward": _ignore_new_data, "__module__": __name__})
+    from ._pt2e_pinned import pinned_class
+
     new = copy.deepcopy(observer)
-    new.__class__ = globals()[name]
+    twin = pinned_class(type(observer))
+    if twin is not None:
+        new.__class__ = twin
+    else:
+        new.forward = _ignore_new_data
     return new
 
 

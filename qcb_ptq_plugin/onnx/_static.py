@@ -21,7 +21,8 @@ from .. import _pass
 from ..config import MethodConfig
 from ..methods import DEFAULT_METHOD, get_method
 from ..report import PurifyReport
-from ._ort import _require
+from .._io import atomic_output, check_output
+from ._ort import _require, session
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ def quantize_static(model_input, model_output, calibration_data_reader, quant_fo
                                   "(ORT runs QDQ models with the same integer kernels)")
     m = get_method(method)
     cfg = m.config(purify_config)
+    check_output(model_output, "model_output")  # before any work
     fp = _load(model_input)
     feeds = _read_feeds(calibration_data_reader, fp)
 
@@ -155,6 +157,7 @@ def quantize_static(model_input, model_output, calibration_data_reader, quant_fo
     codes, report = _pass.run(plan.units, plan.capture, feeds, m, cfg, unsupported=plan.unsupported)
     plan.commit(codes)
     report.mode = "onnxruntime"
-    Path(model_output).parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(qmodel, str(model_output))
+    with atomic_output(model_output, "model_output") as tmp:
+        onnx.save(qmodel, str(tmp))
+        session(str(tmp))  # onnxruntime accepts the written file before it replaces anything
     return report
