@@ -98,4 +98,4 @@ def available_methods() -> list[str]:
     return list(_METHODS)
 
 
-from . import lac  # noqa: E402,F401  (registers "lac_pda" and "lac")
+from . import lac, efrap, qvec, rtn  # noqa: E402,F401,I001  (registers "lac_pda", "lac" first, then "rtn", "efrap", "qvec")
