@@ -78,8 +78,14 @@ def _read_bytes(path: Path, what: str) -> bytes:
 
 _PT2_FIXED = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"}
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-_OP_TARGET = re.compile(rf"torch\.ops\.({_IDENT})\.{_IDENT}\.{_IDENT}")
-_PLAIN_TARGET = re.compile(rf"(_operator|math)\.{_IDENT}|torch\.sym_[a-z_]+")
+_OP_TARGET = re.compile(rf"torch\.ops\.({_IDENT})\.({_IDENT})\.{_IDENT}")
+# operator namespaces a float or PT2E-quantized program uses; aten ops that touch files are out
+_OP_NAMESPACES = {"aten", "prims", "quantized_decomposed", "higher_order", "torchao", "quantized"}
+_FILE_OPS = {("aten", "save"), ("aten", "from_file")}
+# plain Python callables torch serializes by name; _operator's attrgetter/methodcaller/call are out
+_PLAIN_TARGET = re.compile(r"_operator\.(getitem|add|sub|mul|truediv|floordiv|mod|pow|neg|pos|abs|eq|ne|lt|le|gt|ge|"
+                           r"and_|or_|xor|not_|invert|lshift|rshift|matmul|truth|index)|math\.[a-z0-9_]+|"
+                           r"torch\.sym_[a-z_]+")
 _SYMBOL = re.compile(r"[a-z]+[0-9]+")  # torch's shape symbols: s0, u3, ...
 # names torch's deserializer hands to sympy.sympify (its sympy_functions) and what str(expr) prints
 _SYMPY_NAMES = {
@@ -111,15 +117,15 @@ def _check_text(text: str, names: set[str], extra_ops: set[str], path: Path, whe
 
 
 def _check_target(target: str, path: Path) -> None:
-    """Node targets resolve by getattr from ``torch``: only operator overloads are calls we allow."""
-    import torch
-
+    """Node targets resolve by getattr from ``torch``/``operator``/``math``: only operator overloads
+    of the expected namespaces and a few arithmetic callables are allowed."""
     m = _OP_TARGET.fullmatch(target)
-    ok = (m is not None and not m.group(1).startswith("_") and not hasattr(type(torch.ops), m.group(1))
+    ok = (m is not None and m.group(1) in _OP_NAMESPACES and (m.group(1), m.group(2)) not in _FILE_OPS
           and "__" not in target) or _PLAIN_TARGET.fullmatch(target) is not None
     if not ok:
-        raise UnsafeFileError(f"{path}: the graph calls {target!r}, which is not a torch operator; refusing to load "
-                              f"it (it could run any Python function). Re-export the model: {SAFE_FORMATS}")
+        raise UnsafeFileError(f"{path}: the graph calls {target!r}, which is not an allowed torch operator; refusing "
+                              f"to load it (it could run Python code or touch files). Re-export the model: "
+                              f"{SAFE_FORMATS}")
 
 
 def _walk_program(obj, path: Path) -> None:

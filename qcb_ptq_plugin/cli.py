@@ -9,13 +9,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from ._io import FileError, atomic_output, check_output, load_array_file
+from ._io import atomic_output, check_output, load_array_file
 
 log = logging.getLogger("qcb_ptq_plugin.cli")
 
@@ -88,8 +89,6 @@ def _cmd_demo(args) -> int:
 
 def _cmd_onnx(args) -> int:
     from onnxruntime.quantization import QuantFormat, QuantType
-
-    import contextlib
 
     from .onnx import quantize_static
     from .onnx._static import _graph_inputs, _load, _Replay
@@ -188,8 +187,6 @@ def _outputs(*pairs) -> dict[str, Path]:
 
 
 def _cmd_purify(args) -> int:
-    import contextlib
-
     import torch
 
     from ._io import load_exported_program

@@ -344,3 +344,19 @@ def test_fixed_batch_pt2_is_re_exported_or_refused(files, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "exported for batch size 2 only" in err[0] and "Dim('batch')" in err[0]
     assert not (tmp_path / "v.pt2").exists()
+
+
+@pytest.mark.parametrize("target,ok", [
+    ("torch.ops.aten.conv2d.default", True), ("torch.ops.quantized_decomposed.dequantize_per_channel.default", True),
+    ("_operator.getitem", True), ("torch.sym_max", True),
+    ("torch.os.system", False), ("_operator.methodcaller", False), ("_operator.call", False),
+    ("torch.ops.aten.save.default", False), ("torch.ops.aten.from_file.default", False),
+    ("torch.ops.debugprims.load_tensor.default", False), ("torch.ops.import_module.a.b", False),
+    ("torch.hub.load", False)])
+def test_graph_targets_are_operators_only(target, ok):
+    """torch resolves a node's target by getattr from `torch`: only operators may pass."""
+    if ok:
+        _io._check_target(target, Path("m.pt2"))
+    else:
+        with pytest.raises(_io.UnsafeFileError, match="not an allowed torch operator"):
+            _io._check_target(target, Path("m.pt2"))
