@@ -27,7 +27,7 @@ def require(module: str, extra: str):
         msg = f"{module} is not installed ({e}); pip install -c constraints.txt -e '.[{extra}]'"
         if os.environ.get("CI"):
             pytest.fail(msg)
-        pytest.skip(msg)
+        pytest.skip(msg, allow_module_level=True)
 
 
 @pytest.fixture(scope="session")
