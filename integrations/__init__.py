@@ -4,10 +4,11 @@ Installed as ``qcb_ptq_plugin.integrations`` (the folder sits at the repository'
 One module per pipeline, each thin over :mod:`qcb_ptq_plugin.adapters` and
 :func:`qcb_ptq_plugin.purify`, importing its pipeline only when used:
 
-* NVIDIA ModelOpt - our pass as a calibration algorithm of ``mtq.quantize``;
-* OpenVINO NNCF - one helper call after ``nncf.quantize`` (torch FX and ONNX backends);
-* Microsoft Olive - a ``Pass`` after ``OnnxStaticQuantization`` in a workflow;
-* Intel Neural Compressor 3.x - ``prepare`` -> calibrate -> ``purify`` -> ``convert`` (torchao PT2E).
+* :mod:`.modelopt` - NVIDIA ModelOpt: our pass as the calibration algorithm ``"qcb_purify"`` of ``mtq.quantize``;
+* :mod:`.nncf` - OpenVINO NNCF: one helper call after ``nncf.quantize`` (ONNX backend);
+* :mod:`.inc` - Intel Neural Compressor 3.x: ``prepare`` -> calibrate -> ``purify`` -> ``convert`` (torchao PT2E).
 
-No module is here yet: each arrives with its tests under ``tests/integrations/``.
+Each is installed with its extra (``pip install -c constraints.txt -e ".[modelopt]"``) and tested
+under ``tests/integrations/``. Microsoft Olive (a ``Pass`` after ``OnnxStaticQuantization``) and
+NNCF's torch FX backend are not integrated yet.
 """
