@@ -99,3 +99,4 @@ def available_methods() -> list[str]:
 
 
 from . import lac  # noqa: E402,F401  (registers "lac_pda" and "lac")
+from . import flipguard, quantguard  # noqa: E402,F401  (LLM defenses: "flipguard", "quantguard")
