@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from qcb_ptq_plugin.methods.lac import _RoundSTE
+
 from .attacks import _reproducible_training
 
 log = logging.getLogger(__name__)
@@ -216,16 +218,6 @@ def train_lm(model: TinyDecoder, c: Corpus, *, steps: int = 1500, batch_size: in
         opt.step()
         sched.step()
     return model.eval()
-
-
-class _RoundSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
 
 
 @dataclass
