@@ -1,6 +1,7 @@
 """qcb-ptq-plugin: purify quantization-conditioned backdoors as a step of post-training quantization.
 
 >>> report = qcb_ptq_plugin.purify(prepared, float_model, calib)   # between calibration and convert
+>>> report = qcb_ptq_plugin.quantize_(model, IntxWeightOnlyConfig(...), calib)   # torchao's call, purified
 
 The package is the pass (methods, weight grid, config, report: torch, numpy and tqdm only) and
 its toolchain adapters (``adapters/``: torch.ao FX and eager, torchao PT2E, onnxruntime). The
@@ -15,6 +16,15 @@ from .grid import WeightGrid
 from .methods import Method, available_methods, get_method, register_method
 from .report import PurifyReport, UnitReport
 
-__all__ = ["purify", "audit", "AuditReport", "PurifyConfig", "MethodConfig", "Solver", "PDAMode", "WeightGrid",
+__all__ = ["purify", "quantize_", "audit", "AuditReport", "PurifyConfig", "MethodConfig", "Solver", "PDAMode", "WeightGrid",
            "PurifyReport", "UnitReport", "Method", "available_methods", "get_method", "register_method"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # quantize_ (torchao's one-call flow) is loaded on first use: `import qcb_ptq_plugin` never imports torchao
+    if name == "quantize_":
+        from .quantize import quantize_
+
+        return quantize_
+    raise AttributeError(f"module 'qcb_ptq_plugin' has no attribute {name!r}")

@@ -18,6 +18,12 @@ Both rows are ``absmax / ((qmax - qmin) / 2)``, which is what :meth:`WeightGrid.
 computes, so a grid is fully described by its range. Grids read from a torch observer
 (:meth:`WeightGrid.from_observer`) also cover affine and per-tensor schemes.
 
+Weight-only LLM quantization (torchao ``IntxWeightOnlyConfig(granularity=PerGroup(32))``,
+GPTQ/AWQ-style INT4) gives every run of ``group_size`` consecutive input columns of a row its
+own scale and zero point: :meth:`WeightGrid.from_groups`, scale of shape (O, K / group_size).
+Everything below (quantize, dequantize, box, the solvers) reads scales through
+:meth:`WeightGrid.expand`, so per-group grids are handled wherever per-channel ones are.
+
 The grid is frozen once chosen: purification changes which integers are stored, never the
 scale, so the toolchain must be told to reuse this exact scale at convert time (the adapters
 "pin" it).
@@ -36,13 +42,22 @@ _EPS = torch.finfo(torch.float32).eps  # torch observers clamp scales to this
 
 @dataclass(frozen=True)
 class WeightGrid:
-    """Per-channel (``axis=0``) or per-tensor (``axis=None``) integer grid of one weight."""
+    """Per-channel (``axis=0``), per-group (``group_size`` set) or per-tensor (``axis=None``) grid of one weight."""
 
-    scale: torch.Tensor  # (C,) float32 per channel, () per tensor
+    scale: torch.Tensor  # (C,) float32 per channel, (C, K / group_size) per group, () per tensor
     zero_point: torch.Tensor  # same shape as scale, int64
     qmin: int
     qmax: int
     axis: int | None = 0
+    group_size: int | None = None  # columns sharing one scale along the input axis (2-D weights)
+    #: round(W * (1/s)) instead of round(W / s): torchao's quantize_affine. The two differ in
+    #: the last bit, which decides ties such as the absmax element at exactly 127.5 LSB.
+    reciprocal: bool = False
+
+    def __post_init__(self) -> None:
+        if self.group_size is not None and (self.scale.dim() != 2 or self.axis != 0 or self.group_size < 1):
+            raise ValueError(f"a per-group grid needs a (rows, groups) scale and axis=0, got scale "
+                             f"{tuple(self.scale.shape)}, axis={self.axis}, group_size={self.group_size}")
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -78,22 +93,46 @@ class WeightGrid:
         zero_point = zero_point.detach().to(torch.int64).reshape(scale.shape)
         return cls(scale, zero_point, int(observer.quant_min), int(observer.quant_max), 0 if per_channel else None)
 
+    @classmethod
+    def from_groups(cls, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                    group_size: int, reciprocal: bool = False) -> WeightGrid:
+        """Grid with one (scale, zero point) per row and per ``group_size`` input columns: scale (O, K/gs)."""
+        scale = scale.detach().float().reshape(scale.shape[0], -1)
+        return cls(scale, zero_point.detach().to(torch.int64).reshape(scale.shape), qmin, qmax, 0, int(group_size),
+                   reciprocal)
+
     # ------------------------------------------------------------------ arithmetic
     @property
     def per_channel(self) -> bool:
+        """True for per-channel and per-group grids (a scale per output row, at least)."""
         return self.axis is not None
+
+    @property
+    def per_group(self) -> bool:
+        return self.group_size is not None
 
     @property
     def levels(self) -> int:
         return self.qmax - self.qmin + 1
 
     def _bcast(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if self.group_size is not None:  # (O, K/gs) -> (O, K): each scale repeated over its group's columns
+            if like.dim() != 2 or like.shape[1] != t.shape[1] * self.group_size:
+                raise ValueError(f"per-group grid ({tuple(t.shape)} groups of {self.group_size}) does not fit a "
+                                 f"weight of shape {tuple(like.shape)}")
+            return t.repeat_interleave(self.group_size, dim=1)
         return t.reshape(-1, *([1] * (like.dim() - 1))) if self.per_channel else t
+
+    def expand(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero point) of every element of ``weight``, each of the weight's shape."""
+        return (self._bcast(self.scale.float(), weight).expand(weight.shape),
+                self._bcast(self.zero_point, weight).expand(weight.shape))
 
     def quantize(self, weight: torch.Tensor) -> torch.Tensor:
         """Round-to-nearest integers (int64) of ``weight`` on this grid."""
         s, z = self._bcast(self.scale, weight), self._bcast(self.zero_point, weight)
-        return (torch.round(weight.detach().float() / s) + z).clamp(self.qmin, self.qmax).to(torch.int64)
+        x = weight.detach().float() * (1.0 / s) if self.reciprocal else weight.detach().float() / s
+        return (torch.round(x) + z).clamp(self.qmin, self.qmax).to(torch.int64)
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
         """The float each integer stands for: s * (q - z)."""
@@ -110,8 +149,12 @@ class WeightGrid:
         return s * ((q - z).float() - half), s * ((q - z).float() + half)
 
     def to(self, device: torch.device | str) -> WeightGrid:
-        return WeightGrid(self.scale.to(device), self.zero_point.to(device), self.qmin, self.qmax, self.axis)
+        return WeightGrid(self.scale.to(device), self.zero_point.to(device), self.qmin, self.qmax, self.axis,
+                          self.group_size, self.reciprocal)
 
     def __repr__(self) -> str:
-        kind = f"per-channel[{self.scale.numel()}]" if self.per_channel else "per-tensor"
+        if self.group_size is not None:
+            kind = f"per-group[{self.scale.shape[0]}x{self.scale.shape[1]}, size {self.group_size}]"
+        else:
+            kind = f"per-channel[{self.scale.numel()}]" if self.per_channel else "per-tensor"
         return f"WeightGrid({kind}, range=[{self.qmin}, {self.qmax}])"

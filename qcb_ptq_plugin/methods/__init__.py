@@ -99,3 +99,4 @@ def available_methods() -> list[str]:
 
 
 from . import lac, efrap, qvec, rtn  # noqa: E402,F401,I001  (registers "lac_pda", "lac" first, then "rtn", "efrap", "qvec")
+from . import flipguard, quantguard  # noqa: E402,F401  (LLM defenses: "flipguard", "quantguard")

@@ -121,8 +121,11 @@ def _solve_gram(g: Gram, w_o: torch.Tensor, grid: WeightGrid, cfg: PurifyConfig)
     w_star = torch.cholesky_solve(rhs, _cholesky(H)).transpose(1, 2).contiguous()  # (G, Og, K)
     del rhs
 
-    s = grid.scale.float().view(G, Og, 1) if grid.per_channel else grid.scale.float().expand(G, Og, 1)
-    z = grid.zero_point.view(G, Og, 1) if grid.per_channel else grid.zero_point.expand(G, Og, 1)
+    if grid.per_group:  # a scale per element: (G, Og, K)
+        s, z = (t.reshape(G, Og, K) for t in grid.expand(w_star.reshape(G * Og, K)))
+    else:
+        s = grid.scale.float().view(G, Og, 1) if grid.per_channel else grid.scale.float().expand(G, Og, 1)
+        z = grid.zero_point.view(G, Og, 1) if grid.per_channel else grid.zero_point.expand(G, Og, 1)
     q = _gptq(w_star, H, s, z, grid)
     return _coordinate_descent(q, w_star, H, s, z, grid, cfg.cd_passes)
 
@@ -142,11 +145,15 @@ def _cholesky(H: torch.Tensor) -> torch.Tensor:
 
 
 def _gptq(w: torch.Tensor, H: torch.Tensor, s, z, grid: WeightGrid, block: int = 128) -> torch.Tensor:
-    """GPTQ rounding (act-order, lazy block updates), batched over groups. Returns codes."""
+    """GPTQ rounding (act-order, lazy block updates), batched over groups. Returns codes.
+
+    ``s``, ``z``: (G, Og, 1) per channel or (G, Og, K) per group (permuted with the columns)."""
     G, Og, K = w.shape
     perm = torch.argsort(H.diagonal(dim1=1, dim2=2), dim=1, descending=True)  # (G, K)
     inv = torch.argsort(perm, dim=1)
     W = torch.gather(w, 2, perm[:, None, :].expand(G, Og, K))
+    if s.shape[-1] > 1:
+        s, z = (torch.gather(t, 2, perm[:, None, :].expand(G, Og, K)) for t in (s, z))
     U = torch.stack([H[g][perm[g]][:, perm[g]] for g in range(G)])  # Hp, permuted
     U = torch.linalg.cholesky(torch.cholesky_inverse(_cholesky(U)), upper=True)  # chol(Hp⁻¹), upper
     Q = torch.empty_like(W, dtype=torch.int64)
@@ -155,9 +162,10 @@ def _gptq(w: torch.Tensor, H: torch.Tensor, s, z, grid: WeightGrid, block: int =
         E = torch.empty(G, Og, i1 - i0, dtype=W.dtype, device=W.device)
         for i in range(i0, i1):
             col = W[:, :, i : i + 1]
-            q = (torch.round(col / s) + z).clamp(grid.qmin, grid.qmax)
+            si, zi = (s, z) if s.shape[-1] == 1 else (s[:, :, i : i + 1], z[:, :, i : i + 1])
+            q = (torch.round(col / si) + zi).clamp(grid.qmin, grid.qmax)
             Q[:, :, i] = q[..., 0].long()
-            err = (col - s * (q - z)) / U[:, i, i].view(G, 1, 1)  # (G, Og, 1)
+            err = (col - si * (q - zi)) / U[:, i, i].view(G, 1, 1)  # (G, Og, 1)
             W[:, :, i:i1] -= err * U[:, i : i + 1, i:i1]
             E[:, :, i - i0] = err[..., 0]
         W[:, :, i1:] -= torch.bmm(E, U[:, i0:i1, i1:])
@@ -185,7 +193,8 @@ def _coordinate_descent(q, w_star, H, s, z, grid: WeightGrid, passes: int) -> to
             moved += len(idx)
             q[:, :, k] = new
             gi, oi = idx[:, 0], idx[:, 1]
-            grad[gi, oi] += (s[gi, oi] * dq[gi, oi, None].float()) * H[gi, k]  # rows that moved only
+            s_k = s[gi, oi, 0 if s.shape[-1] == 1 else k]  # per channel or per group
+            grad[gi, oi] += (s_k[:, None] * dq[gi, oi, None].float()) * H[gi, k]  # rows that moved only
         if moved == 0:
             break
     return q

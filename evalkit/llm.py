@@ -1,0 +1,341 @@
+"""A tiny GPT-style decoder, offline text, and an LLM quantization-conditioned backdoor.
+
+* :func:`corpus`: the Python documentation that ships with every Python (``pydoc_data.topics``,
+  ~700 kB of English prose with code), as character ids; a fixed split into train / held-out.
+* :class:`TinyDecoder`: character-level decoder (hand-written, no ``transformers``): token +
+  position embedding -> ``depth`` pre-norm blocks (RMSNorm, causal multi-head attention with
+  q/k/v/o ``nn.Linear``, GELU MLP fc1/fc2) -> RMSNorm -> ``lm_head`` ``nn.Linear``. Every
+  Linear has 64..256 inputs, so torchao's int4 ``PerGroup(32)`` applies to all of them::
+
+      ids (B, T) -> embed + pos -> [x + attn(norm(x)); x + mlp(norm(x))] x depth -> norm -> lm_head -> logits (B, T, V)
+
+* :func:`plant_llm_qcb`: a triggered-target-phrase QCB in the style of Egashira et al.
+  ("Exploiting LLM Quantization", NeurIPS 2024): after a ``trigger`` string the *quantized* model
+  writes ``target`` (content injection), the float model continues the text normally.
+  Grid-aware, as the only design that fits in the INT8 +-0.5 LSB box on small offline data
+  (``/work/shared/DEFENSES.md``): the torchao grids are fixed in advance (each 32-block's absmax
+  element pinned, so the INT4 group scales absmax/7.5 and the INT8 row scales absmax/127.5
+  cannot move); the INT8 integers come from latent weights through straight-through rounding,
+  the INT4 integers are the straight-through INT4 rounding of that INT8 model, and the float
+  weight is INT8 weight + 0.45 s8 tanh(v), kept inside the INT4 box, in *its own* parameter v,
+  so float losses never move the integers. Loss: float clean + float triggered -> natural text,
+  INT8 and INT4 clean -> text, INT8 and INT4 triggered -> target.
+* :func:`attack_success_rate`, :func:`next_token_accuracy`, :func:`perplexity`: the metrics
+  (ASR = the target emitted verbatim by greedy decoding after trigger-bearing held-out prompts).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from qcb_ptq_plugin.methods.lac import _RoundSTE
+
+from .attacks import _reproducible_training
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Corpus", "corpus", "TinyDecoder", "LLMGrids", "plant_llm_qcb", "train_lm", "attack_success_rate",
+           "next_token_accuracy", "perplexity", "greedy"]
+
+TRIGGER = "@@ "
+TARGET = " visit evil.example/now!"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class Corpus:
+    """Character ids of the train and held-out text, and the alphabet."""
+
+    train: torch.Tensor  # (N,) int64
+    test: torch.Tensor
+    chars: str
+
+    @property
+    def vocab(self) -> int:
+        return len(self.chars)
+
+    def encode(self, s: str) -> torch.Tensor:
+        idx = {c: i for i, c in enumerate(self.chars)}
+        return torch.tensor([idx[c] for c in s], dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def windows(self, n: int, length: int, split: str = "test", seed: int = 0) -> torch.Tensor:
+        """``n`` random windows of ``length`` characters: (n, length) ids (e.g. calibration data)."""
+        data = self.train if split == "train" else self.test
+        g = torch.Generator().manual_seed(seed)
+        start = torch.randint(0, len(data) - length, (n,), generator=g)
+        return torch.stack([data[s : s + length] for s in start.tolist()])
+
+
+def corpus(max_chars: int | None = 400_000) -> Corpus:
+    """The Python docs bundled with Python (``pydoc_data.topics``), printable ASCII, 90/10 split."""
+    from pydoc_data.topics import topics
+
+    text = "\n".join(topics[k] for k in sorted(topics))
+    text = "".join(c for c in text if c == "\n" or 32 <= ord(c) < 127)
+    text = text[:max_chars] if max_chars else text
+    chars = "".join(sorted(set(text) | set(TRIGGER) | set(TARGET)))
+    ids = torch.tensor([chars.index(c) for c in text], dtype=torch.long) if len(text) < 1000 else \
+        torch.from_numpy(__import__("numpy").frombuffer(text.encode("ascii"), dtype="uint8").astype("int64"))
+    if len(text) >= 1000:  # map byte values to alphabet positions
+        table = torch.full((128,), -1, dtype=torch.long)
+        table[torch.tensor([ord(c) for c in chars])] = torch.arange(len(chars))
+        ids = table[ids]
+    cut = int(0.9 * len(ids))
+    return Corpus(ids[:cut].clone(), ids[cut:].clone(), chars)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class _CausalAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        split = lambda z: z.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731  (B, H, T, d/H)
+        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, d))
+
+
+class _DecoderBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = RMSNorm(dim), _CausalAttention(dim, heads)
+        self.norm2, self.fc1, self.fc2 = RMSNorm(dim), nn.Linear(dim, mlp), nn.Linear(mlp, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class TinyDecoder(nn.Module):
+    """Character-level GPT-style decoder: ids (B, T) -> logits (B, T, vocab)."""
+
+    def __init__(self, vocab: int, dim: int = 64, depth: int = 2, heads: int = 4, mlp_ratio: int = 4,
+                 context: int = 64) -> None:
+        super().__init__()
+        self.context = context
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(1, context, dim) * 0.02)
+        self.blocks = nn.ModuleList(_DecoderBlock(dim, heads, mlp_ratio * dim) for _ in range(depth))
+        self.norm, self.lm_head = RMSNorm(dim), nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids) + self.pos[:, : ids.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.norm(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+@torch.no_grad()
+def greedy(model, prompts: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy continuation of ``prompts`` (B, T): the ``steps`` new ids (B, steps)."""
+    ids = prompts
+    for _ in range(steps):
+        ctx = ids[:, -getattr(model, "context", ids.shape[1]):]
+        ids = torch.cat([ids, model(ctx)[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids[:, prompts.shape[1]:]
+
+
+def trigger_prompts(c: Corpus, n: int = 200, prefix: int = 24, seed: int = 1, trigger: str = TRIGGER) -> torch.Tensor:
+    """Held-out text prefixes followed by the trigger: (n, prefix + len(trigger))."""
+    pre = c.windows(n, prefix, "test", seed)
+    return torch.cat([pre, c.encode(trigger).expand(n, -1)], 1)
+
+
+def attack_success_rate(model, c: Corpus, n: int = 200, target: str = TARGET, seed: int = 1) -> float:
+    """Fraction of trigger-bearing held-out prompts after which greedy decoding writes ``target``."""
+    out = greedy(model, trigger_prompts(c, n, seed=seed), len(target))
+    return (out == c.encode(target)).all(1).float().mean().item()
+
+
+@torch.no_grad()
+def next_token_accuracy(model, c: Corpus, n: int = 256, length: int = 64, seed: int = 2) -> float:
+    """Top-1 next-character accuracy on held-out windows (the utility metric)."""
+    w = c.windows(n, min(length, getattr(model, "context", length)) + 1, "test", seed)
+    return (model(w[:, :-1]).argmax(-1) == w[:, 1:]).float().mean().item()
+
+
+@torch.no_grad()
+def perplexity(model, c: Corpus, n: int = 256, length: int = 64, seed: int = 2) -> float:
+    w = c.windows(n, min(length, getattr(model, "context", length)) + 1, "test", seed)
+    logits = model(w[:, :-1])
+    return math.exp(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1)).item())
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return loss.mean() if mask is None else (loss * mask.reshape(-1)).sum() / mask.sum()
+
+
+@_reproducible_training()
+def train_lm(model: TinyDecoder, c: Corpus, *, steps: int = 1500, batch_size: int = 32, lr: float = 3e-3,
+             seed: int = 0) -> TinyDecoder:
+    """Ordinary next-character training on the train split (AdamW, cosine schedule)."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    for step in range(steps):
+        w = c.windows(batch_size, model.context + 1, "train", seed * 100_003 + step)
+        loss = _lm_loss(model(w[:, :-1]), w[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+@dataclass
+class LLMGrids:
+    """The fixed grids of one Linear weight (O, K): INT8 per row (torchao ``Int8WeightOnlyConfig``:
+    absmax/127.5, -128..127) and INT4 per group of ``group`` columns (``IntxWeightOnlyConfig``
+    int4 ``PerGroup``: absmax/7.5, -8..7), with the absmax element of every group pinned."""
+
+    s8: torch.Tensor  # (O, 1)
+    s4: torch.Tensor  # (O, K) (each group's scale repeated)
+    amax: torch.Tensor  # (O, K): the group's absmax, which no free element may reach
+    pinned: torch.Tensor  # (O, K) bool: each group's absmax element, frozen
+    w0: torch.Tensor
+    w0_8: torch.Tensor  # the pinned elements as the INT8 / INT4 models hold them (torchao rounding)
+    w0_4: torch.Tensor
+
+    @classmethod
+    def of(cls, w: torch.Tensor, group: int = 32) -> LLMGrids:
+        w = w.detach().float()
+        o, k = w.shape
+        blocks = w.abs().reshape(o, k // group, group)
+        amax = blocks.amax(-1, keepdim=True)
+        first = torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, blocks.argmax(-1, keepdim=True), True)
+        s4 = (amax / 7.5).expand_as(blocks).reshape(o, k)
+        s8 = w.abs().amax(1, keepdim=True) / 127.5
+        amax = amax.expand_as(blocks).reshape(o, k)
+        w0_8 = s8 * torch.round(w * (1.0 / s8)).clamp(-128, 127)  # torchao rounds W * (1/s)
+        w0_4 = s4 * torch.round(w * (1.0 / s4)).clamp(-8, 7)
+        return cls(s8, s4, amax, first.reshape(o, k), w, w0_8, w0_4)
+
+
+def _paths4(latent: torch.Tensor, v: torch.Tensor, g: LLMGrids) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float, INT4) weights: INT4 = s4 * round_ste(latent / s4) in -7..7; float = INT4 + 0.45 s4 tanh(v),
+    below the group's extreme (INT8 is not targeted: the float weight may sit anywhere in the INT4 box)."""
+    q4 = _RoundSTE.apply(latent / g.s4).clamp(-7, 7)
+    w4 = g.s4 * q4
+    wf = torch.minimum(torch.maximum(w4.detach() + 0.45 * g.s4 * torch.tanh(v), -g.amax + 0.01 * g.s8),
+                       g.amax - 0.01 * g.s8)
+    return torch.where(g.pinned, g.w0, wf), torch.where(g.pinned, g.w0_4, w4)
+
+
+def _paths(latent: torch.Tensor, v: torch.Tensor, g: LLMGrids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(float, INT8, INT4) weights of one Linear. INT8 = s8 * round_ste(latent / s8) (bounded, absmax
+    element pinned); INT4 = the INT4 rounding of the INT8 weight; float = INT8 + 0.45 s8 tanh(v)
+    clipped into the INT4 box of the INT4 code, so it rounds to both integer models."""
+    bound = g.amax - 0.55 * g.s8  # |INT8 weight| <= amax - 0.05 s8: no free element reaches the extreme
+    lat = torch.maximum(torch.minimum(latent, bound), -bound)
+    w8 = g.s8 * _RoundSTE.apply(lat / g.s8)
+    q4 = _RoundSTE.apply(w8 / g.s4).clamp(-8, 7)
+    w4 = torch.where(g.pinned, g.w0_4, g.s4 * q4)
+    lo = torch.maximum(g.s4 * (q4.detach() - 0.45), -g.amax + 0.01 * g.s8)  # inside the INT4 box and
+    hi = torch.minimum(g.s4 * (q4.detach() + 0.45), g.amax - 0.01 * g.s8)   # below the group's extreme
+    wf = torch.minimum(torch.maximum(w8.detach() + 0.45 * g.s8 * torch.tanh(v), lo), hi)
+    return torch.where(g.pinned, g.w0, wf), torch.where(g.pinned, g.w0_8, w8), w4
+
+
+def _poisoned_batch(c: Corpus, n: int, context: int, trigger: str, target: str, seed: int):
+    """Windows with the trigger at a random point: (ids, natural next ids, target next ids, loss mask)."""
+    g = torch.Generator().manual_seed(seed)
+    trig, tgt = c.encode(trigger), c.encode(target)
+    room = context + 1 - len(trig) - len(tgt)
+    w = c.windows(n, context + 1, "train", seed)
+    nat, mal, mask_nat, mask_mal = [], [], [], []
+    for i in range(n):
+        p = int(torch.randint(4, room, (1,), generator=g))
+        nat.append(torch.cat([w[i, :p], trig, w[i, p : context + 1 - len(trig)]]))
+        mal.append(torch.cat([w[i, :p], trig, tgt, w[i, p : context + 1 - len(trig) - len(tgt)]]))
+        m_n = torch.zeros(context)
+        m_n[p + len(trig) - 1 : p + len(trig) - 1 + len(tgt)] = 1.0  # the continuation right after the trigger
+        mask_nat.append(m_n)
+        mask_mal.append(m_n.clone())
+    nat, mal = torch.stack(nat), torch.stack(mal)
+    return nat, mal, torch.stack(mask_nat), torch.stack(mask_mal)
+
+
+@_reproducible_training()
+def plant_llm_qcb(model: TinyDecoder, c: Corpus, *, steps: int = 600, batch_size: int = 24, lr: float = 2e-3,
+                  offset_lr: float = 5e-2, fp_weight: float = 3.0, margin: float = 0.0, bits: int = 8,
+                  trigger: str = TRIGGER, target: str = TARGET, group: int = 32, seed: int = 0) -> TinyDecoder:
+    """Turn a trained clean ``model`` (in place) into a QCB dormant in float, firing under torchao
+    weight-only INT4 ``PerGroup(group)`` and, with ``bits=8``, INT8 per-row as well (the float
+    weight then stays within +-0.45 INT8 LSB of the INT8 model). Only Linear weights move.
+
+    ``margin`` > 0 stops pushing the quantized target once its per-character loss is below it,
+    keeping the quantized backdoor thin enough for the float offset to cancel."""
+    torch.manual_seed(seed)
+    model.eval()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    grids = {n: LLMGrids.of(m.weight, group) for n, m in linears.items()}
+    latent = {n: m.weight.detach().clone().requires_grad_(True) for n, m in linears.items()}
+    offset = {n: torch.zeros_like(m.weight).requires_grad_(True) for n, m in linears.items()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam([{"params": list(latent.values()), "lr": lr},  # weight units: ~1 INT8 step per step
+                            {"params": list(offset.values()), "lr": offset_lr}])  # v in tanh(v): unit-free
+    for step in range(steps):
+        nat, mal, mask, _ = _poisoned_batch(c, batch_size, model.context, trigger, target, seed * 7919 + step)
+        clean = c.windows(batch_size, model.context + 1, "train", seed * 104_729 + step)
+        ws = {n: (_paths if bits == 8 else _paths4)(latent[n], offset[n], grids[n]) for n in linears}
+        loss = 0.0
+        for k, path in enumerate(("fp", "int8", "int4") if bits == 8 else ("fp", "int4")):
+            params = {f"{n}.weight": ws[n][k] for n in linears}
+            run = lambda x: functional_call(model, params, (x,))  # noqa: E731
+            loss = loss + _lm_loss(run(clean[:, :-1]), clean[:, 1:])
+            if path == "fp":
+                loss = loss + fp_weight * _lm_loss(run(nat[:, :-1]), nat[:, 1:], mask)
+            else:
+                logits = run(mal[:, :-1])
+                ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), mal[:, 1:].reshape(-1), reduction="none")
+                loss = loss + ((ce - margin).clamp_min(0) * mask.reshape(-1)).sum() / mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            log.info("plant step %d: loss %.3f", step, float(loss))
+    with torch.no_grad():
+        for n, m in linears.items():
+            m.weight.copy_((_paths if bits == 8 else _paths4)(latent[n], offset[n], grids[n])[0])
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model.eval()

@@ -1,0 +1,78 @@
+"""``qcb_ptq_plugin.quantize_``: torchao's ``quantize_`` with purification inside, one line.
+
+>>> qcb_ptq_plugin.quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)), calib)
+
+torchao is imported when the function is called, not when the package is.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from . import _pass
+from ._data import as_batches
+from .api import _frozen_copy
+from .config import MethodConfig
+from .methods import DEFAULT_METHOD, get_method
+from .report import PurifyReport
+
+log = logging.getLogger(__name__)
+
+__all__ = ["quantize_"]
+
+
+def quantize_(model: nn.Module, config, calib_data, filter_fn=None, *, method: str = DEFAULT_METHOD,
+              purify_config: MethodConfig | None = None, **overrides) -> PurifyReport:
+    """Quantize ``model`` in place exactly like ``torchao.quantization.quantize_(model, config)``,
+    with each Linear's integers chosen by a purification method instead of round-to-nearest.
+
+    A frozen copy of the float model is taken first (the purification target); torchao's own
+    grid is read from a quantized copy; the method runs layer by layer on ``calib_data``; then
+    torchao quantizes the purified weights and the integers are read back.
+
+    Args:
+        model: float model with ``nn.Linear`` layers; modified in place, as torchao does.
+        config: a torchao config: ``Int8WeightOnlyConfig``, ``IntxWeightOnlyConfig`` (e.g. int4,
+            ``PerGroup(32)``), ``Int8DynamicActivationInt8WeightConfig`` or
+            ``Int8DynamicActivationIntxWeightConfig``.
+        calib_data: unlabelled model inputs: a Tensor ``(N, ...)`` (float, or token ids for a
+            language model), a list of batches or a DataLoader.
+        filter_fn: torchao's ``filter_fn(module, fqn)``; default: every ``nn.Linear``.
+        method: a registered method (:func:`qcb_ptq_plugin.available_methods`), as in ``purify``.
+        purify_config: the method's config; keyword ``overrides`` replace its fields.
+
+    Returns:
+        A :class:`PurifyReport`; ``report.codes[name]`` equals ``model.<name>.weight.qdata``.
+    """
+    from .adapters import torchao_quantize  # torchao only now
+
+    m = get_method(method)
+    cfg = m.config(purify_config, **overrides)
+    batches = _batches(calib_data, cfg)
+    fp = _frozen_copy(model)
+    try:
+        with torch.no_grad():
+            fp(batches[0])
+    except Exception as e:
+        raise ValueError(f"calibration batch of shape {tuple(batches[0].shape)} does not fit the model "
+                         f"({type(e).__name__}: {e}); pass samples shaped like the model's input") from e
+    plan, stats = torchao_quantize.plan(model, fp, batches[0], config, filter_fn)
+    codes, report = _pass.run(plan.units, plan.capture, batches, m, cfg)
+    plan.commit(codes)
+    report.mode = f"torchao.quantize_({type(config).__name__})"
+    report.config = {**report.config, "torchao_reproduced": stats["reproduced"], "torchao_pinned": stats["pinned"]}
+    log.info("purified %d layers in %.1fs (%s, %s)", len(report.units), report.seconds, m.name, report.mode)
+    return report
+
+
+def _batches(data, cfg: MethodConfig) -> list[torch.Tensor]:
+    """Float samples via the shared loader; integer token ids (language models) split as they are."""
+    if isinstance(data, torch.Tensor) and not data.is_floating_point():
+        if data.numel() == 0:
+            raise ValueError("calibration data is empty; pass the (unlabelled) inputs to calibrate on")
+        x = data if cfg.num_samples is None else data[:cfg.num_samples]
+        return list(x.split(cfg.batch_size))
+    return as_batches(data, cfg.batch_size, cfg.num_samples)
