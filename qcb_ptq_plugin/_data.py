@@ -25,35 +25,62 @@ def _sample_tensor(item) -> torch.Tensor:
     return item
 
 
-def as_batches(data, batch_size: int, num_samples: int | None = None) -> list[torch.Tensor]:
-    """Accepts a Tensor/array of samples, an iterable of batches, or a DataLoader of x or (x, y)."""
+def as_batches(data, batch_size: int, num_samples: int | None = None, device=None) -> list[torch.Tensor]:
+    """Accepts a Tensor/array of samples, an iterable of batches, or a DataLoader of x or (x, y).
+
+    Streamed: each item is checked and cut into ``batch_size`` batches as it arrives (moved to
+    ``device`` on the way), so the set is never concatenated into one tensor; only a partial
+    batch waits for the next item. The batches equal ``torch.cat(items).split(batch_size)``.
+    """
     if isinstance(data, (torch.Tensor, np.ndarray)):
-        chunks = [_sample_tensor(data)]
+        items: Iterable = [_sample_tensor(data)]
     elif isinstance(data, Iterable):
-        chunks = []
-        for item in data:
-            chunks.append(_sample_tensor(item))
-            if num_samples is not None and sum(c.shape[0] if c.dim() else 1 for c in chunks) >= num_samples:
-                break
+        items = data
     else:
         raise TypeError(f"calibration data of type {type(data).__name__} is not supported; "
                         "pass a Tensor, a list of Tensors or a DataLoader")
-    if not chunks or all(c.numel() == 0 for c in chunks):
+    batches: list[torch.Tensor] = []
+    pending: list[torch.Tensor] = []  # samples of the batch being filled
+    shapes: set = set()
+    n = n_pending = 0
+    for item in items:
+        c = _sample_tensor(item)
+        if c.dim() == 0:
+            raise ValueError("calibration batches have different sample shapes; every batch must be "
+                             "(batch, *input_shape) with the same input_shape")
+        shapes.add(tuple(c.shape[1:]))
+        if len(shapes) != 1:
+            raise ValueError(f"calibration batches have different sample shapes {sorted(shapes)}; "
+                             "every batch must be (batch, *input_shape) with the same input_shape")
+        if num_samples is not None:
+            c = c[: num_samples - n]
+        if c.numel() and not c.is_floating_point():
+            raise TypeError(f"calibration data has dtype {c.dtype}; convert it to the float inputs the model takes "
+                            "(e.g. x.float() / 255 with your normalisation)")
+        bad = (~torch.isfinite(c)).sum().item() if c.numel() else 0
+        if bad:
+            raise ValueError(f"calibration data contains {bad} NaN/Inf values; clean or drop those samples")
+        n += c.shape[0]
+        while c.shape[0]:
+            take = c[: batch_size - n_pending]
+            c = c[take.shape[0] :]
+            pending.append(take)
+            n_pending += take.shape[0]
+            if n_pending == batch_size:
+                batches.append(_batch(pending, device))
+                pending, n_pending = [], 0
+        if num_samples is not None and n >= num_samples:
+            break
+    if pending:
+        batches.append(_batch(pending, device))
+    if not batches:
         raise ValueError("calibration data is empty; pass the (unlabelled) samples you calibrated the observers with")
-    shapes = {tuple(c.shape[1:]) for c in chunks if c.dim()}
-    if len(shapes) != 1 or any(c.dim() == 0 for c in chunks):
-        raise ValueError(f"calibration batches have different sample shapes {sorted(shapes)}; "
-                         "every batch must be (batch, *input_shape) with the same input_shape")
-    x = torch.cat(chunks)
-    if num_samples is not None:
-        x = x[:num_samples]
-    if not x.is_floating_point():
-        raise TypeError(f"calibration data has dtype {x.dtype}; convert it to the float inputs the model takes "
-                        "(e.g. x.float() / 255 with your normalisation)")
-    bad = (~torch.isfinite(x)).sum().item()
-    if bad:
-        raise ValueError(f"calibration data contains {bad} NaN/Inf values; clean or drop those samples")
-    return list(x.float().split(batch_size))
+    return batches
+
+
+def _batch(parts: list[torch.Tensor], device) -> torch.Tensor:
+    x = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return x.to(device=device, dtype=torch.float32)
 
 
 def range_mismatch(batches: list[torch.Tensor], observed: tuple[float, float] | None,

@@ -68,9 +68,9 @@ def prepare_plan(prepared: nn.Module, float_model: nn.Module, calib_data, cfg: M
                          "by prepare_fx/prepare/prepare_pt2e and the original float model")
     adapter = adapters.detect(prepared)
     fixed = getattr(adapter, "fixed_batch_size", lambda _: None)(prepared)
-    batches = as_batches(calib_data, fixed or cfg.batch_size, cfg.num_samples)
     device = next((t.device for t in (*prepared.parameters(), *prepared.buffers())), torch.device("cpu"))
-    batches = [b.to(device) for b in batches]  # calibration data where the model is (CUDA models)
+    # streamed: batched as it arrives, each batch moved where the model is (CUDA models)
+    batches = as_batches(calib_data, fixed or cfg.batch_size, cfg.num_samples, device=device)
     if fixed:  # exported without dynamic_shapes: every forward must use the exported batch size
         batches = _exact_batches(batches, fixed)
     fp = _frozen_copy(float_model)

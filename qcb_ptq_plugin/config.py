@@ -75,11 +75,17 @@ class PurifyConfig(MethodConfig):
         cd_passes: gram only: coordinate-descent passes after the GPTQ rounding (stops early
             once no integer changes).
         adam_steps: adam only: optimisation steps per unit (paper: 10000).
-        lr: adam only: learning rate of the weight offset (paper: 1e-3).
+        lr: adam only: learning rate of the weight offset, in grid steps (LSBs) per step. The
+            release's 1e-3 is in weight units: about 0.01-0.1 LSB at W4 but about one LSB at W8,
+            where Adam then oscillates; the paper preset uses 0.01 LSB at every bit width.
         adam_batch_size: adam only: random minibatch of cached unit inputs (paper: 32).
         damp: gram only: ridge added to H as a fraction of its mean diagonal; pulls directions
             the calibration data never excites towards the float weight. Must be > 0: with 0 an
             input column that is never excited (H_kk = 0) leaves its integers undetermined.
+        gram_positions: gram only: use at most this many output positions (samples x spatial
+            locations) per batch for the statistics H, C, drawn at random (seeded by ``seed``);
+            None (default): all of them. Cuts the Gram cost of early, high-resolution convs.
+            Validated for defense quality in benchmarks/results/approx.md.
         pda: :class:`PDAMode`; ``"auto"`` (default), ``"on"`` or ``"off"``.
         gamma: l_inf bound of the PDA input perturbation (paper: 1e-3; 1e-4..1e-2 all work).
         pda_steps: signed-gradient PGD steps of PDA; the step halves half-way (paper: 500;
@@ -92,9 +98,10 @@ class PurifyConfig(MethodConfig):
     solver: Solver = Solver.GRAM
     cd_passes: int = 4
     adam_steps: int = 10000
-    lr: float = 1e-3
+    lr: float = 1e-2
     adam_batch_size: int = 32
     damp: float = 0.01
+    gram_positions: int | None = None
     pda: PDAMode = PDAMode.AUTO
     gamma: float = 1e-3
     pda_steps: int = 5
@@ -118,13 +125,24 @@ class PurifyConfig(MethodConfig):
         for name in ("lr", "gamma", "pda_step_size", "damp"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.gram_positions is not None and self.gram_positions < 1:
+            raise ValueError(f"gram_positions={self.gram_positions} must be positive or None")
         if not self.damp > 0:
             raise ValueError(f"damp={self.damp} must be > 0 (e.g. 0.01): input columns the calibration data never "
                              "excites (H_kk = 0) would get arbitrary integers; damp pulls them towards the float weight")
 
     @classmethod
     def paper(cls, **overrides) -> PurifyConfig:
-        """The paper's schedule (GPU-scale: ~10000 Adam steps per unit)."""
-        base = dict(solver=Solver.ADAM, adam_steps=10000, lr=1e-3, adam_batch_size=32,
+        """The release's schedule (GPU-scale: 10000 Adam steps per unit, PDA 500 PGD steps).
+
+        As released: Adam on a weight offset through straight-through rounding, 10000 steps of
+        one random cached batch of 32; PDA with gamma = 1e-3, step = gamma halved at step 250 of
+        500. Differences, on purpose: lr is in grid steps (0.01 LSB, see ``lr``); the objective
+        is D before the activation (the one reported); the best iterate is kept. Not reproduced:
+        the release also learns the activation quantizers' scales inside each unit (lr 4e-5,
+        cosine). purify never moves the user's calibrated activation observers (convert must
+        produce the activation scales the user calibrated), so those scales stay as calibrated.
+        """
+        base = dict(solver=Solver.ADAM, adam_steps=10000, lr=1e-2, adam_batch_size=32,
                     gamma=1e-3, pda_steps=500, pda_step_size=1e-3)
         return cls(**{**base, **overrides})

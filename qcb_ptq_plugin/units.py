@@ -187,12 +187,23 @@ class Gram:
         self.t_ch = t if self.t_ch is None else self.t_ch.add_(t)
         self.n += cols.shape[-1]
 
-    def add_batch(self, unit: Unit, i_q: torch.Tensor, target: torch.Tensor) -> None:
-        """Accumulate one batch of unit inputs ``i_q`` against float outputs ``target`` (bias included)."""
+    def add_batch(self, unit: Unit, i_q: torch.Tensor, target: torch.Tensor, positions: int | None = None,
+                  generator: torch.Generator | None = None) -> None:
+        """Accumulate one batch of unit inputs ``i_q`` against float outputs ``target`` (bias included).
+
+        ``positions``: keep at most this many of the batch's output positions (samples x spatial
+        locations), drawn uniformly without replacement with ``generator`` (a CPU generator, so
+        every device draws the same); H, C, t and n are then those of the subsample, an unbiased
+        estimate of the full statistics up to the factor n.
+        """
         op = unit.op
         with torch.no_grad():
             bias = 0 if unit.bias is None else op.bias_view(unit.bias, target.dim())
-            self.add(op.columns(i_q), op.outputs(target - bias))
+            cols, tgt = op.columns(i_q), op.outputs(target - bias)
+            if positions is not None and cols.shape[-1] > positions:
+                keep = torch.randperm(cols.shape[-1], generator=generator)[:positions].to(cols.device)
+                cols, tgt = cols.index_select(-1, keep), tgt.index_select(-1, keep)
+            self.add(cols, tgt)
 
     def channel_errors(self, w: torch.Tensor) -> torch.Tensor:
         """Per output channel D_o(W) = (w_o H w_oᵀ - 2 w_o·c_o + t_o) / N for w of shape (G, O/G, K);

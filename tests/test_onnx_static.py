@@ -116,3 +116,38 @@ def test_model_without_quantizable_layers(tmp_path):
 def test_qoperator_format_is_refused(fp32_onnx, calib, tmp_path):
     with pytest.raises(NotImplementedError, match="QDQ"):
         qonnx.quantize_static(fp32_onnx, tmp_path / "o.onnx", Reader(calib), quant_format=QuantFormat.QOperator)
+
+
+def test_staged_capture_equals_whole_graph_runs(fp32_onnx, calib, tmp_path):
+    """One staged forward per batch reads the same I and I^fp as re-running both whole graphs per
+    unit (the previous capture), with each unit's new integers written before the next unit."""
+    from qcb_ptq_plugin import _pass, get_method
+    from qcb_ptq_plugin.adapters import ort as ort_adapter
+
+    ort_quantize_static(str(fp32_onnx), str(tmp_path / "plain.onnx"), Reader(calib), **ORT_W4A8)
+    fp = onnx.load(str(fp32_onnx))
+    feeds = [{"input": calib[i : i + 64]} for i in range(0, len(calib), 64)]
+    runs = {}
+    for staged in (True, False):
+        plan = ort_adapter.plan(fp, onnx.load(str(tmp_path / "plain.onnx")), -8, 7)
+        assert plan.capture.staged is not None
+        if not staged:
+            plan.capture.staged = None  # the whole quantized graph per unit and batch
+            plan.capture.cache_bytes = 0  # the whole FP32 graph per unit and batch
+        seen = []
+        capture = plan.capture
+
+        def recording(unit, feed, capture=capture, seen=seen):
+            i_q, i_fp = capture(unit, feed)
+            seen.append((i_q, i_fp))
+            return i_q, i_fp
+
+        codes, _ = _pass.run(plan.units, recording, feeds, get_method("lac_pda"),
+                             qcb_ptq_plugin.PurifyConfig(progress=False))
+        runs[staged] = (codes, seen)
+    (codes_s, seen_s), (codes_w, seen_w) = runs[True], runs[False]
+    assert len(seen_s) == len(seen_w) == 4 * len(feeds)
+    for (a_q, a_fp), (b_q, b_fp) in zip(seen_s, seen_w):
+        torch.testing.assert_close(a_q, b_q, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a_fp, b_fp, rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(codes_s, codes_w))

@@ -3,8 +3,9 @@
 * discover: each Conv/Gemm/MatMul whose weight is ``DequantizeLinear(integer initializer)`` and
   whose FP32 twin (same node name) has a constant weight becomes a :class:`Unit`, with ORT's own
   grid (scale and zero point read from its initializers);
-* simulate: the quantized model itself, run by onnxruntime with the unit inputs exposed as extra
-  outputs (rebuilt after each write), I^fp from the FP32 model likewise;
+* simulate: the quantized model itself, run by onnxruntime in stages cut in front of each unit
+  (one forward per batch for the whole pass, each stage's session built once), I^fp from one
+  run of the FP32 model per batch that returns every unit's input;
 * commit: the chosen integers overwrite ORT's integer weight initializers. Scales are unchanged,
   so ORT's int32 bias (scale = input scale x weight scale) stays exact.
 
@@ -44,7 +45,7 @@ def plan(fp: onnx.ModelProto, qmodel: onnx.ModelProto, qmin: int, qmax: int) -> 
     capture = _OnnxCapture(qmodel, fp, {s.name: (s.q_input, s.fp_input) for s in sites})
     units = [Unit(name=s.name, layer=s.init, fp_layer=s.fp_layer, weight=s.fp_layer.weight.detach().clone(),
                   bias=None if s.fp_layer.bias is None else s.fp_layer.bias.detach().clone(), grid=s.grid,
-                  write=functools.partial(_write, s.init, s.grid, capture), bn=s.bn) for s in sites]
+                  write=functools.partial(_write, s.init, s.grid, capture, s.name), bn=s.bn) for s in sites]
     return Plan(units=units, capture=capture, commit=functools.partial(_commit, units), unsupported=unsupported)
 
 
@@ -176,28 +177,167 @@ def _with_outputs(model, names: list[str]):
 
 
 class _OnnxCapture:
-    """I from the quantized graph (session rebuilt after each write), I^fp from the FP32 graph."""
+    """I from the quantized graph run in stages, I^fp from one FP32 run per batch.
 
-    def __init__(self, qmodel, fpmodel, inputs: dict[str, tuple[str, str]]) -> None:
+    Quantized side: the graph is cut in front of each unit's node (:class:`_StagedRun`); a
+    batch's run is paused there, so the pass over all units costs one forward per batch and
+    each stage's session is built once (after the units before it are written). FP32 side:
+    one run per batch returns every unit's I^fp, kept (up to ``cache_mb``) until its unit asks.
+    """
+
+    def __init__(self, qmodel, fpmodel, inputs: dict[str, tuple[str, str]], cache_mb: float = 1024) -> None:
         self.qmodel, self.inputs = qmodel, inputs
         self.fp = session(_with_outputs(fpmodel, [f for _, f in inputs.values()]))
-        self._q = None
+        self.staged = _StagedRun.build(qmodel, inputs)
+        self._q = None  # whole-graph session (fallback when the graph cannot be staged)
+        self.cache_bytes = cache_mb * 2**20
+        self._cache: dict[tuple[str, int], np.ndarray] = {}  # (fp tensor, id(feed)) -> I^fp
+        self._filled: set[int] = set()  # id(feed) of batches whose FP32 run is done
+        self._bytes = 0
+        self._keep: list = []  # feeds whose ids key the cache, kept alive
 
-    def invalidate(self) -> None:
+    def invalidate(self, unit_name: str | None = None) -> None:
         self._q = None
+        if self.staged is not None:
+            self.staged.invalidate(unit_name)
+
+    def _fp_input(self, fp_name: str, feed: dict) -> np.ndarray:
+        key = (fp_name, id(feed))
+        if id(feed) not in self._filled:
+            self._filled.add(id(feed))
+            self._keep.append(feed)
+            names = list(dict.fromkeys(f for _, f in self.inputs.values()))
+            for n, v in zip(names, self.fp.run(names, feed)):
+                if self._bytes + v.nbytes <= self.cache_bytes:
+                    self._cache[(n, id(feed))] = v
+                    self._bytes += v.nbytes
+        if key in self._cache:
+            # later units of the same input (shared FP32 tensor) may still ask: count users
+            users = sum(1 for _, f in self.inputs.values() if f == fp_name)
+            if users <= 1:
+                v = self._cache.pop(key)
+                self._bytes -= v.nbytes
+                return v
+            return self._cache[key]
+        (v,) = self.fp.run([fp_name], feed)
+        return v
 
     def __call__(self, unit: Unit, feed: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._q is None:
-            self._q = session(_with_outputs(self.qmodel, [q for q, _ in self.inputs.values()]))
         q_name, fp_name = self.inputs[unit.name]
-        (i_q,) = self._q.run([q_name], feed)
-        (i_fp,) = self.fp.run([fp_name], feed)
-        return torch.from_numpy(i_q).float(), torch.from_numpy(i_fp).float()
+        if self.staged is not None:
+            i_q = self.staged.input_of(unit.name, feed)
+        else:
+            if self._q is None:
+                self._q = session(_with_outputs(self.qmodel, [q for q, _ in self.inputs.values()]))
+            (i_q,) = self._q.run([q_name], feed)
+        i_fp = self._fp_input(fp_name, feed)
+        return torch.from_numpy(np.array(i_q, dtype=np.float32)), torch.from_numpy(np.array(i_fp, dtype=np.float32))
 
 
-def _write(init: _Initializer, grid: WeightGrid, capture: _OnnxCapture, w_hat: torch.Tensor) -> None:
+class _StagedRun:
+    """The quantized graph cut in front of each unit's node, run stage by stage per batch.
+
+    Like the torch graph stepper: ``input_of(unit, feed)`` runs the batch on from where it is
+    paused up to the unit's node and returns the node's input; the node itself runs in the next
+    stage, whose session is built on first use, i.e. after the unit's integers are written.
+    Nodes that depend on constants only (weight DequantizeLinear, shape arithmetic) are copied
+    into every stage that needs them, so a stage reads the initializers as they are when built.
+    """
+
+    def __init__(self, model, pos: dict[str, int], q_input: dict[str, str]) -> None:
+        self.model, self.pos, self.q_input = model, pos, q_input
+        g = model.graph
+        self.inits = {i.name: i for i in g.initializer}
+        const = set(self.inits) | {""}
+        self.static: dict[str, object] = {}  # tensor -> producing node, constants only
+        self.dynamic = []
+        for n in g.node:
+            if all(i in const or i in self.static for i in n.input):
+                for o in n.output:
+                    self.static[o] = n
+            else:
+                self.dynamic.append(n)
+        self.last_use: dict[str, int] = {}
+        for i, n in enumerate(self.dynamic):
+            for t in n.input:
+                self.last_use[t] = i
+        self.sessions: dict[tuple[int, int], object] = {}
+        self.runs: dict[int, tuple[dict, int, dict]] = {}  # id(feed) -> (feed kept alive, next node, live tensors)
+
+    @classmethod
+    def build(cls, model, inputs: dict[str, tuple[str, str]]) -> _StagedRun | None:
+        """None when the graph cannot be cut (subgraphs reading outer tensors, unnamed units)."""
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node
+               for a in n.attribute):
+            return None
+        self = cls(model, {}, {})
+        index = {n.name: i for i, n in enumerate(self.dynamic) if n.name}
+        for name, (q, _) in inputs.items():
+            if name not in index or q not in self.dynamic[index[name]].input:
+                return None
+            self.pos[name], self.q_input[name] = index[name], q
+        return self
+
+    def invalidate(self, unit_name: str | None) -> None:
+        """A unit's weight changed: drop the stages that contain its node; runs past it restart."""
+        if unit_name is None or unit_name not in self.pos:
+            self.sessions.clear()
+            self.runs.clear()
+            return
+        p = self.pos[unit_name]
+        self.sessions = {k: s for k, s in self.sessions.items() if not k[0] <= p < k[1]}
+        self.runs = {k: r for k, r in self.runs.items() if r[1] <= p}
+
+    def _stage(self, a: int, b: int, env: dict):
+        key = (a, b)
+        if key not in self.sessions:
+            nodes = self.dynamic[a:b]
+            produced = {o for n in nodes for o in n.output}
+            const = lambda t: t in self.static or t in self.inits  # noqa: E731
+            ins = list(dict.fromkeys(t for n in nodes for t in n.input if t and t not in produced and not const(t)))
+            outs = [t for t in dict.fromkeys(o for n in nodes for o in n.output) if self.last_use.get(t, -1) >= b]
+            statics, seen, stack = [], set(), [t for n in nodes for t in n.input if const(t)]
+            inits = set()
+            while stack:  # constant-only ancestors of the stage's nodes, with their initializers
+                t = stack.pop()
+                if t in self.inits:
+                    inits.add(t)
+                    continue
+                n = self.static.get(t)
+                if n is None or id(n) in seen:
+                    continue
+                seen.add(id(n))
+                statics.append(n)
+                stack += [i for i in n.input if i]
+            order = {id(n): i for i, n in enumerate(self.model.graph.node)}
+            statics.sort(key=lambda n: order[id(n)])
+            vi = [onnx.helper.make_tensor_value_info(t, onnx.helper.np_dtype_to_tensor_dtype(env[t].dtype), None)
+                  for t in ins]
+            graph = onnx.helper.make_graph(statics + list(nodes), f"stage_{a}_{b}", vi,
+                                           [onnx.helper.make_empty_tensor_value_info(t) for t in outs],
+                                           [self.inits[t] for t in sorted(inits)])
+            m = onnx.helper.make_model(graph, opset_imports=list(self.model.opset_import))
+            m.ir_version = self.model.ir_version
+            self.sessions[key] = (session(m), ins, outs)
+        return self.sessions[key]
+
+    def input_of(self, unit_name: str, feed: dict) -> np.ndarray:
+        target = self.pos[unit_name]
+        _, pos, env = self.runs.get(id(feed), (feed, 0, None))
+        if env is None or pos > target:  # a new batch, or asked for an earlier unit: start again
+            pos, env = 0, dict(feed)
+        if pos < target:
+            sess, ins, outs = self._stage(pos, target, env)
+            env.update(zip(outs, sess.run(outs, {t: env[t] for t in ins})))
+            for t in [t for t in env if self.last_use.get(t, -1) < target and t not in feed]:
+                del env[t]
+        self.runs[id(feed)] = (feed, target, env)
+        return env[self.q_input[unit_name]]
+
+
+def _write(init: _Initializer, grid: WeightGrid, capture: _OnnxCapture, name: str, w_hat: torch.Tensor) -> None:
     init.store(grid.quantize(w_hat))
-    capture.invalidate()
+    capture.invalidate(name)
 
 
 def _commit(units: list[Unit], codes: list[torch.Tensor]) -> None:

@@ -27,7 +27,8 @@ Two solvers minimise the same objective:
   least-squares optimum W*, round it with GPTQ's error feedback (Frantar et al., 2022) and
   polish with exact coordinate descent over integers.
 * ``adam`` (the paper's release): learn an offset delta on the weight through a straight-through
-  rounding with Adam, one random cached minibatch per step.
+  rounding with Adam, one random cached minibatch per step (offset and lr in grid steps; the
+  objective is D before the activation, as reported; the best scored iterate is kept).
 """
 
 from __future__ import annotations
@@ -214,27 +215,48 @@ class _RoundSTE(torch.autograd.Function):
         return g
 
 
-def _solve_adam(inputs: torch.Tensor, targets: torch.Tensor, unit: Unit, cfg: PurifyConfig) -> torch.Tensor:
-    """W_q = s (clamp(round_ste((W + delta)/s) + z) - z); min D(act(T), act(W_q I + b)) with Adam."""
+def _solve_adam(inputs: torch.Tensor, targets: torch.Tensor, unit: Unit, cfg: PurifyConfig,
+                gram: Gram | None = None) -> torch.Tensor:
+    """W_q = s (clamp(round_ste(W/s + u) + z) - z); min D(T, W_q I + b) over u with Adam.
+
+    The offset u is in grid steps (the release's delta = s u), so ``cfg.lr`` means the same at
+    every bit width. The objective is LAC's D before the activation: the quantity the gram
+    solver minimises and the report measures. With ``gram`` the rounded iterate is scored on
+    the whole calibration set every ``adam_steps // 20`` steps and the best one (never worse than
+    round-to-nearest, where it starts) is returned.
+    """
     grid, op = unit.grid, unit.op
     w_o = unit.weight.detach().float()
     s, z = grid._bcast(grid.scale, w_o), grid._bcast(grid.zero_point, w_o).float()
-    delta = torch.zeros_like(w_o, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=cfg.lr)
-    act = unit.activation or (lambda t: t)
+    u = torch.zeros_like(w_o, requires_grad=True)
+    opt = torch.optim.Adam([u], lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    tgt_all = act(targets)
-    for _ in range(cfg.adam_steps):
+
+    def error(q: torch.Tensor) -> float:
+        return gram.channel_errors(op.grouped(grid.dequantize(q))).sum().item()
+
+    best_q = grid.quantize(w_o)
+    best = error(best_q) if gram is not None else None
+    every = max(1, cfg.adam_steps // 20)
+    for step in range(cfg.adam_steps):
         idx = torch.randint(0, inputs.shape[0], (min(cfg.adam_batch_size, inputs.shape[0]),), generator=gen
                             ).to(inputs.device)  # CPU generator: the same draws on every device
-        q = (_RoundSTE.apply((w_o + delta) / s) + z).clamp(grid.qmin, grid.qmax)
-        out = act(op.apply(inputs[idx], s * (q - z), unit.bias))
-        loss = (out - tgt_all[idx]).pow(2).sum(1).mean()
+        q = (_RoundSTE.apply(w_o / s + u) + z).clamp(grid.qmin, grid.qmax)
+        out = op.apply(inputs[idx], s * (q - z), unit.bias)
+        loss = (out - targets[idx]).pow(2).sum(1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        return grid.quantize(w_o + delta)
+        if gram is not None and ((step + 1) % every == 0 or step + 1 == cfg.adam_steps):
+            with torch.no_grad():
+                q_now = grid.quantize(w_o + s * u)
+            e = error(q_now)
+            if e < best:
+                best, best_q = e, q_now
+    if gram is None:
+        with torch.no_grad():
+            return grid.quantize(w_o + s * u)
+    return best_q
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +288,7 @@ def lac_pda(unit: Unit, data: UnitData, cfg: PurifyConfig) -> UnitResult:
     if skip and unit.bn is None and cfg.pda is not PDAMode.OFF:
         log.info("%s: PDA %s", unit.name, skip)
     gram = Gram()
+    gen = torch.Generator().manual_seed(cfg.seed)  # position subsampling (cfg.gram_positions)
     cache_in, cache_tgt = [], []
     pda_first = pda_last = pda_s = 0.0
     for i_q, i_fp in data:
@@ -275,7 +298,7 @@ def lac_pda(unit: Unit, data: UnitData, cfg: PurifyConfig) -> UnitResult:
             t_pda = time.perf_counter()
             i_q, a, b = _pda(i_q, unit, cfg)
             pda_first, pda_last, pda_s = pda_first + a, pda_last + b, pda_s + time.perf_counter() - t_pda
-        gram.add_batch(unit, i_q, target)
+        gram.add_batch(unit, i_q, target, cfg.gram_positions, gen)
         if cfg.solver is Solver.ADAM:
             cache_in.append(i_q)
             cache_tgt.append(target)
@@ -287,7 +310,7 @@ def lac_pda(unit: Unit, data: UnitData, cfg: PurifyConfig) -> UnitResult:
     if cfg.solver is Solver.GRAM:
         q = _solve_gram(gram, unit.op.grouped(w_o), unit.grid, cfg).reshape(w_o.shape)
     else:
-        q = _solve_adam(torch.cat(cache_in), torch.cat(cache_tgt), unit, cfg)
+        q = _solve_adam(torch.cat(cache_in), torch.cat(cache_tgt), unit, cfg, gram)
     applied = "applied" if _per_sample(unit.bn) else BN1D_APPLIED
     return UnitResult(codes=q, gram=gram, pda=applied if skip is None else skip, pda_seconds=pda_s,
                       solve_seconds=time.perf_counter() - t_solve)
