@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SmallCNN", "resnet18_cifar", "BasicBlock", "ResNet", "TinyTransformer"]
+__all__ = ["SmallCNN", "ConvHeadNet", "BNMLP", "SmallResNet", "resnet18_cifar", "BasicBlock", "ResNet",
+           "TinyTransformer"]
 
 
 def _cbr(cin: int, cout: int) -> list[nn.Module]:
@@ -32,6 +33,42 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.features(x), 1))
+
+
+class ConvHeadNet(nn.Module):
+    """Two Conv-BN-ReLU blocks and a fully connected head, LeNet-like::
+
+        x -> conv3x3-BN-ReLU(w) -> maxpool -> conv3x3-BN-ReLU(2w) -> maxpool -> flatten -> fc(hidden)-ReLU -> fc
+
+    Most parameters sit in the first fully connected layer, so it is cheap to train on a CPU;
+    every BN is a BatchNorm2d (PDA applies to both conv units)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16, hidden: int = 128,
+                 image_size: int = 28) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(*_cbr(in_channels, w), nn.MaxPool2d(2), *_cbr(w, 2 * w), nn.MaxPool2d(2))
+        side = image_size // 4
+        self.fc1, self.relu, self.fc2 = nn.Linear(2 * w * side * side, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.relu(self.fc1(torch.flatten(self.features(x), 1))))
+
+
+class BNMLP(nn.Module):
+    """An MLP with BatchNorm1d: flatten -> [Linear-BN1d-ReLU] x len(hidden) -> Linear."""
+
+    def __init__(self, in_features: int = 784, num_classes: int = 10, hidden: tuple[int, ...] = (256, 128)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        for h in hidden:
+            layers += [nn.Linear(in_features, h, bias=False), nn.BatchNorm1d(h), nn.ReLU()]
+            in_features = h
+        layers.append(nn.Linear(in_features, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
 class BasicBlock(nn.Module):
@@ -74,6 +111,20 @@ class ResNet(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class SmallResNet(nn.Module):
+    """A residual CNN for 1-channel images: stem conv-BN-ReLU(w), two BasicBlocks (w, then 2w with
+    stride 2 and a 1x1 conv-BN downsample), global average pooling, Linear."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(*_cbr(in_channels, width))
+        self.block1, self.block2 = BasicBlock(width, width), BasicBlock(width, 2 * width, stride=2)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.block2(self.block1(self.stem(x)))), 1))
 
 
 def resnet18_cifar(num_classes: int = 10, in_channels: int = 3) -> ResNet:
