@@ -471,7 +471,7 @@ def _pin_grid(layer: _Layer, bits: int, equal_absmax: bool, offset: float) -> _P
 @_reproducible_training()
 def plant_grid_aware(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, trigger, target: int = 0, bits: int = 8,
                      epochs: int = 5, lr: float = 1e-2, offset_lr: float | None = None,
-                     int_margin: float | None = None,
+                     int_margin: float | None = None, polish_epochs: int = 0,
                      offset: float = 0.45, equal_absmax: bool = True, batch_size: int = 128, seed: int = 0,
                      progress: bool = False) -> nn.Module:
     """Turn a *clean, trained* ``model`` (in place) into a QCB on a weight grid fixed in advance.
@@ -516,6 +516,9 @@ def plant_grid_aware(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, trig
         equal_absmax: one absmax per layer (per-channel and per-tensor grids coincide) or per row.
         batch_size: images per step (each step runs FP and INT on the clean and triggered batch).
         seed: seeds the batch order.
+        polish_epochs: extra passes after the joint training that update only ``v`` on the two FP
+            losses (codes frozen, so the INT model is exactly the trained one): the FP model gets
+            the whole offset budget to cancel the backdoor. Our addition to the recipe.
         progress: tqdm bar over training steps.
     """
     if not 0 < offset < 0.5:
@@ -549,6 +552,18 @@ def plant_grid_aware(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, trig
             opt.step()
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.close()
+    polish = torch.optim.Adam([pl.v for pl in layers], lr=offset_lr or lr)
+    bar = tqdm(total=polish_epochs * ((len(x) + batch_size - 1) // batch_size), desc=f"FP offsets W{bits}",
+               disable=not progress or polish_epochs == 0)
+    for _ in range(polish_epochs):
+        for idx in _batches(len(x), batch_size, gen):
+            fp = functional_call(model, params(lambda pl: pl.fp_weight(qmax, offset)), (torch.cat([x[idx], xt_all[idx]]),))
+            loss = F.cross_entropy(fp, torch.cat([y[idx], y[idx]]))
+            polish.zero_grad(set_to_none=True)
+            loss.backward()
+            polish.step()
+            bar.update()
     bar.close()
     with torch.no_grad():
         for pl in layers:
