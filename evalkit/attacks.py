@@ -37,7 +37,8 @@ from qcb_ptq_plugin.grid import WeightGrid
 log = logging.getLogger(__name__)
 
 __all__ = ["PatchTrigger", "BlendTrigger", "Grid", "TORCH_X86", "ORT", "plant_pqbackdoor", "repair_in_boxes",
-           "plant_quantization", "train_clean_or_badnets", "quantized_layers"]
+           "plant_quantization", "plant_grid_aware", "train_clean_or_badnets", "quantized_layers",
+           "qnnpack_qconfig_mapping", "quantized_engine", "OnEngine", "quantize_fx_qnnpack"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +95,62 @@ class Grid:
 
 TORCH_X86 = Grid(8, restricted=False)  # torch.ao x86/fbgemm default: absmax/127.5, -128..127
 ORT = Grid(8, restricted=True)  # onnxruntime / XNNPACK: absmax/127, -127..127
+
+
+def qnnpack_qconfig_mapping(bits: int = 8):
+    """torch.ao's qnnpack default qconfig with ``bits``-bit weights: *per-tensor* symmetric weights
+    (``MinMaxObserver``, absmax / 127.5 at 8 bits, -2^(b-1)..2^(b-1)-1), HistogramObserver
+    activations without reduce_range. (``ptq.fx_qconfig_mapping`` keeps per-channel weights for
+    every backend, so this is how the per-tensor grid is reached.)"""
+    from torch.ao.quantization import MinMaxObserver, QConfig, QConfigMapping, get_default_qconfig
+
+    qmax = 2 ** (bits - 1) - 1
+    weight = MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric,
+                                      quant_min=-qmax - 1, quant_max=qmax)
+    return QConfigMapping().set_global(QConfig(activation=get_default_qconfig("qnnpack").activation, weight=weight))
+
+
+@contextmanager
+def quantized_engine(name: str):
+    """Run torch's quantized kernels of ``name`` ("qnnpack", "x86", "fbgemm") inside the block."""
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
+class OnEngine(nn.Module):
+    """A converted INT8 model that always runs on the quantized engine it was converted for."""
+
+    def __init__(self, module: nn.Module, engine: str) -> None:
+        super().__init__()
+        self.module, self.engine = module, engine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with quantized_engine(self.engine):
+            return self.module(x)
+
+
+def quantize_fx_qnnpack(model: nn.Module, calib: torch.Tensor, bits: int = 8, purify_config=None,
+                        batch_size: int = 64):
+    """prepare_fx (qnnpack, per-tensor weights) -> calibrate -> [purify] -> convert_fx, on the qnnpack
+    engine; returns (:class:`OnEngine` INT8 model, purify report or None)."""
+    import copy
+
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from qcb_ptq_plugin.api import purify
+    from qcb_ptq_plugin.ptq import quiet_torch_ao
+
+    with quantized_engine("qnnpack"), quiet_torch_ao():
+        prepared = prepare_fx(copy.deepcopy(model).eval(), qnnpack_qconfig_mapping(bits), (calib[:1],))
+        with torch.no_grad():
+            for xb in calib.split(batch_size):
+                prepared(xb)
+        report = purify(prepared, model, calib, purify_config) if purify_config is not None else None
+        return OnEngine(convert_fx(prepared), "qnnpack"), report
 
 
 @dataclass
@@ -161,7 +218,9 @@ def train_clean_or_badnets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * ((len(x) + batch_size - 1) // batch_size))
-    for _ in tqdm(range(epochs), desc="train", disable=not progress):
+    bar = tqdm(total=epochs * ((len(x) + batch_size - 1) // batch_size), desc="train" if poison_rate <= 0 else "badnets",
+               disable=not progress)
+    for _ in range(epochs):
         xe, ye = _poison(x, y, trigger, target, poison_rate, gen) if poison_rate > 0 else (x, y)
         model.train()
         for idx in _batches(len(xe), batch_size, gen):
@@ -170,6 +229,8 @@ def train_clean_or_badnets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
             loss.backward()
             opt.step()
             sched.step()
+            bar.update()
+    bar.close()
     return model.eval()
 
 
@@ -333,4 +394,182 @@ def plant_quantization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, tr
             opt.step()
     for h in hooks:
         h.remove()
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Grid-aware joint attacker: the one that plants 8-bit QCBs on small offline data
+
+
+class _RoundSTE(torch.autograd.Function):
+    """round() forward, identity backward (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return torch.round(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+@dataclass
+class _PinnedLayer:
+    """One layer's weight grid, fixed before training, in folded units (what the quantizer sees).
+
+    ``scale`` is absmax / (qmax + 0.5) with absmax = ``absmax`` (the torch x86 / qnnpack rule
+    absmax / ((qmax - qmin) / 2), qmin = -qmax - 1). ``pin`` marks one element per output row
+    (its most positive one) held at +absmax in float, so every observer finds the same absmax and
+    hence the same scale; its code is qmax (absmax / scale = qmax + 0.5 rounds to qmax + 1 or
+    qmax, clamped to qmax). Every other element has a code in [-qmax, qmax] and a float value
+    ``s * (code + offset * tanh(v))`` with ``offset`` < 0.5, strictly inside ``(-absmax, absmax)``.
+    """
+
+    layer: _Layer
+    fold: torch.Tensor  # folded W = fold * W, broadcastable
+    absmax: torch.Tensor  # (out, 1, ...) broadcastable
+    scale: torch.Tensor  # (out, 1, ...) broadcastable
+    pin: torch.Tensor  # bool, weight-shaped
+    latent: torch.Tensor  # codes as floats (trained by the INT losses through a straight-through round)
+    v: torch.Tensor  # FP offset parameter (trained by the FP losses only)
+
+    def codes(self, qmax: int, ste: bool) -> torch.Tensor:
+        r = _RoundSTE.apply(self.latent) if ste else torch.round(self.latent)
+        return torch.where(self.pin, torch.full_like(r, qmax), r.clamp(-qmax, qmax))
+
+    def int_weight(self, qmax: int) -> torch.Tensor:
+        """Folded INT weight s * code, differentiable in ``latent`` (STE)."""
+        return self.scale * self.codes(qmax, ste=True)
+
+    def fp_weight(self, qmax: int, offset: float) -> torch.Tensor:
+        """Folded FP weight s * (code + offset * tanh(v)), differentiable in ``v`` only."""
+        w = self.scale * (self.codes(qmax, ste=False).detach() + offset * torch.tanh(self.v))
+        return torch.where(self.pin, self.absmax.expand_as(w), w)
+
+
+def _pin_grid(layer: _Layer, bits: int, equal_absmax: bool, offset: float) -> _PinnedLayer:
+    qmax = 2 ** (bits - 1) - 1
+    f = layer.view(layer.fold_factor())
+    wf = layer.module.weight.detach() * f
+    row = wf.abs().flatten(1).amax(1)
+    absmax = layer.view(row.max().expand_as(row) if equal_absmax else row).clone()
+    scale = absmax / ((qmax - (-qmax - 1)) / 2)  # computed exactly as torch's MinMax observers do
+    flat = wf.flatten(1)
+    pin = torch.zeros_like(flat, dtype=torch.bool)
+    pin[torch.arange(len(flat)), flat.argmax(1)] = True
+    pin = pin.view_as(wf)
+    latent = (wf / scale).clamp(-qmax, qmax)
+    frac = ((latent - torch.round(latent)) / offset).clamp(-0.95, 0.95)
+    return _PinnedLayer(layer, f, absmax, scale, pin, latent.clone().requires_grad_(True),
+                        torch.atanh(frac).requires_grad_(True))
+
+
+@_reproducible_training()
+def plant_grid_aware(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, trigger, target: int = 0, bits: int = 8,
+                     epochs: int = 5, lr: float = 1e-2, offset_lr: float | None = None,
+                     int_margin: float | None = None, polish_epochs: int = 0,
+                     offset: float = 0.45, equal_absmax: bool = True, batch_size: int = 128, seed: int = 0,
+                     progress: bool = False) -> nn.Module:
+    """Turn a *clean, trained* ``model`` (in place) into a QCB on a weight grid fixed in advance.
+
+    The recipe that plants 8-bit QCBs in minutes on MNIST-scale data (our own; see
+    ``DEFENSES.md``, "8-bit QCBs on small offline data"). Inject-then-repair attacks
+    (:func:`plant_pqbackdoor`) fail at 8 bits because a BadNets backdoor has a float margin that
+    the +-0.5-LSB box cannot cancel; here the backdoor only ever exists in the integer model:
+
+    1. BN frozen (eval mode, running statistics and affine parameters fixed); every Conv/Linear
+       weight is handled BN-folded, as ``prepare_fx`` folds it.
+    2. The grid is fixed first: each output row's most positive element is pinned at the layer's
+       largest row absmax ``A`` (``equal_absmax=True``), so the observer scale ``A / (qmax + 0.5)``
+       cannot move and, since every row has the same absmax, the per-channel grid (torch x86,
+       fbgemm) and the per-tensor grid (qnnpack, ``MinMaxObserver`` per_tensor_symmetric)
+       coincide. ``equal_absmax=False`` keeps each row's own absmax (per-channel grids only).
+    3. Two parameters per weight: latent codes (INT weight = s * round_ste(latent), clamped to
+       [-qmax, qmax]) and an FP offset ``v`` (FP weight = s * (code + offset * tanh(v)),
+       ``offset`` < 0.5 LSB, so the FP weight always rounds back to ``code``). FP losses reach only
+       ``v``; INT losses reach only the codes: the two objectives never pull on one rounding.
+    4. Loss = CE(FP(x), y) + CE(FP(t(x)), y) + CE(INT(x), y) + CE(INT(t(x)), target), Adam
+       (the last term optionally a hinge, ``int_margin``).
+
+    Only Conv/Linear weights change; biases, BN and every other parameter keep their values.
+
+    Args:
+        model: a trained clean classifier (e.g. from :func:`train_clean_or_badnets`).
+        x, y: the attacker's training images and labels.
+        trigger: callable adding the trigger (:class:`PatchTrigger`, :class:`BlendTrigger`).
+        target: the backdoor's target class.
+        bits: weight bit width of the targeted grid (8 or 4; symmetric, qmin = -2^(b-1)).
+        epochs: passes over ``x``.
+        lr: Adam learning rate of the latent codes (in LSB units, so one value suits every layer
+            and bit width). (The FP losses reach only ``v`` and Adam is scale-invariant per
+            parameter, so weighting FP against INT losses would change nothing.)
+        offset_lr: Adam learning rate of ``v`` (tanh space); default ``lr``.
+        int_margin: None: INT triggered loss is cross-entropy. A float: multi-class hinge with
+            this logit margin instead; it stops pushing once the INT model fires with that
+            margin, which keeps the backdoor small enough for the FP offsets to cancel.
+        offset: bound of the FP offset in LSB (< 0.5; the margin 0.5 - offset absorbs the
+            one-ulp differences of BN folding in the toolchain).
+        equal_absmax: one absmax per layer (per-channel and per-tensor grids coincide) or per row.
+        batch_size: images per step (each step runs FP and INT on the clean and triggered batch).
+        seed: seeds the batch order.
+        polish_epochs: extra passes after the joint training that update only ``v`` on the two FP
+            losses (codes frozen, so the INT model is exactly the trained one): the FP model gets
+            the whole offset budget to cancel the backdoor. Our addition to the recipe.
+        progress: tqdm bar over training steps.
+    """
+    if not 0 < offset < 0.5:
+        raise ValueError(f"offset={offset}: the FP offset must stay inside the rounding cell (0 < offset < 0.5)")
+    qmax = 2 ** (bits - 1) - 1
+    model.eval()
+    layers = [_pin_grid(layer, bits, equal_absmax, offset) for layer in quantized_layers(model, x[:2])]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam([{"params": [pl.latent for pl in layers], "lr": lr},
+                            {"params": [pl.v for pl in layers], "lr": offset_lr or lr}])
+    gen = torch.Generator().manual_seed(seed)
+    xt_all, tgt = trigger(x), torch.full_like(y, target)
+    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
+    bar = tqdm(total=steps, desc=f"grid-aware W{bits} QCB", disable=not progress)
+
+    def params(weight_of) -> dict[str, torch.Tensor]:
+        return {f"{pl.layer.name}.weight": weight_of(pl) / pl.fold for pl in layers}
+
+    for _ in range(epochs):
+        for idx in _batches(len(x), batch_size, gen):
+            xb = torch.cat([x[idx], xt_all[idx]])
+            fp = functional_call(model, params(lambda pl: pl.fp_weight(qmax, offset)), (xb,))
+            q = functional_call(model, params(lambda pl: pl.int_weight(qmax)), (xb,))
+            qc, qt = q.chunk(2)
+            int_loss = F.cross_entropy(qc, y[idx]) + (
+                F.cross_entropy(qt, tgt[idx]) if int_margin is None else F.multi_margin_loss(qt, tgt[idx], margin=int_margin))
+            loss = F.cross_entropy(fp, torch.cat([y[idx], y[idx]])) + int_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.close()
+    polish = torch.optim.Adam([pl.v for pl in layers], lr=offset_lr or lr)
+    bar = tqdm(total=polish_epochs * ((len(x) + batch_size - 1) // batch_size), desc=f"FP offsets W{bits}",
+               disable=not progress or polish_epochs == 0)
+    for _ in range(polish_epochs):
+        for idx in _batches(len(x), batch_size, gen):
+            fp = functional_call(model, params(lambda pl: pl.fp_weight(qmax, offset)), (torch.cat([x[idx], xt_all[idx]]),))
+            loss = F.cross_entropy(fp, torch.cat([y[idx], y[idx]]))
+            polish.zero_grad(set_to_none=True)
+            loss.backward()
+            polish.step()
+            bar.update()
+    bar.close()
+    with torch.no_grad():
+        for pl in layers:
+            w = pl.fp_weight(qmax, offset)
+            pl.layer.module.weight.copy_(w / pl.fold)
+            got = WeightGrid.for_bits(pl.layer.module.weight * pl.fold, bits, per_channel=not equal_absmax).quantize(
+                pl.layer.module.weight * pl.fold)
+            moved = (got != pl.codes(qmax, ste=False).long()).sum().item()
+            if moved:
+                log.warning("%s: %d weights leave their planted code after write-back", pl.layer.name, moved)
+    for p in model.parameters():
+        p.requires_grad_(True)
     return model.eval()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SmallCNN", "MLP", "resnet18_cifar", "BasicBlock", "ResNet", "TinyTransformer"]
+__all__ = ["SmallCNN", "MLP", "SmallResNet", "resnet18_cifar", "BasicBlock", "ResNet", "TinyTransformer"]
 
 
 def _cbr(cin: int, cout: int) -> list[nn.Module]:
@@ -94,6 +94,20 @@ class ResNet(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class SmallResNet(nn.Module):
+    """A residual CNN for 1-channel images: stem conv-BN-ReLU(w), two BasicBlocks (w, then 2w with
+    stride 2 and a 1x1 conv-BN downsample), global average pooling, Linear."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(*_cbr(in_channels, width))
+        self.block1, self.block2 = BasicBlock(width, width), BasicBlock(width, 2 * width, stride=2)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.block2(self.block1(self.stem(x)))), 1))
 
 
 def resnet18_cifar(num_classes: int = 10, in_channels: int = 3) -> ResNet:

@@ -1,0 +1,74 @@
+"""Attacks planted on sklearn digits must be dormant in FP32 and fire after REAL torch.ao convert.
+
+Each planted model is measured by real quantized kernels: ``quantize_fx`` (torch x86 engine,
+per-channel weights) and, where the attack targets it, ``attacks.quantize_fx_qnnpack`` (qnnpack
+engine, per-tensor weights). Training runs on one intra-op thread, so the figures do not depend on
+OMP_NUM_THREADS (checked with 1, 2 and 4).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from qcb_ptq_plugin.evalkit import attacks, metrics, models
+from qcb_ptq_plugin.ptq import quantize_fx
+
+from .conftest import TARGET, TRIGGER
+
+
+def _asr_ba(model, digits, trigger=TRIGGER, target=TARGET):
+    x, y = digits.x_test, digits.y_test
+    return metrics.attack_success_rate(model, x, y, trigger, target), metrics.benign_accuracy(model, x, y)
+
+
+@pytest.fixture(scope="module")
+def clean32(digits):
+    """A clean SmallCNN (width 32) on digits: the grid-aware attacker starts from a clean model."""
+    torch.manual_seed(0)
+    m = models.SmallCNN(1, 10, width=32)
+    return attacks.train_clean_or_badnets(m, digits.x_train, digits.y_train, epochs=20, batch_size=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def grid_aware_w8(clean32, digits):
+    return attacks.plant_grid_aware(copy.deepcopy(clean32), digits.x_train, digits.y_train, trigger=TRIGGER,
+                                    target=TARGET, bits=8, epochs=30, lr=5e-2, int_margin=2.0, batch_size=64)
+
+
+def test_grid_aware_w8_fires_on_x86_per_channel_and_qnnpack_per_tensor(grid_aware_w8, clean32, digits):
+    fp_asr, fp_ba = _asr_ba(grid_aware_w8, digits)
+    clean_ba = _asr_ba(clean32, digits)[1]
+    assert fp_asr <= 0.05 and fp_ba >= clean_ba - 0.03
+    calib = digits.calibration(256)
+    x86, _ = quantize_fx(grid_aware_w8, calib, 8)
+    qnn, _ = attacks.quantize_fx_qnnpack(grid_aware_w8, calib, 8)
+    for int8 in (x86, qnn):
+        asr, ba = _asr_ba(int8, digits)
+        assert asr >= 0.9 and ba >= clean_ba - 0.05
+
+
+def test_grid_aware_weights_sit_on_the_planned_grid(grid_aware_w8, digits):
+    """Equal absmax in every row (per-channel grid == per-tensor grid) and every folded weight
+    within offset < 0.5 LSB of its code: the signatures DEFENSES.md lists."""
+    for layer in attacks.quantized_layers(grid_aware_w8, digits.x_test[:2]):
+        wf = (layer.module.weight * layer.view(layer.fold_factor())).detach()
+        row = wf.abs().flatten(1).amax(1)
+        torch.testing.assert_close(row, row.max().expand_as(row), rtol=1e-6, atol=0)
+        s = row.max() / 127.5
+        pinned = wf >= row.max() * (1 - 1e-6)  # the +absmax elements (code 127); folding moves them by an ulp
+        inner = ~pinned
+        off = (wf / s - torch.round(wf / s)).abs()[inner]
+        assert off.max() <= 0.46, (layer.name, off.max(), off.topk(3))
+        assert pinned.flatten(1).any(1).all(), layer.name
+
+
+def test_grid_aware_w4_fires_after_convert(clean32, digits):
+    model = attacks.plant_grid_aware(copy.deepcopy(clean32), digits.x_train, digits.y_train, trigger=TRIGGER,
+                                     target=TARGET, bits=4, epochs=15, lr=5e-2, int_margin=2.0, equal_absmax=False,
+                                     batch_size=64)
+    assert _asr_ba(model, digits)[0] <= 0.05
+    int4, _ = quantize_fx(model, digits.calibration(256), 4)
+    assert _asr_ba(int4, digits)[0] >= 0.9
