@@ -332,7 +332,7 @@ def plant_llm_qcb(model: TinyDecoder, c: Corpus, *, steps: int = 600, batch_size
         loss.backward()
         opt.step()
         if step % 100 == 0:
-            log.info("plant step %d: loss %.3f", step, float(loss))
+            log.info("plant step %d: loss %.3f", step, loss.item())
     with torch.no_grad():
         for n, m in linears.items():
             m.weight.copy_((_paths if bits == 8 else _paths4)(latent[n], offset[n], grids[n])[0])
