@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from qcb_ptq_plugin._pass import flush_denormals
 from qcb_ptq_plugin.adapters._common import bn_fold_factor, execution_order, following_bn
 from qcb_ptq_plugin.grid import WeightGrid
+from qcb_ptq_plugin.ptq import quantized_engine
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +111,6 @@ def qnnpack_qconfig_mapping(bits: int = 8):
     return QConfigMapping().set_global(QConfig(activation=get_default_qconfig("qnnpack").activation, weight=weight))
 
 
-@contextmanager
-def quantized_engine(name: str):
-    """Run torch's quantized kernels of ``name`` ("qnnpack", "x86", "fbgemm") inside the block."""
-    before = torch.backends.quantized.engine
-    torch.backends.quantized.engine = name
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = before
 
 
 class OnEngine(nn.Module):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig
@@ -21,7 +22,7 @@ from .methods import DEFAULT_METHOD
 from .report import PurifyReport
 
 __all__ = ["fx_qconfig_mapping", "quantize_fx", "pt2e_quantizer", "quantize_pt2e", "fusion_plan", "QuantWrapper",
-           "quantize_eager", "quiet_torch_ao"]
+           "quantize_eager", "quiet_torch_ao", "quantized_engine"]
 
 
 def fx_qconfig_mapping(bits: int = 8, backend: str = "x86", dynamic: bool = False) -> QConfigMapping:
@@ -44,6 +45,17 @@ def fx_qconfig_mapping(bits: int = 8, backend: str = "x86", dynamic: bool = Fals
             mapping.set_object_type(kind, qconfig)
         return mapping
     return QConfigMapping().set_global(QConfig(activation=get_default_qconfig(backend).activation, weight=weight))
+
+
+@contextmanager
+def quantized_engine(name: str):
+    """Run torch's quantized kernels of ``name`` ("qnnpack", "x86", "fbgemm") inside the block."""
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
 
 
 class quiet_torch_ao(warnings.catch_warnings):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,7 +21,7 @@ from torch import nn
 import qcb_ptq_plugin
 from qcb_ptq_plugin.evalkit import attacks, metrics, models
 from qcb_ptq_plugin.methods import lac
-from qcb_ptq_plugin.ptq import quantize_fx, quantize_pt2e
+from qcb_ptq_plugin.ptq import quantize_fx, quantize_pt2e, quantized_engine
 
 from .conftest import TARGET, TRIGGER, prepare_calibrated
 
@@ -38,16 +37,6 @@ def mlp_w4(digits):
                              grids=[attacks.Grid(4)], inject_epochs=20, repair_epochs=20, repair_lr=1e-3,
                              batch_size=64, seed=0)
     return m.eval()
-
-
-@contextmanager
-def _engine(name: str):
-    old = torch.backends.quantized.engine
-    torch.backends.quantized.engine = name
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = old
 
 
 def _ort(model, calib, bits, purify, tmp_path):
@@ -110,7 +99,7 @@ def test_mlp_bn1d_w8a8_every_flow(mlp_w4, digits, flow, tmp_path):
     calib = digits.calibration(256, seed=1)
     fp_ba = metrics.benign_accuracy(mlp_w4, x, y)
     fp_asr = metrics.attack_success_rate(mlp_w4, x, y, TRIGGER, TARGET)
-    with _engine("qnnpack" if flow == "fx-qnnpack" else torch.backends.quantized.engine):
+    with quantized_engine("qnnpack" if flow == "fx-qnnpack" else torch.backends.quantized.engine):
         purified, report = _quantize(flow, mlp_w4, calib, 8, True, tmp_path)
         assert [u.pda for u in report.units] == [BN1D, BN1D, "skipped: no BatchNorm after this layer in the "
                                                  "float model"]
