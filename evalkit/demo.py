@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from qcb_ptq_plugin import PurifyConfig
+from qcb_ptq_plugin._io import write_text
 from qcb_ptq_plugin.ptq import quantize_fx
 
 from . import attacks, datasets, metrics, models
@@ -130,7 +131,7 @@ def run_demo(dataset: str = "mnist", bits: tuple[int, ...] = (8, 4), calib_size:
     if json_path is not None:
         meta = {"dataset": dataset, "model": "SmallCNN", "attack": "grid-aware joint (attacks.plant_grid_aware)",
                 "trigger": repr(trigger), "target": 0, "calibration_samples": calib_size, "seed": seed}
-        Path(json_path).write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=2))
+        write_text(json_path, json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=2), "demo rows")
     return rows
 
 
