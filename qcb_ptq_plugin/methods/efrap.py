@@ -143,7 +143,6 @@ def efrap(unit: Unit, data: UnitData, cfg: EfrapConfig) -> UnitResult:
     op, grid = unit.op, unit.grid
     w_full = unit.weight.detach().float()
     w = op.grouped(w_full)  # (G, O/G, K)
-    G, Og, _ = w.shape
     s, z = (op.grouped(t)[..., :1].float() for t in grid.expand(w_full))  # one (s, z) per output row: (G, O/G, 1)
 
     x = w / s
