@@ -1,4 +1,4 @@
-"""What every method works on: a *unit* (one quantized Conv/Linear), its inputs, its statistics.
+"""What every method works on: a *unit* (one quantized Conv/ConvTranspose/Linear), its inputs, its statistics.
 
 Toolchain-free: adapters (torch.ao, torchao PT2E, onnxruntime) build :class:`Unit` objects and a
 ``capture(unit, batch) -> (I, I^fp)`` function; methods read a unit's inputs through
@@ -11,6 +11,7 @@ Toolchain-free: adapters (torch.ao, torchao PT2E, onnxruntime) build :class:`Uni
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -25,38 +26,65 @@ __all__ = ["Unit", "Unsupported", "LayerOp", "Capture", "UnitData", "Gram", "flo
 
 @dataclass(frozen=True)
 class LayerOp:
-    """How a unit applies its weight: Conv1d/Conv2d (as 2-D) or Linear."""
+    """How a unit applies its weight: Linear, Conv1d/Conv2d (as 2-D), Conv3d or ConvTranspose1d/2d/3d.
 
-    kind: str  # "conv1d" | "conv2d" | "linear"
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
+    Conv3d and ConvTranspose go through the same column machinery: a ConvTranspose is the conv
+    (stride 1, same dilation) of its input zero-inserted by ``stride`` and padded by
+    ``dilation*(k-1)-padding`` (plus ``output_padding`` on the right) with the kernel flipped and
+    in/out channels swapped; :meth:`grouped` returns that equivalent conv weight, so the rows
+    the methods see are output channels for every kind.
+    """
+
+    kind: str  # "linear" | "conv1d" | "conv2d" | "conv3d" | "conv_transpose1d" / "2d" / "3d"
+    stride: tuple[int, ...] = (1, 1)
+    padding: tuple[int, ...] = (0, 0)
+    dilation: tuple[int, ...] = (1, 1)
     groups: int = 1
-    kernel: tuple[int, int] = (1, 1)
+    kernel: tuple[int, ...] = (1, 1)
+    output_padding: tuple[int, ...] = (0, 0)
 
     @classmethod
     def from_module(cls, m: nn.Module) -> LayerOp:
         if isinstance(m, nn.Linear):
             return cls("linear")
-        if isinstance(m, (nn.Conv1d, nn.Conv2d)) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
-            dims = 1 if isinstance(m, nn.Conv1d) else 2
+        if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            if m.padding_mode != "zeros" or isinstance(m.padding, str):
+                raise NotImplementedError(f"{type(m).__name__} with padding={m.padding!r}, padding_mode="
+                                          f"{m.padding_mode!r} is not supported; use numeric zero padding")
+            return cls(f"conv_transpose{len(m.kernel_size)}d", tuple(m.stride), tuple(m.padding), tuple(m.dilation),
+                       m.groups, tuple(m.kernel_size), tuple(m.output_padding))
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            dims = len(m.kernel_size)
             pad = numeric_padding(m.padding, m.kernel_size, m.dilation, m.stride)
             if m.padding_mode != "zeros" or pad is None:
                 raise NotImplementedError(
                     f"{type(m).__name__} with padding={m.padding!r}, padding_mode={m.padding_mode!r} is not "
                     "supported; use numeric (or symmetric 'same') zero padding")
+            if dims == 3:
+                return cls("conv3d", tuple(m.stride), tuple(pad), tuple(m.dilation), m.groups, tuple(m.kernel_size))
             two = (lambda v: (1, v[0])) if dims == 1 else (lambda v: tuple(v))
             return cls("conv1d" if dims == 1 else "conv2d", two(m.stride), (0, pad[0]) if dims == 1 else pad,
                        two(m.dilation), m.groups, two(m.kernel_size))
         raise NotImplementedError(
-            f"{type(m).__name__} layers are not supported by LAC; supported: Linear, Conv1d, Conv2d")
+            f"{type(m).__name__} layers are not supported by LAC; supported: Linear, Conv1d/2d/3d, "
+            "ConvTranspose1d/2d/3d")
+
+    @property
+    def transposed(self) -> bool:
+        return self.kind.startswith("conv_transpose")
 
     def _as2d(self, x: torch.Tensor) -> torch.Tensor:
         return x.unsqueeze(-2) if self.kind == "conv1d" else x
 
     def apply(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output for weight ``w`` in the module's own layout."""
         if self.kind == "linear":
             return F.linear(x, w, b)
+        if self.kind == "conv3d":
+            return F.conv3d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        if self.transposed:
+            fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[len(self.kernel) - 1]
+            return fn(x, w, b, self.stride, self.padding, self.output_padding, self.groups, self.dilation)
         y = F.conv2d(self._as2d(x), self._as2d(w), b, self.stride, self.padding, self.dilation, self.groups)
         return y.squeeze(-2) if self.kind == "conv1d" else y
 
@@ -64,11 +92,34 @@ class LayerOp:
         """The bias shaped to broadcast over an output of ``out_dim`` dims (channels last for Linear)."""
         return b if self.kind == "linear" else b.view(-1, *([1] * (out_dim - 2)))
 
+    def _unfold(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C*prod(k), L) columns for Conv3d and ConvTranspose (as its equivalent stride-1 conv)."""
+        nd = len(self.kernel)
+        if self.transposed:  # zero-insert by stride, pad d(k-1)-p (negative: crop), output_padding on the right
+            s = self.stride
+            z = x.new_zeros(*x.shape[:2], *((n - 1) * si + 1 for n, si in zip(x.shape[2:], s)))
+            z[(slice(None), slice(None), *(slice(None, None, si) for si in s))] = x
+            pads = [(d * (k - 1) - p, d * (k - 1) - p + op) for k, d, p, op in
+                    zip(self.kernel, self.dilation, self.padding, self.output_padding)]
+            x, stride = z, (1,) * nd
+        else:
+            pads, stride = [(p, p) for p in self.padding], self.stride
+        x = F.pad(x, [v for lr in reversed(pads) for v in lr])
+        for i, (k, d, st) in enumerate(zip(self.kernel, self.dilation, stride)):
+            x = x.unfold(2 + i, d * (k - 1) + 1, st)[..., ::d]  # appends a kernel axis
+        b, c = x.shape[:2]
+        out = x.shape[2:2 + nd]
+        perm = (0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))  # (B, C, k..., out...)
+        return x.permute(perm).reshape(b, c * math.prod(self.kernel), math.prod(out))
+
     def columns(self, x: torch.Tensor) -> torch.Tensor:
         """Input columns the weight multiplies: (G, K, N) with K = in_features per group."""
         if self.kind == "linear":
             return x.reshape(-1, x.shape[-1]).T.unsqueeze(0)  # (1, K, N)
-        cols = F.unfold(self._as2d(x), self.kernel, self.dilation, self.padding, self.stride)  # (B, Cin*kh*kw, L)
+        if self.kind in ("conv1d", "conv2d"):
+            cols = F.unfold(self._as2d(x), self.kernel, self.dilation, self.padding, self.stride)  # (B, Cin*kh*kw, L)
+        else:
+            cols = self._unfold(x)
         b, k, l = cols.shape
         g = self.groups
         return cols.view(b, g, k // g, l).permute(1, 2, 0, 3).reshape(g, k // g, b * l)
@@ -82,8 +133,24 @@ class LayerOp:
         return y.view(b, self.groups, o // self.groups, l).permute(1, 2, 0, 3).reshape(self.groups, o // self.groups, b * l)
 
     def grouped(self, w: torch.Tensor) -> torch.Tensor:
-        """A weight (O, ...) as (G, O/G, K), matching :meth:`columns` and :meth:`outputs`."""
-        return w.reshape(self.groups, w.shape[0] // self.groups, -1)
+        """A weight in the module's layout as (G, O/G, K), matching :meth:`columns` and :meth:`outputs`.
+
+        ConvTranspose (Cin, O/G, k...): the equivalent conv weight, channels swapped per group
+        and the kernel flipped."""
+        g = self.groups
+        if not self.transposed:
+            return w.reshape(g, w.shape[0] // g, -1)
+        nd = len(self.kernel)
+        w = w.reshape(g, w.shape[0] // g, *w.shape[1:]).transpose(1, 2).flip(tuple(range(3, 3 + nd)))
+        return w.reshape(g, w.shape[1], -1)
+
+    def ungrouped(self, w: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """The inverse of :meth:`grouped`: (G, O/G, K) back to the module's weight ``shape``."""
+        if not self.transposed:
+            return w.reshape(shape)
+        g, nd = self.groups, len(self.kernel)
+        w = w.reshape(g, shape[1], shape[0] // g, *shape[2:]).flip(tuple(range(3, 3 + nd))).transpose(1, 2)
+        return w.reshape(shape)
 
 
 def numeric_padding(padding, kernel, dilation, stride) -> tuple[int, ...] | None:

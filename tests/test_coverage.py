@@ -1,6 +1,7 @@
 """Every quantized layer is purified or named: unsupported layers are an error naming them and the
 way out, or with skip_unsupported=True a warning each and a row in the report; shared modules are
-one unit fed from every call site; PT2E conv overloads (padding="same") are purified."""
+one unit fed from every call site; PT2E conv overloads (padding="same") are purified; ConvTranspose
+and Conv3d are units through the same column machinery."""
 
 from __future__ import annotations
 
@@ -23,11 +24,11 @@ from .conftest import int_weights
 
 
 class _Mixed(nn.Module):
-    """x -> conv -> convT (x86 quantizes it, LAC cannot) -> flatten -> shared fc (called twice) -> head"""
+    """x -> conv -> reflect-padded conv (x86 quantizes it, LAC cannot) -> flatten -> shared fc (called twice) -> head"""
 
-    def __init__(self):
+    def __init__(self, padding_mode="reflect"):
         super().__init__()
-        self.conv, self.up = nn.Conv2d(1, 4, 3, padding=1), nn.ConvTranspose2d(4, 4, 3, padding=1)
+        self.conv, self.up = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1, padding_mode=padding_mode)
         self.shared, self.head = nn.Linear(64, 64), nn.Linear(64, 10)
 
     def forward(self, x):
@@ -47,7 +48,7 @@ def mixed(digits):
 
 def test_unsupported_layer_is_an_error_naming_it_and_the_way_out(mixed):
     model, prepared, calib = mixed
-    with pytest.raises(NotImplementedError, match=r"'up' \(ConvTranspose2d\).*Exclude .* skip_unsupported=True"):
+    with pytest.raises(NotImplementedError, match=r"'up' \(Conv2d\).*Exclude .* skip_unsupported=True"):
         qcb_ptq_plugin.purify(copy.deepcopy(prepared), model, calib, progress=False)
 
 
@@ -56,8 +57,8 @@ def test_skip_unsupported_warns_and_reports_every_quantized_layer(mixed, caplog)
     prepared = copy.deepcopy(prepared)
     with caplog.at_level(logging.WARNING, logger="qcb_ptq_plugin"):
         report = qcb_ptq_plugin.purify(prepared, model, calib, progress=False, skip_unsupported=True)
-    assert "'up' (ConvTranspose2d) is quantized but NOT purified" in caplog.text
-    assert [s["name"] for s in report.skipped] == ["up"] and report.to_dict()["skipped"][0]["kind"] == "ConvTranspose2d"
+    assert "'up' (Conv2d) is quantized but NOT purified" in caplog.text
+    assert [s["name"] for s in report.skipped] == ["up"] and report.to_dict()["skipped"][0]["kind"] == "Conv2d"
     assert "NOT PURIFIED" in report.table()
     converted = int_weights(convert_fx(prepared))
     # every quantized layer of the INT8 model is purified (its integers are ours) or named
@@ -100,7 +101,7 @@ def test_same_padding_is_numeric_zero_padding():
 def test_pt2e_shared_linear_is_one_unit(digits):
     calib = digits.calibration(128)
     torch.manual_seed(0)
-    model = _Mixed().eval()
+    model = _Mixed("zeros").eval()
     _, report = quantize_pt2e(model, calib, 8, qcb_ptq_plugin.PurifyConfig(progress=False))
     names = [u.name for u in report.units]
     assert names.count("shared") == 1 and not report.skipped
@@ -130,3 +131,78 @@ def test_ort_quantized_node_without_float_twin_is_named(digits, tmp_path):
     assert [(u.kind, "float twin" in u.reason) for u in plan.unsupported] == [("Gemm", True)]
     with pytest.raises(NotImplementedError, match=f"'{orphan}' \\(Gemm\\).*float twin"):
         _pass.check_coverage(plan.unsupported, qcb_ptq_plugin.PurifyConfig())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2, dilation=2),
+    lambda: nn.ConvTranspose2d(3, 5, (3, 2), stride=(2, 1), padding=(0, 1)),
+    lambda: nn.ConvTranspose1d(4, 4, 4, stride=2, padding=3, groups=4, output_padding=1, bias=False),
+    lambda: nn.ConvTranspose3d(2, 4, 3, stride=2, padding=1, output_padding=(1, 0, 1)),
+    lambda: nn.Conv3d(4, 6, (3, 2, 3), stride=(2, 1, 2), padding=(1, 0, 2), dilation=(1, 2, 1), groups=2),
+])
+def test_convtranspose_and_conv3d_columns_match_the_layer(make):
+    """W x = y through columns: ConvTranspose as the conv of its zero-inserted, padded input with
+    the flipped, channel-swapped kernel; Conv3d unfolded over three spatial dims."""
+    from qcb_ptq_plugin.units import LayerOp
+
+    torch.manual_seed(0)
+    m = make()
+    x = torch.randn(2, m.in_channels, *([5] * len(m.kernel_size)))
+    op, y = LayerOp.from_module(m), m(x)
+    assert torch.allclose(op.apply(x, m.weight, m.bias), y, atol=1e-5)
+    bias = 0 if m.bias is None else op.bias_view(m.bias, y.dim())
+    wg = op.grouped(m.weight)  # (G, O/G, K): rows are output channels for every kind
+    assert wg.shape[:2] == (m.groups, m.out_channels // m.groups)
+    assert torch.allclose(torch.bmm(wg, op.columns(x)), op.outputs(y - bias), atol=1e-5)
+    assert torch.equal(op.ungrouped(wg, m.weight.shape), m.weight)
+
+
+class _UpNet(nn.Module):
+    """conv (stride 2) -> convT (stride 2) + BN2d -> relu -> grouped, dilated convT -> head"""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.up, self.bn = nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1), nn.BatchNorm2d(4)
+        self.mix = nn.ConvTranspose2d(4, 4, 3, padding=2, dilation=2, groups=2)
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.up(torch.relu(self.down(x)))))
+        return self.head(self.mix(y).flatten(1))
+
+
+class _Net3d(nn.Module):
+    """an 8x8 digit as a 4x4x4 volume -> Conv3d + BN3d + relu -> head"""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4)
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("net,pda_units", [(_UpNet, {"up"}), (_Net3d, {"conv"})])
+def test_convtranspose_and_conv3d_are_purified_units(digits, net, pda_units):
+    torch.manual_seed(0)
+    model, calib = net().eval(), digits.calibration(64)
+    calib = calib.reshape(-1, 1, 4, 4, 4) if net is _Net3d else calib
+    with torch.no_grad():  # BN statistics that differ from identity, so PDA has a gap to close
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
+    prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (calib[:1],))
+    with torch.no_grad():
+        prepared(calib)
+    cfg = qcb_ptq_plugin.PurifyConfig(progress=False, pda_steps=4)
+    report = qcb_ptq_plugin.purify(prepared, model, calib, config=cfg)
+    assert not report.skipped
+    converted = int_weights(convert_fx(prepared))
+    assert set(converted) == set(report.codes)
+    for name, q in report.codes.items():
+        assert torch.equal(converted[name], q), name
+    for u in report.units:
+        assert u.error_after <= u.error_before + 1e-12, u.name
+    assert {u.name for u in report.units if u.pda == "applied"} == pda_units, [(u.name, u.pda) for u in report.units]

@@ -15,7 +15,7 @@ from ._capture import StopForward
 
 log = logging.getLogger(__name__)
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclass
@@ -122,7 +122,7 @@ def following_bn(fp_layer: nn.Module, order: list[nn.Module]) -> nn.Module | Non
         nxt = order[order.index(fp_layer) + 1]
     except (ValueError, IndexError):
         return None
-    out = fp_layer.weight.shape[0]
+    out = fp_layer.out_channels if isinstance(fp_layer, nn.modules.conv._ConvNd) else fp_layer.weight.shape[0]
     return nxt if isinstance(nxt, _BN) and nxt.num_features == out and nxt.track_running_stats else None
 
 
@@ -132,12 +132,20 @@ def bn_fold_factor(bn: nn.Module) -> torch.Tensor:
     return bn.weight.detach() * inv_std if bn.affine else inv_std
 
 
-def fold_bn(w: torch.Tensor, b: torch.Tensor | None, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Conv/Linear + eval BN -> one layer (what FX/PT2E prepare does)."""
+def fold_bn(w: torch.Tensor, b: torch.Tensor | None, bn: nn.Module,
+            transposed_groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conv/Linear + eval BN -> one layer (what FX/PT2E prepare does). ``transposed_groups``: the
+    groups of a ConvTranspose, whose weight (Cin, Cout/groups, k...) has output channels on axis 1."""
     f = bn_fold_factor(bn)
     shift = bn.bias.detach() if bn.affine else torch.zeros_like(f)
     b0 = torch.zeros_like(bn.running_mean) if b is None else b.detach()
-    return w.detach() * f.reshape(-1, *([1] * (w.dim() - 1))), (b0 - bn.running_mean) * f + shift
+    if transposed_groups is None:
+        w = w.detach() * f.reshape(-1, *([1] * (w.dim() - 1)))
+    else:
+        g = transposed_groups
+        fw = f.reshape(g, 1, -1, *([1] * (w.dim() - 2)))
+        w = (w.detach().reshape(g, w.shape[0] // g, *w.shape[1:]) * fw).reshape(w.shape)
+    return w, (b0 - bn.running_mean) * f + shift
 
 
 def match_float_layer(name: str, prepared_weight: torch.Tensor, fp_layer: nn.Module,
@@ -159,7 +167,8 @@ def match_float_layer(name: str, prepared_weight: torch.Tensor, fp_layer: nn.Mod
 
     if close(prepared_weight, w_fp.detach()):
         return bn  # BN not folded (or absent); PDA can still read it if it follows
-    if bn is not None and close(prepared_weight, fold_bn(w_fp, getattr(fp_layer, "bias", None), bn)[0]):
+    groups_t = fp_layer.groups if isinstance(fp_layer, nn.modules.conv._ConvTransposeNd) else None
+    if bn is not None and close(prepared_weight, fold_bn(w_fp, getattr(fp_layer, "bias", None), bn, groups_t)[0]):
         return bn
     raise ValueError(
         f"float model does not match the prepared model at '{name}': its weights differ "

@@ -146,7 +146,7 @@ def plan(prepared: nn.Module, float_model: nn.Module, example: torch.Tensor) -> 
 def _discover(prepared: nn.Module, float_model: nn.Module, example: torch.Tensor
               ) -> tuple[list[_Site], list[Unsupported]]:
     """The quantized Conv/Linear layers in execution order, matched to the float model, and the
-    quantized layers no method can purify (ConvTranspose, Conv3d, ...), named."""
+    quantized layers no method can purify (e.g. per-channel ConvTranspose), named."""
     if any(type(m).__module__.startswith(_QUANTIZED_MODULE_PREFIXES) for m in prepared.modules()):
         raise ValueError("the model is already converted to INT8; call purify after calibration and before convert")
     if any(isinstance(m, FakeQuantizeBase) for m in prepared.modules()):
@@ -176,16 +176,21 @@ def _discover(prepared: nn.Module, float_model: nn.Module, example: torch.Tensor
             continue
         layer = _layer(mod)
         try:
-            LayerOp.from_module(layer)
+            op = LayerOp.from_module(layer)
         except NotImplementedError as e:
             unsupported.append(Unsupported(name, type(layer).__name__, str(e)))
             continue
         bn = match_float_layer(name, layer.weight, fp_layer, following_bn(fp_layer, fp_order))
         grid, pin = _weight_grid(name, mod.qconfig, layer.weight)
+        if op.transposed and grid.per_channel:  # axis 0 of a ConvTranspose weight is its input channels
+            unsupported.append(Unsupported(name, type(layer).__name__, (
+                f"{type(layer).__name__} with per-channel weights (ch_axis={pin['ch_axis']}) is not supported: "
+                "its weight axis 0 holds input channels; use per-tensor weights (the x86 default for ConvTranspose)")))
+            continue
         sites.append(_Site(name, mod, fp_layer, bn, grid, pin))
     if not sites and not unsupported:
         raise ValueError("no quantized Conv/Linear layer found in the prepared model; check the qconfig mapping "
-                         "(purify handles statically quantized Linear, Conv1d and Conv2d)")
+                         "(purify handles statically quantized Linear, Conv1d/2d/3d and ConvTranspose1d/2d)")
     return sorted(sites, key=lambda site: rank[id(site.fp_layer)]), unsupported
 
 

@@ -143,10 +143,7 @@ def efrap(unit: Unit, data: UnitData, cfg: EfrapConfig) -> UnitResult:
     op, grid = unit.op, unit.grid
     w_full = unit.weight.detach().float()
     w = op.grouped(w_full)  # (G, O/G, K)
-    G, Og, _ = w.shape
-    s = grid._bcast(grid.scale.float(), w_full).expand(w_full.shape[0], *([1] * (w_full.dim() - 1)))
-    z = grid._bcast(grid.zero_point, w_full).expand_as(s).float()
-    s, z = s.reshape(G, Og, 1), z.reshape(G, Og, 1)
+    s, z = (op.grouped(t)[..., :1].float() for t in grid.expand(w_full))  # one (s, z) per output row: (G, O/G, 1)
 
     x = w / s
     floor = torch.floor(x)
@@ -170,5 +167,5 @@ def efrap(unit: Unit, data: UnitData, cfg: EfrapConfig) -> UnitResult:
                   act.item() + gram.t / gram.n, flip.item(), reg.item())
     with torch.no_grad():
         q = (floor + (v >= 0).float() + z).clamp(grid.qmin, grid.qmax)
-    return UnitResult(codes=q.to(torch.int64).reshape(w_full.shape), gram=gram,
+    return UnitResult(codes=op.ungrouped(q.to(torch.int64), w_full.shape), gram=gram,
                       solve_seconds=time.perf_counter() - t0)

@@ -308,7 +308,7 @@ def lac_pda(unit: Unit, data: UnitData, cfg: PurifyConfig) -> UnitResult:
     w_o = unit.weight.detach().float()
     t_solve = time.perf_counter()
     if cfg.solver is Solver.GRAM:
-        q = _solve_gram(gram, unit.op.grouped(w_o), unit.grid, cfg).reshape(w_o.shape)
+        q = unit.op.ungrouped(_solve_gram(gram, unit.op.grouped(w_o), unit.grid, cfg), w_o.shape)
     else:
         q = _solve_adam(torch.cat(cache_in), torch.cat(cache_tgt), unit, cfg, gram)
     applied = "applied" if _per_sample(unit.bn) else BN1D_APPLIED
