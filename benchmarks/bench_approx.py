@@ -36,6 +36,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default=str(HERE / "results" / "approx.md"))
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    p.add_argument("--paper-steps", type=int, default=0, help="also run the paper preset with this many Adam steps")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     from torch.ao.quantization.quantize_fx import convert_fx
@@ -62,13 +64,23 @@ def main() -> None:
             rows.setdefault((bits, "plain PTQ"), []).append(
                 (metrics.benign_accuracy(int8, d.x_test, d.y_test), metrics.attack_success_rate(
                     int8, d.x_test, d.y_test, trigger, target), 0.0))
-            for name, v in VARIANTS.items():
+            chosen = {k: VARIANTS[k] for k in args.variants.split(",") if k}
+            if args.paper_steps:
+                chosen[f"paper preset, {args.paper_steps} Adam steps"] = "paper"
+            for name, v in chosen.items():
                 over = {"quarter": dict(gram_positions=positions),
                         "all": dict(gram_positions=positions, cd_passes=1, pda_steps=1, pda_step_size=1e-3)
                         }.get(v, v) if isinstance(v, str) else v
                 prepared = copy.deepcopy(base)
                 t0 = time.perf_counter()
-                q.purify(prepared, m, calib, progress=False, seed=seed, **over)
+                if v == "paper":
+                    cfg = q.PurifyConfig.paper(adam_steps=args.paper_steps, pda_steps=min(500, args.paper_steps),
+                                               progress=False, seed=seed)
+                    rep = q.purify(prepared, m, calib, cfg)
+                    errs = (sum(u.error_before for u in rep.units), sum(u.error_after for u in rep.units))
+                    print(f"seed {seed} W{bits} paper preset: error {errs[0]:.4g} -> {errs[1]:.4g}", flush=True)
+                else:
+                    q.purify(prepared, m, calib, progress=False, seed=seed, **over)
                 sec = time.perf_counter() - t0
                 int8 = convert_fx(prepared)
                 rows.setdefault((bits, name), []).append(
@@ -82,7 +94,8 @@ def main() -> None:
         return f"{statistics.mean(vals):.2f} +- {statistics.pstdev(vals):.2f}"
 
     lines = ["# Speed approximations vs the exact fast default (defense quality)", "",
-             f"Command: `python benchmarks/bench_approx.py --seeds {args.seeds}`", "",
+             f"Command: `python benchmarks/bench_approx.py --seeds {args.seeds} --variants '{args.variants}' "
+             f"--paper-steps {args.paper_steps}`", "",
              f"Load: before `{load[0]}`, after `{load[1]}`", "",
              "SmallCNN(16) on sklearn digits, PQBackdoor-style QCB planted on the x86 4-bit grid, one model per "
              "seed; 256 calibration images; mean +- std over seeds; per-seed values in brackets.", "",

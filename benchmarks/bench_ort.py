@@ -72,6 +72,7 @@ def main() -> None:
             line = (f"repeat {r}: plain quantize_static {plain:.1f}s, purified {pur:.1f}s ({pur / plain:.1f}x; "
                     f"pass {rep.seconds:.1f}s, PDA {sum(u.pda_seconds for u in rep.units):.1f}s, "
                     f"solves {sum(u.solve_seconds for u in rep.units):.1f}s, {len(rep.units)} units)")
+            print(line, flush=True)
             if args.previous:
                 build, cache = ort_adapter._StagedRun.build, ort_adapter._OnnxCapture.__init__.__defaults__
                 ort_adapter._StagedRun.build = classmethod(lambda cls, *a: None)
@@ -79,10 +80,9 @@ def main() -> None:
                 try:
                     t0 = time.perf_counter()
                     qonnx.quantize_static(fp, Path(tmp) / "prev.onnx", Reader(xn, args.batch), **kw, purify_config=cfg)
-                    line += f"; previous capture {time.perf_counter() - t0:.1f}s"
+                    print(f"repeat {r}: previous capture, purified {time.perf_counter() - t0:.1f}s", flush=True)
                 finally:
                     ort_adapter._StagedRun.build, ort_adapter._OnnxCapture.__init__.__defaults__ = build, cache
-            print(line, flush=True)
         print(f"uptime: {os.popen('uptime').read().strip()}")
 
 

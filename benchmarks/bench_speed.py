@@ -61,6 +61,8 @@ def _measure(model_name: str, mode: str, paper_steps: int, seed: int) -> dict:
         config = None
     elif mode == "fast":
         config = q.PurifyConfig(progress=False)
+    elif mode == "approx":  # the approximations compared in benchmarks/results/approx.md
+        config = q.PurifyConfig(progress=False, pda_steps=1, pda_step_size=1e-3, cd_passes=1, gram_positions=32768)
     else:
         config = q.PurifyConfig.paper(adam_steps=paper_steps, pda_steps=min(500, paper_steps), progress=False)
     t0 = time.perf_counter()
@@ -93,6 +95,7 @@ def main() -> None:
     p.add_argument("--resnet-paper-steps", type=int, default=50, help="paper-preset steps on ResNet-18 (extrapolated)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results" / "speed.md"))
+    p.add_argument("--modes", default="plain,fast,paper", help="of plain, fast, approx, paper")
     p.add_argument("--one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -102,7 +105,7 @@ def main() -> None:
         return
     rows = []
     for model in args.models.split(","):
-        for mode in ("plain", "fast", "paper"):
+        for mode in args.modes.split(","):
             cmd = [sys.executable, __file__, "--one", model, mode, "--paper-steps", str(args.paper_steps),
                    "--resnet-paper-steps", str(args.resnet_paper_steps), "--seed", str(args.seed)]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -134,7 +137,8 @@ def _write(rows: list[dict], args) -> None:
         secs = r.get("seconds_extrapolated_to_10000_steps", r["seconds"])
         note = " (extrapolated)" if "seconds_extrapolated_to_10000_steps" in r else ""
         err = (f"{r['rel_error_before']:.2e} -> {r['rel_error_after']:.2e}" if "rel_error_after" in r else "")
-        name = {"plain": "plain PTQ", "fast": "purify, fast default", "paper": "purify, paper preset"}[r["mode"]]
+        name = {"plain": "plain PTQ", "fast": "purify, fast default", "paper": "purify, paper preset",
+                "approx": "purify, fast + 1-step PDA, 1 CD pass, 32768 Gram positions"}[r["mode"]]
         lines.append(f"| {r['model']} | {name} | {secs:.1f}{note} | {secs / base[r['model']]:.1f} | "
                      f"{r.get('purify_seconds', 0):.1f} | {r['peak_rss_mb']:.0f} | {r.get('ba', float('nan')):.2f} | "
                      f"{r.get('asr', float('nan')):.2f} | {err} |")
