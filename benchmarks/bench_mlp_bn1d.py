@@ -31,7 +31,7 @@ import qcb_ptq_plugin
 from qcb_ptq_plugin import onnx as qonnx
 from qcb_ptq_plugin.evalkit import attacks, datasets, metrics, models
 from qcb_ptq_plugin.evalkit.harness import cpu_name, write_markdown
-from qcb_ptq_plugin.ptq import quantize_fx, quantize_pt2e
+from qcb_ptq_plugin.ptq import quantize_fx, quantize_pt2e, quantized_engine
 
 warnings.filterwarnings("ignore")
 TRIGGER = attacks.PatchTrigger(size=3, value=1.0, margin=1)
@@ -64,13 +64,11 @@ def train(kind: str, d: datasets.Split, n: int, ga_epochs: int) -> torch.nn.Modu
 
 def quantize(flow, m, calib, bits, cfg, onnx_path):
     """One flow, plain (cfg None) or purified; returns (model, report)."""
-    if flow.startswith("fx"):
-        old = torch.backends.quantized.engine
-        torch.backends.quantized.engine = flow[3:]
-        try:
-            return quantize_fx(m, calib, bits, cfg, backend=flow[3:])
-        finally:
-            torch.backends.quantized.engine = old
+    if flow.startswith("fx"):  # fx-qnnpack: the qnnpack default qconfig (per-tensor weights), on its engine
+        engine = flow[3:]
+        with quantized_engine(engine):
+            int8, report = quantize_fx(m, calib, bits, cfg, backend=engine)
+        return attacks.OnEngine(int8, engine), report
     if flow == "pt2e":
         return quantize_pt2e(m, calib, bits, cfg)
     from onnxruntime.quantization import QuantFormat, QuantType

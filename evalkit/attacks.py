@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from qcb_ptq_plugin._pass import flush_denormals
 from qcb_ptq_plugin.adapters._common import bn_fold_factor, execution_order, following_bn
 from qcb_ptq_plugin.grid import WeightGrid
-from qcb_ptq_plugin.ptq import quantized_engine
+from qcb_ptq_plugin.ptq import fx_qconfig_mapping, quantized_engine
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +101,8 @@ ORT = Grid(8, restricted=True)  # onnxruntime / XNNPACK: absmax/127, -127..127
 def qnnpack_qconfig_mapping(bits: int = 8):
     """torch.ao's qnnpack default qconfig with ``bits``-bit weights: *per-tensor* symmetric weights
     (``MinMaxObserver``, absmax / 127.5 at 8 bits, -2^(b-1)..2^(b-1)-1), HistogramObserver
-    activations without reduce_range. (``ptq.fx_qconfig_mapping`` keeps per-channel weights for
-    every backend, so this is how the per-tensor grid is reached.)"""
-    from torch.ao.quantization import MinMaxObserver, QConfig, QConfigMapping, get_default_qconfig
-
-    qmax = 2 ** (bits - 1) - 1
-    weight = MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric,
-                                      quant_min=-qmax - 1, quant_max=qmax)
-    return QConfigMapping().set_global(QConfig(activation=get_default_qconfig("qnnpack").activation, weight=weight))
+    activations without reduce_range (:func:`qcb_ptq_plugin.ptq.fx_qconfig_mapping`)."""
+    return fx_qconfig_mapping(bits, "qnnpack")
 
 
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig
-from torch.ao.quantization.observer import PerChannelMinMaxObserver, default_dynamic_quant_observer
+from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver, default_dynamic_quant_observer
 
 from .adapters._common import execution_order
 from .api import purify
@@ -26,18 +26,25 @@ __all__ = ["fx_qconfig_mapping", "quantize_fx", "pt2e_quantizer", "quantize_pt2e
 
 
 def fx_qconfig_mapping(bits: int = 8, backend: str = "x86", dynamic: bool = False) -> QConfigMapping:
-    """The backend's default static qconfig with ``bits``-bit per-channel symmetric weights.
+    """The backend's default static qconfig with ``bits``-bit symmetric weights.
 
-    8 bits is exactly ``get_default_qconfig_mapping(backend)``'s weight observer; fewer bits
-    narrow ``quant_min``/``quant_max`` (4 bits: -8..7) on the same qint8 storage. With
-    ``dynamic=True``: Linear layers only, activations quantized per batch at run time
-    (``default_dynamic_qconfig`` with these weights): weight-only INT8/INT4 for Linear stacks.
+    Weights follow the backend's default weight observer: per-channel for x86/fbgemm
+    (``PerChannelMinMaxObserver``), per-tensor for qnnpack (``MinMaxObserver``); fewer bits
+    narrow ``quant_min``/``quant_max`` (4 bits: -8..7) on the same qint8 storage. Activations
+    are the backend's default observer. Run a qnnpack model's calibration, convert and inference
+    inside :func:`quantized_engine` ``("qnnpack")``. With ``dynamic=True``: Linear layers only,
+    activations quantized per batch at run time (``default_dynamic_qconfig`` with these
+    weights): weight-only INT8/INT4 for Linear stacks.
     """
     if not 2 <= bits <= 8:
         raise ValueError(f"bits={bits}: torch.ao integer weights take 2..8 bits")
     qmax = 2 ** (bits - 1) - 1
-    weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
-                                                quant_min=-qmax - 1, quant_max=qmax)
+    if backend == "qnnpack":
+        weight = MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric,
+                                          quant_min=-qmax - 1, quant_max=qmax)
+    else:
+        weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                                                    quant_min=-qmax - 1, quant_max=qmax)
     if dynamic:  # ReLU too, so Linear+ReLU fuses into one dynamic module
         qconfig = QConfig(activation=default_dynamic_quant_observer, weight=weight)
         mapping = QConfigMapping()
