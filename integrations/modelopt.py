@@ -104,11 +104,7 @@ def purify_calibrate(model: nn.Module, forward_loop=None, purify_method: str = D
                          "reads the calibration samples from those calls")
     batches = as_batches(seen, cfg.batch_size, cfg.num_samples)
     p = plan(model, float_model, batches[0])
-    codes, rep = _pass.run(p.units, p.capture, batches, m, cfg)
-    p.commit(codes)
-    rep.mode = "modelopt"
-    setattr(model, _REPORT_ATTR, rep)
-    log.info("qcb_purify: %d layers in %.1fs (%s)", len(rep.units), rep.seconds, m.name)
+    setattr(model, _REPORT_ATTR, _pass.run_plan(p, batches, m, cfg, "modelopt"))
 
 
 def report(model: nn.Module) -> PurifyReport:

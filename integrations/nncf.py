@@ -80,7 +80,4 @@ def purify_onnx(model, quantized_model, calibration_dataset, config: MethodConfi
     if not plan.units:
         raise ValueError("no Conv/Gemm/MatMul with integer weights found: pass the model nncf.quantize returned "
                          "and the FP32 model it was given")
-    codes, report = _pass.run(plan.units, plan.capture, feeds, m, cfg)
-    plan.commit(codes)
-    report.mode = "nncf-onnx"
-    return report
+    return _pass.run_plan(plan, feeds, m, cfg, "nncf-onnx")

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
+from ._data import range_mismatch
 from .config import MethodConfig
 from .methods import Method, UnitResult
 from .report import PurifyReport, UnitReport
@@ -24,7 +25,7 @@ from .units import Capture, Unit, UnitData, Unsupported
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run", "check_coverage", "flush_denormals"]
+__all__ = ["run", "run_plan", "check_coverage", "flush_denormals"]
 
 
 def check_coverage(unsupported: Sequence[Unsupported], cfg: MethodConfig) -> list[dict]:
@@ -73,6 +74,21 @@ def run(units: Sequence[Unit], capture: Capture, batches: Sequence, method: Meth
     report.seconds = time.perf_counter() - t_all
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return codes, report
+
+
+def run_plan(plan, batches: Sequence, method: Method, cfg: MethodConfig, mode: str) -> PurifyReport:
+    """What every entry point does with an adapter's plan: check the calibration data against the
+    range the observers recorded (where the adapter read one), run the pass with the plan's
+    unsupported layers named, commit the integers. ``plan``: an adapter's ``Plan``."""
+    mismatch = range_mismatch(batches, plan.input_range)  # before LAC: is this the data the observers saw?
+    if mismatch:
+        log.warning("%s", mismatch)
+    codes, report = run(plan.units, plan.capture, batches, method, cfg, unsupported=plan.unsupported)
+    report.warnings += [mismatch] if mismatch else []
+    plan.commit(codes)
+    report.mode = mode
+    log.info("purified %d layers in %.1fs (%s, %s)", len(report.units), report.seconds, method.name, mode)
+    return report
 
 
 def _unit_report(unit: Unit, result: UnitResult, seconds: float) -> tuple[UnitReport, dict]:

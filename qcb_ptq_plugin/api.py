@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import _pass, adapters
-from ._data import as_batches, range_mismatch
+from ._data import as_batches
 from .config import MethodConfig
 from .methods import DEFAULT_METHOD, get_method
 from .report import PurifyReport
@@ -50,15 +50,7 @@ def purify(prepared: nn.Module, float_model: nn.Module, calib_data, config: Meth
     m = get_method(method)
     cfg = m.config(config, **overrides)
     adapter, plan, batches = prepare_plan(prepared, float_model, calib_data, cfg)
-    mismatch = range_mismatch(batches, plan.input_range)  # before LAC: is this the data the observers saw?
-    if mismatch:
-        log.warning("%s", mismatch)
-    codes, report = _pass.run(plan.units, plan.capture, batches, m, cfg, unsupported=plan.unsupported)
-    report.warnings += [mismatch] if mismatch else []
-    plan.commit(codes)
-    report.mode = adapter.mode_of(prepared)
-    log.info("purified %d layers in %.1fs (%s)", len(report.units), report.seconds, m.name)
-    return report
+    return _pass.run_plan(plan, batches, m, cfg, adapter.mode_of(prepared))
 
 
 def prepare_plan(prepared: nn.Module, float_model: nn.Module, calib_data, cfg: MethodConfig):
@@ -73,13 +65,7 @@ def prepare_plan(prepared: nn.Module, float_model: nn.Module, calib_data, cfg: M
     batches = as_batches(calib_data, fixed or cfg.batch_size, cfg.num_samples, device=device)
     if fixed:  # exported without dynamic_shapes: every forward must use the exported batch size
         batches = _exact_batches(batches, fixed)
-    fp = _frozen_copy(float_model)
-    try:
-        with torch.no_grad():
-            fp(batches[0])
-    except Exception as e:  # the user's forward raised: say which input did not fit
-        raise ValueError(f"calibration batch of shape {tuple(batches[0].shape)} does not fit the float model "
-                         f"({type(e).__name__}: {e}); pass samples shaped like the model's input") from e
+    fp = frozen_float_copy(float_model, batches[0])
     return adapter, adapter.plan(prepared, fp, batches[0]), batches
 
 
@@ -94,6 +80,18 @@ def _exact_batches(batches: list[torch.Tensor], size: int) -> list[torch.Tensor]
         log.info("dropping %d calibration samples that do not fill a batch of %d (the exported batch size)",
                  sum(len(b) for b in batches) - size * len(full), size)
     return full
+
+
+def frozen_float_copy(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A frozen eval copy of the user's float model (never modified), checked to run on ``example``."""
+    fp = _frozen_copy(model)
+    try:
+        with torch.no_grad():
+            fp(example)
+    except Exception as e:  # the user's forward raised: say which input did not fit
+        raise ValueError(f"calibration batch of shape {tuple(example.shape)} does not fit the float model "
+                         f"({type(e).__name__}: {e}); pass samples shaped like the model's input") from e
+    return fp
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import _pass
 from ._data import as_batches
-from .api import _frozen_copy
+from .api import frozen_float_copy
 from .config import MethodConfig
 from .methods import DEFAULT_METHOD, get_method
 from .report import PurifyReport
@@ -52,19 +52,10 @@ def quantize_(model: nn.Module, config, calib_data, filter_fn=None, *, method: s
     m = get_method(method)
     cfg = m.config(purify_config, **overrides)
     batches = _batches(calib_data, cfg)
-    fp = _frozen_copy(model)
-    try:
-        with torch.no_grad():
-            fp(batches[0])
-    except Exception as e:
-        raise ValueError(f"calibration batch of shape {tuple(batches[0].shape)} does not fit the model "
-                         f"({type(e).__name__}: {e}); pass samples shaped like the model's input") from e
+    fp = frozen_float_copy(model, batches[0])
     plan, stats = torchao_quantize.plan(model, fp, batches[0], config, filter_fn)
-    codes, report = _pass.run(plan.units, plan.capture, batches, m, cfg)
-    plan.commit(codes)
-    report.mode = f"torchao.quantize_({type(config).__name__})"
+    report = _pass.run_plan(plan, batches, m, cfg, f"torchao.quantize_({type(config).__name__})")
     report.config = {**report.config, "torchao_reproduced": stats["reproduced"], "torchao_pinned": stats["pinned"]}
-    log.info("purified %d layers in %.1fs (%s, %s)", len(report.units), report.seconds, m.name, report.mode)
     return report
 
 

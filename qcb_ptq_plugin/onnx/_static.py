@@ -154,9 +154,7 @@ def quantize_static(model_input, model_output, calibration_data_reader, quant_fo
     if not plan.units and not plan.unsupported:
         raise ValueError("the model has no Conv/Gemm/MatMul with a constant weight that ORT quantized; "
                          "nothing to purify (check op_types_to_quantize / nodes_to_exclude)")
-    codes, report = _pass.run(plan.units, plan.capture, feeds, m, cfg, unsupported=plan.unsupported)
-    plan.commit(codes)
-    report.mode = "onnxruntime"
+    report = _pass.run_plan(plan, feeds, m, cfg, "onnxruntime")
     with atomic_output(model_output, "model_output") as tmp:
         onnx.save(qmodel, str(tmp))
         session(str(tmp))  # onnxruntime accepts the written file before it replaces anything
