@@ -39,9 +39,10 @@ WEIGHT_RANGE = (-127, 127)
 
 def _feeds(dataset, model) -> list[dict[str, np.ndarray]]:
     """Feed dicts from an ``nncf.Dataset`` (its transform's output) or any iterable of feeds/arrays."""
+    from qcb_ptq_plugin.onnx._static import _graph_inputs, _read_feeds, _Replay
+
     items = dataset.get_inference_data() if hasattr(dataset, "get_inference_data") else dataset
-    inits = {i.name for i in model.graph.initializer}
-    names = [i.name for i in model.graph.input if i.name not in inits]
+    names = list(_graph_inputs(model))
     feeds = []
     for item in items:
         if isinstance(item, Mapping):
@@ -53,7 +54,7 @@ def _feeds(dataset, model) -> list[dict[str, np.ndarray]]:
                             "give nncf.Dataset a transform that returns {input_name: array}")
     if not feeds:
         raise ValueError("the calibration dataset is empty; pass the nncf.Dataset given to nncf.quantize")
-    return feeds
+    return _read_feeds(_Replay(feeds), model)  # names, shapes, NaN/Inf and dtypes checked as in quantize_static
 
 
 def purify_onnx(model, quantized_model, calibration_dataset, config: MethodConfig | None = None, *,
