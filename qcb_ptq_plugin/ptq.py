@@ -159,21 +159,18 @@ def quantize_pt2e(model: nn.Module, calib: torch.Tensor, bits: int = 8, purify_c
 
 
 def fusion_plan(model: nn.Module, example: torch.Tensor) -> list[list[str]]:
-    """Conv-BN(-ReLU) / Linear-ReLU groups for ``torch.ao.quantization.fuse_modules``, in call order."""
+    """Groups of consecutive modules (in call order) that ``torch.ao.quantization.fuse_modules``
+    knows how to fuse (Conv-BN-ReLU, Conv-BN, Linear-BN1d, Linear-ReLU, ...), longest first."""
+    from torch.ao.quantization.fuser_method_mappings import _DEFAULT_OP_LIST_TO_FUSER_METHOD as fusable
+
     plan, i = [], 0
     seq = _call_order_names(model, example)
     mods = dict(model.named_modules())
     while i < len(seq):
-        m = mods[seq[i]]
-        group = [seq[i]]
-        if isinstance(m, (nn.Conv1d, nn.Conv2d)) and i + 1 < len(seq) and isinstance(mods[seq[i + 1]], (nn.BatchNorm1d, nn.BatchNorm2d)):
-            group.append(seq[i + 1])
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and i + len(group) < len(seq) \
-                and isinstance(mods[seq[i + len(group)]], nn.ReLU):
-            group.append(seq[i + len(group)])
-        if len(group) > 1:
-            plan.append(group)
-        i += len(group)
+        n = next((n for n in (3, 2) if tuple(type(mods[s]) for s in seq[i:i + n]) in fusable), 1)
+        if n > 1:
+            plan.append(seq[i:i + n])
+        i += n
     return plan
 
 
@@ -208,7 +205,8 @@ def quantize_eager(model: nn.Module, calib: torch.Tensor, bits: int = 8, purify_
 
     float_model = QuantWrapper(copy.deepcopy(model)).eval()
     with quiet_torch_ao():
-        fused = fuse_modules(copy.deepcopy(float_model), fusion_plan(float_model, calib[:2]))
+        plan = fusion_plan(float_model, calib[:2])
+        fused = fuse_modules(copy.deepcopy(float_model), plan) if plan else copy.deepcopy(float_model)
         fused.qconfig = fx_qconfig_mapping(bits, backend).global_qconfig
         prepared = prepare(fused)
         _calibrate(prepared, calib, batch_size)

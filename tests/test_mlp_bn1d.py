@@ -21,7 +21,7 @@ from torch import nn
 import qcb_ptq_plugin
 from qcb_ptq_plugin.evalkit import attacks, metrics, models
 from qcb_ptq_plugin.methods import lac
-from qcb_ptq_plugin.ptq import quantize_fx, quantize_pt2e, quantized_engine
+from qcb_ptq_plugin.ptq import quantize_eager, quantize_fx, quantize_pt2e, quantized_engine
 
 from .conftest import TARGET, TRIGGER, prepare_calibrated
 
@@ -74,6 +74,8 @@ def _quantize(flow, model, calib, bits, purify, tmp_path):
         return quantize_fx(model, calib, bits, cfg, backend="qnnpack")
     if flow == "pt2e":
         return quantize_pt2e(model, calib, bits, cfg)
+    if flow == "eager":  # fuse_modules folds Linear+BatchNorm1d
+        return quantize_eager(model, calib, bits, cfg)
     return _ort(model, calib, bits, purify, tmp_path)
 
 
@@ -92,7 +94,7 @@ def test_mlp_w4_qcb_removed_with_bn1d_pda(mlp_w4, digits, tmp_path):
     assert metrics.benign_accuracy(purified, x, y) >= fp_ba - 0.01
 
 
-@pytest.mark.parametrize("flow", ["fx-x86", "fx-qnnpack", "pt2e", "ort"])
+@pytest.mark.parametrize("flow", ["fx-x86", "fx-qnnpack", "pt2e", "eager", "ort"])
 def test_mlp_bn1d_w8a8_every_flow(mlp_w4, digits, flow, tmp_path):
     """Default settings, W8A8: PDA applied on both BN1d units, ASR and BA at the float model's."""
     x, y = digits.x_test, digits.y_test
