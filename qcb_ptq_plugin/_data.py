@@ -93,8 +93,10 @@ def range_mismatch(batches: list[torch.Tensor], observed: tuple[float, float] | 
     """
     if observed is None:
         return None
-    lo = min(float(b.min()) for b in batches)
-    hi = max(float(b.max()) for b in batches)
+    # ONNX feeds are {input name: array}; adapters read a range only for single-input models
+    values = [next(iter(b.values())) if isinstance(b, dict) else b for b in batches]
+    lo = min(float(v.min()) for v in values)
+    hi = max(float(v.max()) for v in values)
     span_data, span_obs = hi - lo, observed[1] - observed[0]
     if span_obs <= 0 or span_data <= 0:
         return None

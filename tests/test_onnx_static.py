@@ -63,6 +63,7 @@ def test_purified_ort_model_removes_the_qcb(fp32_onnx, calib, digits, tmp_path):
     assert metrics.attack_success_rate(purified, x, y, TRIGGER, TARGET) <= 0.02
     assert metrics.benign_accuracy(purified, x, y) >= fp_ba - 0.01
     assert report.mode == "onnxruntime" and len(report.units) == 4
+    assert not any("observers recorded" in w for w in report.warnings)  # the data ORT calibrated with
 
 
 def test_only_the_weight_integers_change(fp32_onnx, calib, tmp_path):
@@ -151,3 +152,19 @@ def test_staged_capture_equals_whole_graph_runs(fp32_onnx, calib, tmp_path):
         torch.testing.assert_close(a_q, b_q, rtol=0, atol=1e-6)
         torch.testing.assert_close(a_fp, b_fp, rtol=0, atol=0)
     assert all(torch.equal(a, b) for a, b in zip(codes_s, codes_w))
+
+
+def test_input_range_read_from_the_quantized_graph(fp32_onnx, calib, tmp_path, caplog):
+    """The ORT adapter reads the range calibration recorded at the input (its QuantizeLinear), so
+    purifying with data of another scale (images x255 after calibrating on 0..1) is named."""
+    from qcb_ptq_plugin import _pass, get_method
+    from qcb_ptq_plugin.adapters import ort as ort_adapter
+
+    ort_quantize_static(str(fp32_onnx), str(tmp_path / "plain.onnx"), Reader(calib), **ORT_W4A8)
+    plan = ort_adapter.plan(onnx.load(str(fp32_onnx)), onnx.load(str(tmp_path / "plain.onnx")), -8, 7)
+    lo, hi = plan.input_range
+    assert lo <= calib.min() + 1e-2 and hi >= calib.max() - 1e-2 and hi - lo < 1.1 * (calib.max() - calib.min())
+    feeds = [{"input": 255 * calib[i : i + 64]} for i in range(0, len(calib), 64)]
+    report = _pass.run_plan(plan, feeds, get_method("lac_pda"), qcb_ptq_plugin.PurifyConfig(progress=False),
+                            "onnxruntime")
+    assert any("observers recorded" in w for w in report.warnings)

@@ -46,7 +46,26 @@ def plan(fp: onnx.ModelProto, qmodel: onnx.ModelProto, qmin: int, qmax: int) -> 
     units = [Unit(name=s.name, layer=s.init, fp_layer=s.fp_layer, weight=s.fp_layer.weight.detach().clone(),
                   bias=None if s.fp_layer.bias is None else s.fp_layer.bias.detach().clone(), grid=s.grid,
                   write=functools.partial(_write, s.init, s.grid, capture, s.name), bn=s.bn) for s in sites]
-    return Plan(units=units, capture=capture, commit=functools.partial(_commit, units), unsupported=unsupported)
+    return Plan(units=units, capture=capture, commit=functools.partial(_commit, units), unsupported=unsupported,
+                input_range=_input_range(qmodel))
+
+
+def _input_range(qmodel: onnx.ModelProto) -> tuple[float, float] | None:
+    """The range calibration recorded at a single-input model's input: the grid of the QuantizeLinear
+    reading it, [(qmin - zp) s, (qmax - zp) s]. None where there is no such node or several inputs."""
+    inits = {i.name for i in qmodel.graph.initializer}
+    inputs = [i.name for i in qmodel.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        return None
+    vals = constant_values(qmodel)
+    for n in qmodel.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] == inputs[0] and len(n.input) > 2:
+            s, zp = vals.get(n.input[1]), vals.get(n.input[2])
+            if s is None or zp is None or np.size(s) != 1 or not np.issubdtype(zp.dtype, np.integer):
+                return None
+            info, z, s = np.iinfo(zp.dtype), int(np.ravel(zp)[0]), float(np.ravel(s)[0])
+            return (info.min - z) * s, (info.max - z) * s
+    return None
 
 
 def _attrs(node) -> dict:
