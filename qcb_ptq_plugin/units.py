@@ -112,25 +112,35 @@ class LayerOp:
         perm = (0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))  # (B, C, k..., out...)
         return x.permute(perm).reshape(b, c * math.prod(self.kernel), math.prod(out))
 
-    def columns(self, x: torch.Tensor) -> torch.Tensor:
-        """Input columns the weight multiplies: (G, K, N) with K = in_features per group."""
+    def columns(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Input columns the weight multiplies: (G, K, N) with K = in_features per group.
+
+        ``keep``: indices into the N positions (sample-major, as ``outputs`` orders them); only
+        those columns are gathered, without materialising the others."""
         if self.kind == "linear":
-            return x.reshape(-1, x.shape[-1]).T.unsqueeze(0)  # (1, K, N)
+            cols = x.reshape(-1, x.shape[-1])  # (N, K)
+            return (cols if keep is None else cols.index_select(0, keep)).T.unsqueeze(0)  # (1, K, N)
         if self.kind in ("conv1d", "conv2d"):
             cols = F.unfold(self._as2d(x), self.kernel, self.dilation, self.padding, self.stride)  # (B, Cin*kh*kw, L)
         else:
             cols = self._unfold(x)
-        b, k, l = cols.shape
-        g = self.groups
-        return cols.view(b, g, k // g, l).permute(1, 2, 0, 3).reshape(g, k // g, b * l)
+        return self._positions_last(cols, keep)
 
-    def outputs(self, y: torch.Tensor) -> torch.Tensor:
-        """Layer outputs in the same layout: (G, O/G, N)."""
+    def outputs(self, y: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer outputs in the same layout: (G, O/G, N) (``keep`` as in :meth:`columns`)."""
         if self.kind == "linear":
-            return y.reshape(-1, y.shape[-1]).T.unsqueeze(0)
-        y = y.flatten(2)  # (B, O, L)
-        b, o, l = y.shape
-        return y.view(b, self.groups, o // self.groups, l).permute(1, 2, 0, 3).reshape(self.groups, o // self.groups, b * l)
+            y = y.reshape(-1, y.shape[-1])
+            return (y if keep is None else y.index_select(0, keep)).T.unsqueeze(0)
+        return self._positions_last(y.flatten(2), keep)  # (B, O, L)
+
+    def _positions_last(self, t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """(B, C, L) -> (G, C/G, B*L), or only the positions ``keep`` of the B*L (one gather)."""
+        b, c, l = t.shape
+        g = self.groups
+        if keep is None:
+            return t.view(b, g, c // g, l).permute(1, 2, 0, 3).reshape(g, c // g, b * l)
+        picked = t[keep // l, :, keep % l]  # (n, C)
+        return picked.T.reshape(g, c // g, len(keep))
 
     def grouped(self, w: torch.Tensor) -> torch.Tensor:
         """A weight in the module's layout as (G, O/G, K), matching :meth:`columns` and :meth:`outputs`.
@@ -266,11 +276,11 @@ class Gram:
         op = unit.op
         with torch.no_grad():
             bias = 0 if unit.bias is None else op.bias_view(unit.bias, target.dim())
-            cols, tgt = op.columns(i_q), op.outputs(target - bias)
-            if positions is not None and cols.shape[-1] > positions:
-                keep = torch.randperm(cols.shape[-1], generator=generator)[:positions].to(cols.device)
-                cols, tgt = cols.index_select(-1, keep), tgt.index_select(-1, keep)
-            self.add(cols, tgt)
+            n = target.numel() // target.shape[-1 if op.kind == "linear" else 1]  # output positions N
+            keep = None
+            if positions is not None and n > positions:
+                keep = torch.randperm(n, generator=generator)[:positions].to(target.device)
+            self.add(op.columns(i_q, keep), op.outputs(target - bias, keep))
 
     def channel_errors(self, w: torch.Tensor) -> torch.Tensor:
         """Per output channel D_o(W) = (w_o H w_oᵀ - 2 w_o·c_o + t_o) / N for w of shape (G, O/G, K);

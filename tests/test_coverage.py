@@ -139,20 +139,30 @@ def test_ort_quantized_node_without_float_twin_is_named(digits, tmp_path):
     lambda: nn.ConvTranspose1d(4, 4, 4, stride=2, padding=3, groups=4, output_padding=1, bias=False),
     lambda: nn.ConvTranspose3d(2, 4, 3, stride=2, padding=1, output_padding=(1, 0, 1)),
     lambda: nn.Conv3d(4, 6, (3, 2, 3), stride=(2, 1, 2), padding=(1, 0, 2), dilation=(1, 2, 1), groups=2),
+    lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
+    lambda: nn.Conv1d(3, 4, 3, dilation=2),
+    lambda: nn.Linear(7, 5),
 ])
-def test_convtranspose_and_conv3d_columns_match_the_layer(make):
+def test_columns_match_the_layer(make):
     """W x = y through columns: ConvTranspose as the conv of its zero-inserted, padded input with
-    the flipped, channel-swapped kernel; Conv3d unfolded over three spatial dims."""
+    the flipped, channel-swapped kernel; Conv3d unfolded over three spatial dims. A subset of
+    positions (``gram_positions``) is gathered directly and equals those columns of the whole."""
     from qcb_ptq_plugin.units import LayerOp
 
     torch.manual_seed(0)
     m = make()
-    x = torch.randn(2, m.in_channels, *([5] * len(m.kernel_size)))
+    linear = isinstance(m, nn.Linear)
+    x = torch.randn(2, 3, 7) if linear else torch.randn(2, m.in_channels, *([5] * len(m.kernel_size)))  # (B, T, F)
+    groups, out = (1, m.out_features) if linear else (m.groups, m.out_channels)
     op, y = LayerOp.from_module(m), m(x)
+    n = op.outputs(y).shape[-1]
+    keep = torch.randperm(n)[: n // 2 + 1]
+    assert torch.equal(op.columns(x, keep), op.columns(x)[..., keep])
+    assert torch.equal(op.outputs(y, keep), op.outputs(y)[..., keep])
     assert torch.allclose(op.apply(x, m.weight, m.bias), y, atol=1e-5)
     bias = 0 if m.bias is None else op.bias_view(m.bias, y.dim())
     wg = op.grouped(m.weight)  # (G, O/G, K): rows are output channels for every kind
-    assert wg.shape[:2] == (m.groups, m.out_channels // m.groups)
+    assert wg.shape[:2] == (groups, out // groups)
     assert torch.allclose(torch.bmm(wg, op.columns(x)), op.outputs(y - bias), atol=1e-5)
     assert torch.equal(op.ungrouped(wg, m.weight.shape), m.weight)
 
