@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import resource
 import subprocess
 import sys
@@ -96,6 +98,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results" / "speed.md"))
     p.add_argument("--modes", default="plain,fast,paper", help="of plain, fast, approx, paper")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of every mode, interleaved; ratios are to the same round's plain PTQ, median reported")
     p.add_argument("--one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -104,44 +108,52 @@ def main() -> None:
         print(json.dumps(_measure(model, mode, steps, args.seed)))
         return
     rows = []
-    for model in args.models.split(","):
-        for mode in args.modes.split(","):
-            cmd = [sys.executable, __file__, "--one", model, mode, "--paper-steps", str(args.paper_steps),
-                   "--resnet-paper-steps", str(args.resnet_paper_steps), "--seed", str(args.seed)]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-            print(rows[-1], flush=True)
+    for rnd in range(args.repeat):
+        for model in args.models.split(","):
+            for mode in args.modes.split(","):
+                cmd = [sys.executable, __file__, "--one", model, mode, "--paper-steps", str(args.paper_steps),
+                       "--resnet-paper-steps", str(args.resnet_paper_steps), "--seed", str(args.seed)]
+                load = os.getloadavg()[0]
+                res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                rows.append({**json.loads(res.stdout.strip().splitlines()[-1]), "round": rnd,
+                             "load": (load, os.getloadavg()[0])})
+                print(rows[-1], flush=True)
     _write(rows, args)
 
 
 def _write(rows: list[dict], args) -> None:
     cpu = cpu_name()
-    import os
-
     lines = ["# Speed and memory of purify", "",
              f"Command: `python benchmarks/bench_speed.py --models {args.models} --paper-steps {args.paper_steps} "
-             f"--resnet-paper-steps {args.resnet_paper_steps}`", "",
+             f"--resnet-paper-steps {args.resnet_paper_steps} --modes {args.modes} --repeat {args.repeat}`", "",
              f"Machine: {cpu}, {os.cpu_count()} cores, torch {__import__('torch').__version__}, "
              f"Python {platform.python_version()}; no GPU.", "",
              "Wall time is the whole PTQ pipeline (prepare_fx + calibrate + [purify] + convert_fx); the ratio is to "
              "plain PTQ on the same model and data in the same run. Peak RSS is the measuring process's maximum. "
              "Paper-preset rows that ran fewer steps are extrapolated from the measured per-unit PDA and solver "
              "time (Adam to 10000 steps, PDA to 500); their BA/ASR/error are those of the truncated run.", "",
-             "| model | pipeline | wall s | x plain PTQ | purify s | peak RSS MB | BA % | ASR % | rel. error before -> after |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    base = {r["model"]: r["seconds"] for r in rows if r["mode"] == "plain"}
+             "| model | round | pipeline | wall s | x plain PTQ | purify s | peak RSS MB | BA % | ASR % | "
+             "rel. error before -> after | load avg before, after |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    base = {(r["model"], r["round"]): r["seconds"] for r in rows if r["mode"] == "plain"}
+    ratios: dict = {}
     for r in rows:
         if "fp32_ba" in r:
-            lines.append(f"| {r['model']} | FP32 model (no quantization) | | | | | {r['fp32_ba']:.2f} | "
-                         f"{r['fp32_asr']:.2f} | |")
+            lines.append(f"| {r['model']} | {r['round']} | FP32 model (no quantization) | | | | | {r['fp32_ba']:.2f} | "
+                         f"{r['fp32_asr']:.2f} | | |")
         secs = r.get("seconds_extrapolated_to_10000_steps", r["seconds"])
         note = " (extrapolated)" if "seconds_extrapolated_to_10000_steps" in r else ""
         err = (f"{r['rel_error_before']:.2e} -> {r['rel_error_after']:.2e}" if "rel_error_after" in r else "")
         name = {"plain": "plain PTQ", "fast": "purify, fast default", "paper": "purify, paper preset",
                 "approx": "purify, fast + 1-step PDA, 1 CD pass, 32768 Gram positions"}[r["mode"]]
-        lines.append(f"| {r['model']} | {name} | {secs:.1f}{note} | {secs / base[r['model']]:.1f} | "
+        ratio = secs / base[r["model"], r["round"]]
+        ratios.setdefault((r["model"], name), []).append(ratio)
+        lines.append(f"| {r['model']} | {r['round']} | {name} | {secs:.1f}{note} | {ratio:.1f} | "
                      f"{r.get('purify_seconds', 0):.1f} | {r['peak_rss_mb']:.0f} | {r.get('ba', float('nan')):.2f} | "
-                     f"{r.get('asr', float('nan')):.2f} | {err} |")
+                     f"{r.get('asr', float('nan')):.2f} | {err} | {r['load'][0]:.1f}, {r['load'][1]:.1f} |")
+    lines += ["", "Median ratio to plain PTQ over rounds:", ""]
+    lines += [f"- {model}, {name}: {statistics.median(v):.1f}x (rounds: {', '.join(f'{x:.1f}' for x in v)})"
+              for (model, name), v in ratios.items() if name != "plain PTQ"]
     write_markdown(lines, args.out)
 
 
