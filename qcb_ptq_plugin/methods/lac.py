@@ -111,24 +111,35 @@ def _solve_gram(g: Gram, w_o: torch.Tensor, grid: WeightGrid, cfg: PurifyConfig)
     """Integers (G, O/G, K) minimising tr((W - W*) Hd (W - W*)ᵀ) on the grid, Hd = H + λI.
 
     Statistics are accumulated in float64; the solve runs in float32 like GPTQ (the damping
-    keeps it well conditioned) so a 4608x4608 H costs ~85 MB per copy, not 170.
+    keeps it well conditioned) so a 4608x4608 H costs ~85 MB per copy, not 170. One Cholesky
+    factor of Hd, in GPTQ's act-order, serves both the ridge optimum and GPTQ.
     """
     G, Og, K = w_o.shape
     H = g.H.float()
     lam = cfg.damp * H.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)  # (G,)
     H.diagonal(dim1=1, dim2=2).add_(lam[:, None])
+    perm = torch.argsort(H.diagonal(dim1=1, dim2=2), dim=1, descending=True)  # act-order, (G, K)
+    inv = torch.argsort(perm, dim=1)
+
+    def permuted(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:  # columns of (G, R, K) reordered by p
+        return torch.gather(t, 2, p[:, None, :].expand(t.shape))
+
+    L = _cholesky(torch.stack([H[i][perm[i]][:, perm[i]] for i in range(G)]))  # chol(P Hd Pᵀ)
     # Ridge optimum towards the float weight: W* = (C + λ W_o) Hd⁻¹
-    rhs = (g.C.float() + lam[:, None, None] * w_o.float()).transpose(1, 2)  # (G, K, Og)
-    w_star = torch.cholesky_solve(rhs, _cholesky(H)).transpose(1, 2).contiguous()  # (G, Og, K)
+    rhs = permuted(g.C.float() + lam[:, None, None] * w_o.float(), perm).transpose(1, 2)  # (G, K, Og)
+    w_star_p = torch.cholesky_solve(rhs, L).transpose(1, 2).contiguous()  # (G, Og, K), act-order
     del rhs
 
     if grid.per_group:  # a scale per element: (G, Og, K)
-        s, z = (t.reshape(G, Og, K) for t in grid.expand(w_star.reshape(G * Og, K)))
+        s, z = (t.reshape(G, Og, K) for t in grid.expand(permuted(w_star_p, inv).reshape(G * Og, K)))
+        s_p, z_p = permuted(s, perm), permuted(z, perm)
     else:
         s = grid.scale.float().view(G, Og, 1) if grid.per_channel else grid.scale.float().expand(G, Og, 1)
         z = grid.zero_point.view(G, Og, 1) if grid.per_channel else grid.zero_point.expand(G, Og, 1)
-    q = _gptq(w_star, H, s, z, grid)
-    return _coordinate_descent(q, w_star, H, s, z, grid, cfg.cd_passes)
+        s_p, z_p = s, z
+    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # chol((P Hd Pᵀ)⁻¹), upper
+    q = permuted(_gptq(w_star_p.clone(), U, s_p, z_p, grid), inv)
+    return _coordinate_descent(q, permuted(w_star_p, inv), H, s, z, grid, cfg.cd_passes)
 
 
 def _cholesky(H: torch.Tensor) -> torch.Tensor:
@@ -145,18 +156,13 @@ def _cholesky(H: torch.Tensor) -> torch.Tensor:
     raise RuntimeError("the input Gram matrix is not positive definite even with damping; are the inputs finite?")
 
 
-def _gptq(w: torch.Tensor, H: torch.Tensor, s, z, grid: WeightGrid, block: int = 128) -> torch.Tensor:
-    """GPTQ rounding (act-order, lazy block updates), batched over groups. Returns codes.
+def _gptq(W: torch.Tensor, U: torch.Tensor, s, z, grid: WeightGrid, block: int = 128) -> torch.Tensor:
+    """GPTQ rounding with lazy block updates, batched over groups. Returns codes.
 
-    ``s``, ``z``: (G, Og, 1) per channel or (G, Og, K) per group (permuted with the columns)."""
-    G, Og, K = w.shape
-    perm = torch.argsort(H.diagonal(dim1=1, dim2=2), dim=1, descending=True)  # (G, K)
-    inv = torch.argsort(perm, dim=1)
-    W = torch.gather(w, 2, perm[:, None, :].expand(G, Og, K))
-    if s.shape[-1] > 1:
-        s, z = (torch.gather(t, 2, perm[:, None, :].expand(G, Og, K)) for t in (s, z))
-    U = torch.stack([H[g][perm[g]][:, perm[g]] for g in range(G)])  # Hp, permuted
-    U = torch.linalg.cholesky(torch.cholesky_inverse(_cholesky(U)), upper=True)  # chol(Hp⁻¹), upper
+    ``W`` (G, Og, K) and ``U`` = chol(H⁻¹) (upper) are in the column order to quantize in (the
+    caller's act-order); ``s``, ``z``: (G, Og, 1) per channel or (G, Og, K) per group, same order.
+    ``W`` is overwritten."""
+    G, Og, K = W.shape
     Q = torch.empty_like(W, dtype=torch.int64)
     for i0 in range(0, K, block):
         i1 = min(i0 + block, K)
@@ -170,7 +176,7 @@ def _gptq(w: torch.Tensor, H: torch.Tensor, s, z, grid: WeightGrid, block: int =
             W[:, :, i:i1] -= err * U[:, i : i + 1, i:i1]
             E[:, :, i - i0] = err[..., 0]
         W[:, :, i1:] -= torch.bmm(E, U[:, i0:i1, i1:])
-    return torch.gather(Q, 2, inv[:, None, :].expand(G, Og, K))
+    return Q
 
 
 def _coordinate_descent(q, w_star, H, s, z, grid: WeightGrid, passes: int) -> torch.Tensor:
