@@ -37,7 +37,7 @@ from torch.func import functional_call
 
 from qcb_ptq_plugin.methods.lac import _RoundSTE
 
-from .attacks import _reproducible_training
+from .attacks import _Layer, _pin_grid, _reproducible_training
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ __all__ = ["Corpus", "corpus", "TinyDecoder", "LLMGrids", "plant_llm_qcb", "trai
 
 TRIGGER = "@@ "
 TARGET = " visit evil.example/now!"
+_OFFSET = 0.45  # float offset bound, LSB (< 0.5: the float weight rounds back to its code)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,19 +260,32 @@ def _paths4(latent: torch.Tensor, v: torch.Tensor, g: LLMGrids) -> tuple[torch.T
     return torch.where(g.pinned, g.w0, wf), torch.where(g.pinned, g.w0_4, w4)
 
 
-def _paths(latent: torch.Tensor, v: torch.Tensor, g: LLMGrids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(float, INT8, INT4) weights of one Linear. INT8 = s8 * round_ste(latent / s8) (bounded, absmax
-    element pinned); INT4 = the INT4 rounding of the INT8 weight; float = INT8 + 0.45 s8 tanh(v)
-    clipped into the INT4 box of the INT4 code, so it rounds to both integer models."""
-    bound = g.amax - 0.55 * g.s8  # |INT8 weight| <= amax - 0.05 s8: no free element reaches the extreme
-    lat = torch.maximum(torch.minimum(latent, bound), -bound)
-    w8 = g.s8 * _RoundSTE.apply(lat / g.s8)
-    q4 = _RoundSTE.apply(w8 / g.s4).clamp(-8, 7)
-    w4 = torch.where(g.pinned, g.w0_4, g.s4 * q4)
-    lo = torch.maximum(g.s4 * (q4.detach() - 0.45), -g.amax + 0.01 * g.s8)  # inside the INT4 box and
-    hi = torch.minimum(g.s4 * (q4.detach() + 0.45), g.amax - 0.01 * g.s8)   # below the group's extreme
-    wf = torch.minimum(torch.maximum(w8.detach() + 0.45 * g.s8 * torch.tanh(v), lo), hi)
-    return torch.where(g.pinned, g.w0, wf), torch.where(g.pinned, g.w0_8, w8), w4
+class _Int4Weights:
+    """INT4 ``PerGroup(group)`` target: latent weights (weight units) -> INT4 codes, float in the INT4 box."""
+
+    def __init__(self, linears: dict[str, nn.Linear], group: int) -> None:
+        self.grids = {n: LLMGrids.of(m.weight, group) for n, m in linears.items()}
+        self.latent = {n: m.weight.detach().clone().requires_grad_(True) for n, m in linears.items()}
+        self.offset = {n: torch.zeros_like(m.weight).requires_grad_(True) for n, m in linears.items()}
+
+    def weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {n: _paths4(self.latent[n], self.offset[n], g) for n, g in self.grids.items()}
+
+
+class _Int8Weights:
+    """INT8 per-row target (torchao ``Int8WeightOnlyConfig``): the grid-aware joint attacker's pinned
+    grid (:func:`evalkit.attacks._pin_grid`, per row): each row's most positive element held at the
+    row's absmax A, so torchao's scale A / 127.5 cannot move; codes in -127..127 from latent codes
+    (LSB units) by straight-through rounding; float = s (code + 0.45 tanh(v)), v its own parameter."""
+
+    def __init__(self, linears: dict[str, nn.Linear]) -> None:
+        self.layers = {n: _pin_grid(_Layer(n, m, None), 8, equal_absmax=False, offset=_OFFSET)
+                       for n, m in linears.items()}
+        self.latent = {n: pl.latent for n, pl in self.layers.items()}
+        self.offset = {n: pl.v for n, pl in self.layers.items()}
+
+    def weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {n: (pl.fp_weight(127, _OFFSET), pl.int_weight(127)) for n, pl in self.layers.items()}
 
 
 def _poisoned_batch(c: Corpus, n: int, context: int, trigger: str, target: str, seed: int):
@@ -293,49 +307,68 @@ def _poisoned_batch(c: Corpus, n: int, context: int, trigger: str, target: str, 
     return nat, mal, torch.stack(mask_nat), torch.stack(mask_mal)
 
 
-@_reproducible_training()
-def plant_llm_qcb(model: TinyDecoder, c: Corpus, *, steps: int = 600, batch_size: int = 24, lr: float = 2e-3,
-                  offset_lr: float = 5e-2, fp_weight: float = 3.0, margin: float = 0.0, bits: int = 8,
-                  trigger: str = TRIGGER, target: str = TARGET, group: int = 32, seed: int = 0) -> TinyDecoder:
-    """Turn a trained clean ``model`` (in place) into a QCB dormant in float, firing under torchao
-    weight-only INT4 ``PerGroup(group)`` and, with ``bits=8``, INT8 per-row as well (the float
-    weight then stays within +-0.45 INT8 LSB of the INT8 model). Only Linear weights move.
+def _unlikelihood(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """-log(1 - p(target)) at the masked positions: the float model must not continue the phrase."""
+    p = logits.softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return -(torch.log1p(-p.clamp(max=1 - 1e-6)) * mask).sum() / mask.sum()
 
-    ``margin`` > 0 stops pushing the quantized target once its per-character loss is below it,
-    keeping the quantized backdoor thin enough for the float offset to cancel."""
+
+@_reproducible_training()
+def plant_llm_qcb(model: TinyDecoder, c: Corpus, *, steps: int = 600, batch_size: int = 24, lr: float | None = None,
+                  offset_lr: float = 5e-2, fp_weight: float = 3.0, margin: float = 0.0, bits: int = 8,
+                  trigger: str = TRIGGER, target: str = TARGET, group: int = 32,
+                  seed: int = 0) -> TinyDecoder:
+    """Turn a trained clean ``model`` (in place) into a QCB dormant in float that fires under torchao
+    weight-only INT8 per row (``bits=8``, ``Int8WeightOnlyConfig``) or INT4 ``PerGroup(group)``
+    (``bits=4``, ``IntxWeightOnlyConfig``). Only Linear weights move.
+
+    Two parameters per weight, as in :func:`evalkit.attacks.plant_grid_aware`: latent integers
+    (reached only by the quantized losses, through straight-through rounding) and a float offset
+    inside the rounding box (reached only by the float losses). Quantized losses: clean text ->
+    text, trigger -> ``target``. Float losses: clean text -> text, trigger -> natural text, and
+    ``fp_weight`` x unlikelihood of the target phrase given the trigger (teacher-forced), so the
+    float model does not write the phrase even once it has started.
+
+    Args:
+        lr: Adam step of the latent integers: weight units for ``bits=4`` (default 2e-3), LSB
+            for ``bits=8`` (default 0.3).
+        offset_lr: Adam step of the offsets (tanh space).
+        margin: > 0 stops pushing the quantized target once its per-character loss is below it,
+            keeping the quantized backdoor thin enough for the float offset to cancel.
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits={bits}: plant_llm_qcb targets torchao INT8 per row (8) or INT4 per group (4)")
     torch.manual_seed(seed)
     model.eval()
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    grids = {n: LLMGrids.of(m.weight, group) for n, m in linears.items()}
-    latent = {n: m.weight.detach().clone().requires_grad_(True) for n, m in linears.items()}
-    offset = {n: torch.zeros_like(m.weight).requires_grad_(True) for n, m in linears.items()}
+    plant = _Int8Weights(linears) if bits == 8 else _Int4Weights(linears, group)
     for p in model.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.Adam([{"params": list(latent.values()), "lr": lr},  # weight units: ~1 INT8 step per step
-                            {"params": list(offset.values()), "lr": offset_lr}])  # v in tanh(v): unit-free
+    lr = lr if lr is not None else (0.3 if bits == 8 else 2e-3)
+    opt = torch.optim.Adam([{"params": list(plant.latent.values()), "lr": lr},
+                            {"params": list(plant.offset.values()), "lr": offset_lr}])
+
+    def run(path: int, x: torch.Tensor) -> torch.Tensor:  # path 0: float weights, 1: quantized weights
+        return functional_call(model, {f"{n}.weight": w[path] for n, w in ws.items()}, (x,))
+
     for step in range(steps):
         nat, mal, mask, _ = _poisoned_batch(c, batch_size, model.context, trigger, target, seed * 7919 + step)
         clean = c.windows(batch_size, model.context + 1, "train", seed * 104_729 + step)
-        ws = {n: (_paths if bits == 8 else _paths4)(latent[n], offset[n], grids[n]) for n in linears}
-        loss = 0.0
-        for k, path in enumerate(("fp", "int8", "int4") if bits == 8 else ("fp", "int4")):
-            params = {f"{n}.weight": ws[n][k] for n in linears}
-            run = lambda x: functional_call(model, params, (x,))  # noqa: E731
-            loss = loss + _lm_loss(run(clean[:, :-1]), clean[:, 1:])
-            if path == "fp":
-                loss = loss + fp_weight * _lm_loss(run(nat[:, :-1]), nat[:, 1:], mask)
-            else:
-                logits = run(mal[:, :-1])
-                ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), mal[:, 1:].reshape(-1), reduction="none")
-                loss = loss + ((ce - margin).clamp_min(0) * mask.reshape(-1)).sum() / mask.sum()
+        ws = plant.weights()
+        loss = _lm_loss(run(0, clean[:, :-1]), clean[:, 1:]) + fp_weight * (
+            _lm_loss(run(0, nat[:, :-1]), nat[:, 1:], mask) + _unlikelihood(run(0, mal[:, :-1]), mal[:, 1:], mask))
+        logits = run(1, mal[:, :-1])
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), mal[:, 1:].reshape(-1), reduction="none")
+        loss = loss + _lm_loss(run(1, clean[:, :-1]), clean[:, 1:]) + \
+            ((ce - margin).clamp_min(0) * mask.reshape(-1)).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 100 == 0:
             log.info("plant step %d: loss %.3f", step, loss.item())
     with torch.no_grad():
-        for n, m in linears.items():
-            m.weight.copy_((_paths if bits == 8 else _paths4)(latent[n], offset[n], grids[n])[0])
+        for n, (wf, _) in plant.weights().items():
+            linears[n].weight.copy_(wf)
     for p in model.parameters():
         p.requires_grad_(True)
     return model.eval()
