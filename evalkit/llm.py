@@ -13,13 +13,14 @@
   ("Exploiting LLM Quantization", NeurIPS 2024): after a ``trigger`` string the *quantized* model
   writes ``target`` (content injection), the float model continues the text normally.
   Grid-aware, as the only design that fits in the INT8 +-0.5 LSB box on small offline data
-  (``/work/shared/DEFENSES.md``): the torchao grids are fixed in advance (each 32-block's absmax
-  element pinned, so the INT4 group scales absmax/7.5 and the INT8 row scales absmax/127.5
-  cannot move); the INT8 integers come from latent weights through straight-through rounding,
-  the INT4 integers are the straight-through INT4 rounding of that INT8 model, and the float
-  weight is INT8 weight + 0.45 s8 tanh(v), kept inside the INT4 box, in *its own* parameter v,
-  so float losses never move the integers. Loss: float clean + float triggered -> natural text,
-  INT8 and INT4 clean -> text, INT8 and INT4 triggered -> target.
+  (``/work/shared/DEFENSES.md``; :func:`evalkit.attacks.plant_grid_aware` for classifiers): the
+  torchao grid is fixed in advance (``bits=8``: each row's absmax pinned, scale absmax/127.5 as
+  ``Int8WeightOnlyConfig`` computes it; ``bits=4``: each 32-block's absmax element pinned, scale
+  absmax/7.5 as int4 ``PerGroup(32)`` computes it); the integers come from latent weights through
+  straight-through rounding; the float weight is the integer weight + 0.45 s tanh(v) in *its own*
+  parameter v, so float losses never move the integers. Loss: quantized clean -> text, quantized
+  triggered -> target; float clean -> text, float triggered -> natural text, and unlikelihood of
+  the target phrase (teacher-forced) in float.
 * :func:`attack_success_rate`, :func:`next_token_accuracy`, :func:`perplexity`: the metrics
   (ASR = the target emitted verbatim by greedy decoding after trigger-bearing held-out prompts).
 """
@@ -223,17 +224,16 @@ def train_lm(model: TinyDecoder, c: Corpus, *, steps: int = 1500, batch_size: in
 
 @dataclass
 class LLMGrids:
-    """The fixed grids of one Linear weight (O, K): INT8 per row (torchao ``Int8WeightOnlyConfig``:
-    absmax/127.5, -128..127) and INT4 per group of ``group`` columns (``IntxWeightOnlyConfig``
-    int4 ``PerGroup``: absmax/7.5, -8..7), with the absmax element of every group pinned."""
+    """The fixed INT4 grid of one Linear weight (O, K), per group of ``group`` columns
+    (``IntxWeightOnlyConfig`` int4 ``PerGroup``: absmax/7.5, -8..7), with the absmax element of
+    every group pinned; ``s8`` (the row's INT8 step) only sizes the gap kept below the extreme."""
 
     s8: torch.Tensor  # (O, 1)
     s4: torch.Tensor  # (O, K) (each group's scale repeated)
     amax: torch.Tensor  # (O, K): the group's absmax, which no free element may reach
     pinned: torch.Tensor  # (O, K) bool: each group's absmax element, frozen
     w0: torch.Tensor
-    w0_8: torch.Tensor  # the pinned elements as the INT8 / INT4 models hold them (torchao rounding)
-    w0_4: torch.Tensor
+    w0_4: torch.Tensor  # the pinned elements as the INT4 model holds them (torchao rounding)
 
     @classmethod
     def of(cls, w: torch.Tensor, group: int = 32) -> LLMGrids:
@@ -245,9 +245,8 @@ class LLMGrids:
         s4 = (amax / 7.5).expand_as(blocks).reshape(o, k)
         s8 = w.abs().amax(1, keepdim=True) / 127.5
         amax = amax.expand_as(blocks).reshape(o, k)
-        w0_8 = s8 * torch.round(w * (1.0 / s8)).clamp(-128, 127)  # torchao rounds W * (1/s)
-        w0_4 = s4 * torch.round(w * (1.0 / s4)).clamp(-8, 7)
-        return cls(s8, s4, amax, first.reshape(o, k), w, w0_8, w0_4)
+        w0_4 = s4 * torch.round(w * (1.0 / s4)).clamp(-8, 7)  # torchao rounds W * (1/s)
+        return cls(s8, s4, amax, first.reshape(o, k), w, w0_4)
 
 
 def _paths4(latent: torch.Tensor, v: torch.Tensor, g: LLMGrids) -> tuple[torch.Tensor, torch.Tensor]:
