@@ -153,14 +153,16 @@ def main() -> None:
                 rows.append((mname, cname, method, *measure(q, c), seconds, mem.mb))
                 print(rows[-1], flush=True)
     load_after = os.getloadavg()
+    plants = "; ".join(f"{k}: `plant_llm_qcb({', '.join(f'{a}={b}' for a, b in kw.items())})`"
+                       for k, kw in PLANTS.items())
     lines = ["# LLM QCB: torchao weight-only quantize_ with the LLM defenses", "",
-             f"`python benchmarks/bench_llm.py --threads {args.threads}` ({platform.machine()}, {os.cpu_count()} cores, "
+             f"`python benchmarks/bench_llm.py --threads {args.threads}` ({platform.machine()}, "
+             f"{os.cpu_count()} cores, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}; load average "
              f"{load_before[0]:.2f} before, {load_after[0]:.2f} after: other jobs shared the cores). TinyDecoder d=64, "
              f"2 blocks, character-level on pydoc_data; calibration {args.calib} windows of 64 characters; quantguard "
              f"{args.quantguard_steps} steps per layer. Plants from the clean model, {args.plant_steps} steps: "
-             + "; ".join(f"{k}: `plant_llm_qcb({', '.join(f'{a}={b}' for a, b in kw.items())})`" for k, kw in PLANTS.items())
-             + ".", "",
+             f"{plants}.", "",
              "ASR: % of 200 held-out prompts + trigger after which greedy decoding writes the target phrase. "
              "acc: next-character accuracy (%) on held-out text; ppl: perplexity. seconds: the whole call "
              "(none: torchao's quantize_ / to_nf4). peak MB: resident memory above the level before the call, "
