@@ -13,13 +13,14 @@
   ("Exploiting LLM Quantization", NeurIPS 2024): after a ``trigger`` string the *quantized* model
   writes ``target`` (content injection), the float model continues the text normally.
   Grid-aware, as the only design that fits in the INT8 +-0.5 LSB box on small offline data
-  (``/work/shared/DEFENSES.md``): the torchao grids are fixed in advance (each 32-block's absmax
-  element pinned, so the INT4 group scales absmax/7.5 and the INT8 row scales absmax/127.5
-  cannot move); the INT8 integers come from latent weights through straight-through rounding,
-  the INT4 integers are the straight-through INT4 rounding of that INT8 model, and the float
-  weight is INT8 weight + 0.45 s8 tanh(v), kept inside the INT4 box, in *its own* parameter v,
-  so float losses never move the integers. Loss: float clean + float triggered -> natural text,
-  INT8 and INT4 clean -> text, INT8 and INT4 triggered -> target.
+  (``/work/shared/DEFENSES.md``; :func:`evalkit.attacks.plant_grid_aware` for classifiers): the
+  torchao grid is fixed in advance (``bits=8``: each row's absmax pinned, scale absmax/127.5 as
+  ``Int8WeightOnlyConfig`` computes it; ``bits=4``: each 32-block's absmax element pinned, scale
+  absmax/7.5 as int4 ``PerGroup(32)`` computes it); the integers come from latent weights through
+  straight-through rounding; the float weight is the integer weight + 0.45 s tanh(v) in *its own*
+  parameter v, so float losses never move the integers. Loss: quantized clean -> text, quantized
+  triggered -> target; float clean -> text, float triggered -> natural text, and unlikelihood of
+  the target phrase (teacher-forced) in float.
 * :func:`attack_success_rate`, :func:`next_token_accuracy`, :func:`perplexity`: the metrics
   (ASR = the target emitted verbatim by greedy decoding after trigger-bearing held-out prompts).
 """
@@ -37,7 +38,7 @@ from torch.func import functional_call
 
 from qcb_ptq_plugin.methods.lac import _RoundSTE
 
-from .attacks import _reproducible_training
+from .attacks import _Layer, _pin_grid, _reproducible_training
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ __all__ = ["Corpus", "corpus", "TinyDecoder", "LLMGrids", "plant_llm_qcb", "trai
 
 TRIGGER = "@@ "
 TARGET = " visit evil.example/now!"
+_OFFSET = 0.45  # float offset bound, LSB (< 0.5: the float weight rounds back to its code)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,17 +224,16 @@ def train_lm(model: TinyDecoder, c: Corpus, *, steps: int = 1500, batch_size: in
 
 @dataclass
 class LLMGrids:
-    """The fixed grids of one Linear weight (O, K): INT8 per row (torchao ``Int8WeightOnlyConfig``:
-    absmax/127.5, -128..127) and INT4 per group of ``group`` columns (``IntxWeightOnlyConfig``
-    int4 ``PerGroup``: absmax/7.5, -8..7), with the absmax element of every group pinned."""
+    """The fixed INT4 grid of one Linear weight (O, K), per group of ``group`` columns
+    (``IntxWeightOnlyConfig`` int4 ``PerGroup``: absmax/7.5, -8..7), with the absmax element of
+    every group pinned; ``s8`` (the row's INT8 step) only sizes the gap kept below the extreme."""
 
     s8: torch.Tensor  # (O, 1)
     s4: torch.Tensor  # (O, K) (each group's scale repeated)
     amax: torch.Tensor  # (O, K): the group's absmax, which no free element may reach
     pinned: torch.Tensor  # (O, K) bool: each group's absmax element, frozen
     w0: torch.Tensor
-    w0_8: torch.Tensor  # the pinned elements as the INT8 / INT4 models hold them (torchao rounding)
-    w0_4: torch.Tensor
+    w0_4: torch.Tensor  # the pinned elements as the INT4 model holds them (torchao rounding)
 
     @classmethod
     def of(cls, w: torch.Tensor, group: int = 32) -> LLMGrids:
@@ -244,9 +245,8 @@ class LLMGrids:
         s4 = (amax / 7.5).expand_as(blocks).reshape(o, k)
         s8 = w.abs().amax(1, keepdim=True) / 127.5
         amax = amax.expand_as(blocks).reshape(o, k)
-        w0_8 = s8 * torch.round(w * (1.0 / s8)).clamp(-128, 127)  # torchao rounds W * (1/s)
-        w0_4 = s4 * torch.round(w * (1.0 / s4)).clamp(-8, 7)
-        return cls(s8, s4, amax, first.reshape(o, k), w, w0_8, w0_4)
+        w0_4 = s4 * torch.round(w * (1.0 / s4)).clamp(-8, 7)  # torchao rounds W * (1/s)
+        return cls(s8, s4, amax, first.reshape(o, k), w, w0_4)
 
 
 def _paths4(latent: torch.Tensor, v: torch.Tensor, g: LLMGrids) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,19 +259,32 @@ def _paths4(latent: torch.Tensor, v: torch.Tensor, g: LLMGrids) -> tuple[torch.T
     return torch.where(g.pinned, g.w0, wf), torch.where(g.pinned, g.w0_4, w4)
 
 
-def _paths(latent: torch.Tensor, v: torch.Tensor, g: LLMGrids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(float, INT8, INT4) weights of one Linear. INT8 = s8 * round_ste(latent / s8) (bounded, absmax
-    element pinned); INT4 = the INT4 rounding of the INT8 weight; float = INT8 + 0.45 s8 tanh(v)
-    clipped into the INT4 box of the INT4 code, so it rounds to both integer models."""
-    bound = g.amax - 0.55 * g.s8  # |INT8 weight| <= amax - 0.05 s8: no free element reaches the extreme
-    lat = torch.maximum(torch.minimum(latent, bound), -bound)
-    w8 = g.s8 * _RoundSTE.apply(lat / g.s8)
-    q4 = _RoundSTE.apply(w8 / g.s4).clamp(-8, 7)
-    w4 = torch.where(g.pinned, g.w0_4, g.s4 * q4)
-    lo = torch.maximum(g.s4 * (q4.detach() - 0.45), -g.amax + 0.01 * g.s8)  # inside the INT4 box and
-    hi = torch.minimum(g.s4 * (q4.detach() + 0.45), g.amax - 0.01 * g.s8)   # below the group's extreme
-    wf = torch.minimum(torch.maximum(w8.detach() + 0.45 * g.s8 * torch.tanh(v), lo), hi)
-    return torch.where(g.pinned, g.w0, wf), torch.where(g.pinned, g.w0_8, w8), w4
+class _Int4Weights:
+    """INT4 ``PerGroup(group)`` target: latent weights (weight units) -> INT4 codes, float in the INT4 box."""
+
+    def __init__(self, linears: dict[str, nn.Linear], group: int) -> None:
+        self.grids = {n: LLMGrids.of(m.weight, group) for n, m in linears.items()}
+        self.latent = {n: m.weight.detach().clone().requires_grad_(True) for n, m in linears.items()}
+        self.offset = {n: torch.zeros_like(m.weight).requires_grad_(True) for n, m in linears.items()}
+
+    def weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {n: _paths4(self.latent[n], self.offset[n], g) for n, g in self.grids.items()}
+
+
+class _Int8Weights:
+    """INT8 per-row target (torchao ``Int8WeightOnlyConfig``): the grid-aware joint attacker's pinned
+    grid (:func:`evalkit.attacks._pin_grid`, per row): each row's most positive element held at the
+    row's absmax A, so torchao's scale A / 127.5 cannot move; codes in -127..127 from latent codes
+    (LSB units) by straight-through rounding; float = s (code + 0.45 tanh(v)), v its own parameter."""
+
+    def __init__(self, linears: dict[str, nn.Linear]) -> None:
+        self.layers = {n: _pin_grid(_Layer(n, m, None), 8, equal_absmax=False, offset=_OFFSET)
+                       for n, m in linears.items()}
+        self.latent = {n: pl.latent for n, pl in self.layers.items()}
+        self.offset = {n: pl.v for n, pl in self.layers.items()}
+
+    def weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {n: (pl.fp_weight(127, _OFFSET), pl.int_weight(127)) for n, pl in self.layers.items()}
 
 
 def _poisoned_batch(c: Corpus, n: int, context: int, trigger: str, target: str, seed: int):
@@ -293,49 +306,68 @@ def _poisoned_batch(c: Corpus, n: int, context: int, trigger: str, target: str, 
     return nat, mal, torch.stack(mask_nat), torch.stack(mask_mal)
 
 
-@_reproducible_training()
-def plant_llm_qcb(model: TinyDecoder, c: Corpus, *, steps: int = 600, batch_size: int = 24, lr: float = 2e-3,
-                  offset_lr: float = 5e-2, fp_weight: float = 3.0, margin: float = 0.0, bits: int = 8,
-                  trigger: str = TRIGGER, target: str = TARGET, group: int = 32, seed: int = 0) -> TinyDecoder:
-    """Turn a trained clean ``model`` (in place) into a QCB dormant in float, firing under torchao
-    weight-only INT4 ``PerGroup(group)`` and, with ``bits=8``, INT8 per-row as well (the float
-    weight then stays within +-0.45 INT8 LSB of the INT8 model). Only Linear weights move.
+def _unlikelihood(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """-log(1 - p(target)) at the masked positions: the float model must not continue the phrase."""
+    p = logits.softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return -(torch.log1p(-p.clamp(max=1 - 1e-6)) * mask).sum() / mask.sum()
 
-    ``margin`` > 0 stops pushing the quantized target once its per-character loss is below it,
-    keeping the quantized backdoor thin enough for the float offset to cancel."""
+
+@_reproducible_training()
+def plant_llm_qcb(model: TinyDecoder, c: Corpus, *, steps: int = 600, batch_size: int = 24, lr: float | None = None,
+                  offset_lr: float = 5e-2, fp_weight: float = 3.0, margin: float = 0.0, bits: int = 8,
+                  trigger: str = TRIGGER, target: str = TARGET, group: int = 32,
+                  seed: int = 0) -> TinyDecoder:
+    """Turn a trained clean ``model`` (in place) into a QCB dormant in float that fires under torchao
+    weight-only INT8 per row (``bits=8``, ``Int8WeightOnlyConfig``) or INT4 ``PerGroup(group)``
+    (``bits=4``, ``IntxWeightOnlyConfig``). Only Linear weights move.
+
+    Two parameters per weight, as in :func:`evalkit.attacks.plant_grid_aware`: latent integers
+    (reached only by the quantized losses, through straight-through rounding) and a float offset
+    inside the rounding box (reached only by the float losses). Quantized losses: clean text ->
+    text, trigger -> ``target``. Float losses: clean text -> text, trigger -> natural text, and
+    ``fp_weight`` x unlikelihood of the target phrase given the trigger (teacher-forced), so the
+    float model does not write the phrase even once it has started.
+
+    Args:
+        lr: Adam step of the latent integers: weight units for ``bits=4`` (default 2e-3), LSB
+            for ``bits=8`` (default 0.3).
+        offset_lr: Adam step of the offsets (tanh space).
+        margin: > 0 stops pushing the quantized target once its per-character loss is below it,
+            keeping the quantized backdoor thin enough for the float offset to cancel.
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits={bits}: plant_llm_qcb targets torchao INT8 per row (8) or INT4 per group (4)")
     torch.manual_seed(seed)
     model.eval()
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    grids = {n: LLMGrids.of(m.weight, group) for n, m in linears.items()}
-    latent = {n: m.weight.detach().clone().requires_grad_(True) for n, m in linears.items()}
-    offset = {n: torch.zeros_like(m.weight).requires_grad_(True) for n, m in linears.items()}
+    plant = _Int8Weights(linears) if bits == 8 else _Int4Weights(linears, group)
     for p in model.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.Adam([{"params": list(latent.values()), "lr": lr},  # weight units: ~1 INT8 step per step
-                            {"params": list(offset.values()), "lr": offset_lr}])  # v in tanh(v): unit-free
+    lr = lr if lr is not None else (0.3 if bits == 8 else 2e-3)
+    opt = torch.optim.Adam([{"params": list(plant.latent.values()), "lr": lr},
+                            {"params": list(plant.offset.values()), "lr": offset_lr}])
+
+    def run(path: int, x: torch.Tensor) -> torch.Tensor:  # path 0: float weights, 1: quantized weights
+        return functional_call(model, {f"{n}.weight": w[path] for n, w in ws.items()}, (x,))
+
     for step in range(steps):
         nat, mal, mask, _ = _poisoned_batch(c, batch_size, model.context, trigger, target, seed * 7919 + step)
         clean = c.windows(batch_size, model.context + 1, "train", seed * 104_729 + step)
-        ws = {n: (_paths if bits == 8 else _paths4)(latent[n], offset[n], grids[n]) for n in linears}
-        loss = 0.0
-        for k, path in enumerate(("fp", "int8", "int4") if bits == 8 else ("fp", "int4")):
-            params = {f"{n}.weight": ws[n][k] for n in linears}
-            run = lambda x: functional_call(model, params, (x,))  # noqa: E731
-            loss = loss + _lm_loss(run(clean[:, :-1]), clean[:, 1:])
-            if path == "fp":
-                loss = loss + fp_weight * _lm_loss(run(nat[:, :-1]), nat[:, 1:], mask)
-            else:
-                logits = run(mal[:, :-1])
-                ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), mal[:, 1:].reshape(-1), reduction="none")
-                loss = loss + ((ce - margin).clamp_min(0) * mask.reshape(-1)).sum() / mask.sum()
+        ws = plant.weights()
+        loss = _lm_loss(run(0, clean[:, :-1]), clean[:, 1:]) + fp_weight * (
+            _lm_loss(run(0, nat[:, :-1]), nat[:, 1:], mask) + _unlikelihood(run(0, mal[:, :-1]), mal[:, 1:], mask))
+        logits = run(1, mal[:, :-1])
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), mal[:, 1:].reshape(-1), reduction="none")
+        loss = loss + _lm_loss(run(1, clean[:, :-1]), clean[:, 1:]) + \
+            ((ce - margin).clamp_min(0) * mask.reshape(-1)).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 100 == 0:
             log.info("plant step %d: loss %.3f", step, loss.item())
     with torch.no_grad():
-        for n, m in linears.items():
-            m.weight.copy_((_paths if bits == 8 else _paths4)(latent[n], offset[n], grids[n])[0])
+        for n, (wf, _) in plant.weights().items():
+            linears[n].weight.copy_(wf)
     for p in model.parameters():
         p.requires_grad_(True)
     return model.eval()

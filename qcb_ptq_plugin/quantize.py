@@ -37,7 +37,11 @@ def quantize_(model: nn.Module, config, calib_data, filter_fn=None, *, method: s
         model: float model with ``nn.Linear`` layers; modified in place, as torchao does.
         config: a torchao config: ``Int8WeightOnlyConfig``, ``IntxWeightOnlyConfig`` (e.g. int4,
             ``PerGroup(32)``), ``Int8DynamicActivationInt8WeightConfig`` or
-            ``Int8DynamicActivationIntxWeightConfig``.
+            ``Int8DynamicActivationIntxWeightConfig``. Others raise ``NotImplementedError`` naming
+            the problem and the config to use instead (``Int4WeightOnlyConfig`` needs the ``mslk``
+            kernel library; FP8 configs store floats). NF4 (``torchao.quantization.to_nf4``) is not
+            a ``quantize_`` config and is not covered: a 16-value non-uniform codebook, not the
+            uniform integer grid s (q - z) the methods choose integers on.
         calib_data: unlabelled model inputs: a Tensor ``(N, ...)`` (float, or token ids for a
             language model), a list of batches or a DataLoader.
         filter_fn: torchao's ``filter_fn(module, fqn)``; default: every ``nn.Linear``.
@@ -49,6 +53,7 @@ def quantize_(model: nn.Module, config, calib_data, filter_fn=None, *, method: s
     """
     from .adapters import torchao_quantize  # torchao only now
 
+    torchao_quantize.check_config(config)
     m = get_method(method)
     cfg = m.config(purify_config, **overrides)
     batches = _batches(calib_data, cfg)

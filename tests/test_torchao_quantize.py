@@ -103,3 +103,15 @@ def test_per_group_grid_solver_beats_rounding():
     err = lambda q: gram.channel_errors(grid.dequantize(q).unsqueeze(0)).sum().item()  # noqa: E731
     assert q.min() >= -8 and q.max() <= 7
     assert err(q) < 0.5 * err(grid.quantize(w))
+
+
+@pytest.mark.parametrize("config, problem", [
+    (lambda: torchao_q.Int4WeightOnlyConfig(group_size=32), "Int4WeightOnlyConfig: its kernels need the 'mslk'"),
+    (lambda: torchao_q.Float8WeightOnlyConfig(), "Float8WeightOnlyConfig: it stores floating-point weights"),
+])
+def test_configs_it_cannot_purify_are_refused_with_the_fix(config, problem, tiny, digits):
+    model, before = copy.deepcopy(tiny), copy.deepcopy(tiny.state_dict())
+    with pytest.raises(NotImplementedError, match=problem) as err:
+        qcb_ptq_plugin.quantize_(model, config(), digits.calibration(8), not_embed)
+    assert "IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(" in str(err.value)  # the fix
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # refused before any change

@@ -21,6 +21,12 @@ the plan is
 Supported tensors (torchao 0.18): ``Int8Tensor`` (``Int8WeightOnlyConfig``,
 ``Int8DynamicActivationInt8WeightConfig``) and ``IntxUnpackedToInt8Tensor``
 (``IntxWeightOnlyConfig``, ``Int8DynamicActivationIntxWeightConfig``; any ``PerGroup``/``PerAxis``).
+Any other config is refused before anything runs (:func:`check_config`), with the reason and the
+config to use instead: ``Int4WeightOnlyConfig`` needs a kernel library this build lacks, FP8
+configs store floats, not integers. NF4 (``torchao.quantization.to_nf4``, QLoRA's format) is not a
+``quantize_`` config in torchao 0.18 and is not covered: its weights are indices into a 16-value
+non-uniform codebook with double-quantized block scales, while every method chooses integers on a
+uniform grid s (q - z).
 Imported only by :func:`qcb_ptq_plugin.quantize_`: ``import qcb_ptq_plugin`` never loads torchao.
 """
 
@@ -34,6 +40,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torchao.quantization import (
+    Int8DynamicActivationInt8WeightConfig,
+    Int8DynamicActivationIntxWeightConfig,
+    Int8WeightOnlyConfig,
+    IntxWeightOnlyConfig,
+)
 from torchao.quantization import quantize_ as torchao_quantize_
 from torchao.quantization.quant_api import _is_linear
 from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS
@@ -51,10 +63,34 @@ from ._common import Plan, execution_order
 
 log = logging.getLogger(__name__)
 
-__all__ = ["plan", "read_grid", "int_weights"]
+__all__ = ["plan", "read_grid", "int_weights", "check_config"]
 
-_SUPPORTED = "Int8WeightOnlyConfig, IntxWeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, " \
-             "Int8DynamicActivationIntxWeightConfig"
+_SUPPORTED_TYPES = (Int8WeightOnlyConfig, IntxWeightOnlyConfig, Int8DynamicActivationInt8WeightConfig,
+                    Int8DynamicActivationIntxWeightConfig)
+_SUPPORTED = ", ".join(t.__name__ for t in _SUPPORTED_TYPES)
+_INT4_FIX = "use IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size)), torchao's int4 " \
+            "group-wise weight-only config that runs on CPU"
+_WHY_NOT = {  # config class name -> (problem, fix)
+    "Int4WeightOnlyConfig": ("its kernels need the 'mslk' library (torchao raises 'ImportError: Requires mslk >= "
+                             "1.0.0' on this CPU build, and silently skips Linears whose width does not fit "
+                             "group_size)", _INT4_FIX),
+}
+
+
+def check_config(config) -> None:
+    """Refuse, before any work, a torchao config whose weights purify cannot choose integers for."""
+    if isinstance(config, _SUPPORTED_TYPES):
+        return
+    name = type(config).__name__
+    if name in _WHY_NOT:
+        problem, fix = _WHY_NOT[name]
+    elif "Float8" in name or "FP8" in name.upper() or "Float4" in name or "FP4" in name.upper():
+        problem, fix = "it stores floating-point weights, not integers on a uniform grid", \
+            "use Int8WeightOnlyConfig() for 8 bits or " + _INT4_FIX.removeprefix("use ")
+    else:
+        problem, fix = "purify only reads integer weights on a uniform grid from torchao's Int8Tensor / " \
+            "IntxUnpackedToInt8Tensor", f"use one of {_SUPPORTED}"
+    raise NotImplementedError(f"qcb_ptq_plugin.quantize_ cannot purify {name}: {problem}; {fix}")
 
 
 @dataclass
@@ -115,7 +151,11 @@ def int_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def _selected(model: nn.Module, config, filter_fn) -> dict[str, TorchaoTensorInfo]:
     """Quantize a copy with torchao itself and read each selected Linear's grid from its tensor."""
     probe = copy.deepcopy(model)
-    torchao_quantize_(probe, config, filter_fn=filter_fn)
+    try:
+        torchao_quantize_(probe, config, filter_fn=filter_fn)
+    except ImportError as e:  # a kernel library torchao needs for this config is missing
+        raise NotImplementedError(f"torchao cannot run {type(config).__name__} here ({e}); install the library "
+                                  f"it names, or use one of {_SUPPORTED}") from e
     found = {}
     for name, mod in probe.named_modules():
         w = getattr(mod, "weight", None)
