@@ -20,18 +20,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
-import os
-import platform
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-from bench_qcb import DEFAULT_TRIGGER, TRIGGERS, measure
-from qcb_ptq_plugin.evalkit import attacks, baselines, blindspots as bs, datasets, metrics, models
-from qcb_ptq_plugin.evalkit.harness import cpu_name, write_markdown
+from bench_defenses import header, setup
+from bench_qcb import measure
+from qcb_ptq_plugin.evalkit import attacks, baselines, blindspots as bs, metrics, models
+from qcb_ptq_plugin.evalkit.harness import write_markdown
 from qcb_ptq_plugin.ptq import quantize_fx
 
 HERE = Path(__file__).resolve().parent
@@ -116,12 +113,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results" / "blindspots.md"))
     args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    warnings.filterwarnings("ignore")
-
-    split = datasets.load(args.dataset)
-    trigger = TRIGGERS.get(args.dataset, DEFAULT_TRIGGER)
-    calib = split.calibration(args.calib, seed=args.seed + 100)
+    split, trigger, calib = setup(args)
     suspect = bs.poisoned_set(split.x_train, split.y_train, trigger, TARGET, args.poison, seed=args.seed + 300)
     labelled = baselines.labelled_subset(split.x_train, split.y_train, args.labelled, seed=args.seed + 200)
     results, cache = [], {}
@@ -138,11 +130,8 @@ def _yes(flag: bool) -> str:
 
 
 def write(results, args) -> None:
-    cmd = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
-    lines = ["# Quantization Blindspots, redone: backdoor defenses on FP32, static INT8 and INT4", "",
-             f"Command: `OMP_NUM_THREADS=1 python benchmarks/bench_blindspots.py {cmd}`", "",
-             f"Machine: {cpu_name()}, {os.cpu_count()} cores shared with other jobs, torch {torch.__version__}, "
-             f"Python {platform.python_version()}.", "",
+    lines = header("Quantization Blindspots, redone: backdoor defenses on FP32, static INT8 and INT4",
+                   "bench_blindspots.py", args) + [
              "INT8 / INT4 = static torch.ao FX PTQ of every Conv/Linear layer (x86 per-channel symmetric 8 / 4-bit "
              "weights, 8-bit activations), run by torch's quantized kernels. BA / ASR on the digits test set, in %. "
              "Detection rules: NC anomaly index > 2 (flagged class in brackets; gradients from the weight-exact "

@@ -109,6 +109,14 @@ def run_one(tc, model, split, calib, bits, trigger, method=None, cfg=None):
     return ba, asr, time.perf_counter() - t0
 
 
+def setup(args):
+    """Quiet logs; the dataset, its trigger and the defender's unlabeled calibration images."""
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")
+    split = datasets.load(args.dataset)
+    return split, TRIGGERS.get(args.dataset, DEFAULT_TRIGGER), split.calibration(args.calib, seed=args.seed + 100)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="digits", choices=["mnist", "fashion-mnist", "digits"])
@@ -126,12 +134,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1, help="1: disjoint from the seed-0 models the defaults were tuned on")
     p.add_argument("--out", default=str(HERE / "results" / "defenses.md"))
     args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    warnings.filterwarnings("ignore")
-
-    split = datasets.load(args.dataset)
-    trigger = TRIGGERS.get(args.dataset, DEFAULT_TRIGGER)
-    calib = split.calibration(args.calib, seed=args.seed + 100)
+    split, trigger, calib = setup(args)
     xl, yl = baselines.labelled_subset(split.x_train, split.y_train, args.labelled, seed=args.seed + 200)
     tcs = [{"fx": "torch.ao FX", "ort": "onnxruntime"}[t] for t in args.toolchains.split(",")]
     results, cache = [], {}
@@ -197,12 +200,16 @@ def bars(r: dict) -> list[str]:
     return out
 
 
-def write(results, args) -> None:
+def header(title: str, script: str, args) -> list[str]:
+    """A result file's title, the exact command that wrote it and the machine."""
     cmd = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
-    lines = ["# Every QCB defense side by side", "",
-             f"Command: `OMP_NUM_THREADS=1 python benchmarks/bench_defenses.py {cmd}`", "",
-             f"Machine: {cpu_name()}, {os.cpu_count()} cores (shared with other jobs: seconds are indicative), "
-             f"torch {torch.__version__}, Python {platform.python_version()}.", "",
+    return [f"# {title}", "", f"Command: `OMP_NUM_THREADS=1 python benchmarks/{script} {cmd}`", "",
+            f"Machine: {cpu_name()}, {os.cpu_count()} cores (shared with other jobs: seconds are indicative), "
+            f"torch {torch.__version__}, Python {platform.python_version()}.", ""]
+
+
+def write(results, args) -> None:
+    lines = header("Every QCB defense side by side", "bench_defenses.py", args) + [
              "Models: grid-aware = a clean SmallCNN (width `--grid-width`) turned into a dormant QCB on the torch "
              "x86 grid of that bit width by `evalkit.attacks.plant_grid_aware` (the 8-bit QCB fires after torch.ao "
              "x86 INT8 PTQ; it does not target onnxruntime's absmax/127 grid); pqbackdoor / clean = SmallCNN "

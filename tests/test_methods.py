@@ -25,7 +25,6 @@ from qcb_ptq_plugin.ptq import quantize_pt2e
 from qcb_ptq_plugin.units import Unit, float_layer
 
 from .conftest import TARGET, TRIGGER, int_weights, prepare_calibrated
-from .test_attacks import clean32, grid_aware_w8  # noqa: F401  (fixtures: the dormant 8-bit QCB)
 from .test_onnx_static import ORT_W4A8, Reader, fp32_onnx  # noqa: F401  (fp32_onnx is a fixture)
 from .test_pt2e_eager import _pt2e_int_weights
 
