@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import metrics
-from .attacks import quantized_layers
+from .attacks import _reproducible_training, quantized_layers
 from .baselines import pruning_depth
 
 __all__ = ["Precision", "precisions", "dequantized_surrogate", "penultimate", "poisoned_set", "NeuralCleanse",
@@ -213,7 +213,8 @@ def neural_cleanse(prec: Precision, x: torch.Tensor, num_classes: int, *, steps:
     surrogate = prec.surrogate.eval()
     for p in surrogate.parameters():
         p.requires_grad_(False)
-    masks = [_reverse(surrogate, x, k, steps, lr, batch_size, init_cost, gen) for k in range(num_classes)]
+    with _reproducible_training():  # one thread: the same masks under any OMP_NUM_THREADS, and fast on tiny batches
+        masks = [_reverse(surrogate, x, k, steps, lr, batch_size, init_cost, gen) for k in range(num_classes)]
     for p in surrogate.parameters():
         p.requires_grad_(True)
     norms = torch.tensor([m.sum().item() for m, _ in masks])
