@@ -249,12 +249,11 @@ def strip_entropy(model, x: torch.Tensor, overlays: torch.Tensor, n: int = 20, s
     to [0, ``high``] (STRIP adds the two images with saturation, so a bright trigger survives;
     a 0.5/0.5 blend halves it, and on digits the 2x2 trigger then stops firing: AUROC 0.6)."""
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for xi in x:
-        blend = (xi + overlays[torch.randperm(len(overlays), generator=g)[:n]]).clamp(0, high)
-        prob = torch.softmax(torch.as_tensor(model(blend)).float(), 1)
-        out.append(-(prob * prob.clamp_min(1e-12).log()).sum(1).mean())
-    return torch.stack(out)
+    pick = torch.stack([torch.randperm(len(overlays), generator=g)[:n] for _ in range(len(x))])  # (N, n)
+    blends = (x[:, None] + overlays[pick]).clamp(0, high).flatten(0, 1)  # every superimposition, one batch
+    logits = torch.cat([torch.as_tensor(model(b)).float() for b in blends.split(512)])
+    prob = torch.softmax(logits, 1).view(len(x), n, -1)
+    return -(prob * prob.clamp_min(1e-12).log()).sum(2).mean(1)
 
 
 def _auroc(neg: torch.Tensor, pos: torch.Tensor) -> float:
