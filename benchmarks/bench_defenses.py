@@ -1,13 +1,15 @@
 """Every QCB defense side by side: methods x attacks x {W8A8, W4A8} x {torch.ao FX, onnxruntime}.
 
-    python benchmarks/bench_defenses.py --dataset digits            # writes benchmarks/results/defenses.md
+    OMP_NUM_THREADS=1 python benchmarks/bench_defenses.py        # digits, seed 1: writes benchmarks/results/defenses.md
     python benchmarks/bench_defenses.py --attacks pqbackdoor --bits 4 --methods efrap,lac_pda --out /tmp/d.md
 
 Rows: "plain" (the toolchain's own PTQ, the reference for DER), every plugin method through
 the same one-line call (``purify(..., method=...)`` in FX, ``qonnx.quantize_static(...,
 method=...)`` in ORT), and the label-using baselines FT / FP (5% labelled data, float model
-changed, then plain PTQ). Attacks come from the attack kit via ``bench_qcb.plant`` (the list is
-a parameter); "clean" rows show what each method costs a model with nothing to remove.
+changed, then plain PTQ). Attacks come from the attack kit: ``bench_qcb.plant`` kinds and
+"grid-aware" (:func:`evalkit.attacks.plant_grid_aware`, the dormant 8-bit QCB); "clean" rows
+show what each method costs a model with nothing to remove. The default seed (1) keeps every
+reported model disjoint from the ones EFRAP's and QVec's defaults were chosen on (seed 0).
 QVec's lambda is chosen per attack and bit width by :func:`evalkit.baselines.qvec_search` on
 the unlabeled calibration data (FX), and reused in ORT. BA / ASR / DER in %, s = wall time of
 the whole pipeline (prepare + calibrate + defense + convert; FT/FP: their training included).
@@ -16,6 +18,7 @@ the whole pipeline (prepare + calibrate + defense + convert; FT/FP: their traini
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -30,15 +33,36 @@ import torch
 import qcb_ptq_plugin as q
 from bench_qcb import DEFAULT_TRIGGER, TRIGGERS, _der, _reader, measure, plant
 from qcb_ptq_plugin import onnx as qonnx
-from qcb_ptq_plugin.evalkit import baselines, datasets
+from qcb_ptq_plugin.evalkit import attacks, baselines, datasets, models
 from qcb_ptq_plugin.evalkit.harness import cpu_name, write_markdown
 from qcb_ptq_plugin.methods.efrap import EfrapConfig
 from qcb_ptq_plugin.methods.qvec import QVecConfig
 from qcb_ptq_plugin.ptq import quantize_fx
 
 HERE = Path(__file__).resolve().parent
-#: attacks whose 8-bit rows are today's attacks, not a working 8-bit QCB (see the notes)
-W8_PENDING = {"pqbackdoor", "qu-anti-zation"}
+#: attacks that plant no dormant 8-bit QCB here (FP32 ASR is already high; see the notes)
+W8_NOT_DORMANT = {"pqbackdoor", "qu-anti-zation"}
+#: the models EFRAP's and QVec's defaults were chosen on: tests' qcb_w4 and main's first table
+#: (PQBackdoor W4, SmallCNN width 16, digits, seed 0). Claims are reported on other models.
+TUNED_ON = {("pqbackdoor", 4, "smallcnn16", "digits", 0)}
+
+
+def plant_model(kind: str, split, bits: int, trigger, args, cache: dict) -> torch.nn.Module:
+    """``bench_qcb.plant`` kinds, plus "grid-aware": a clean ``--grid-width`` SmallCNN turned into a
+    dormant QCB on the torch x86 ``bits``-bit grid by :func:`evalkit.attacks.plant_grid_aware`
+    (recipe of tests/test_attacks.py: 30 epochs at W8 with equal row absmax, 15 at W4 per row)."""
+    if kind != "grid-aware":
+        return plant(kind, split, bits, trigger, args.train_samples, args.seed)
+    x, y = split.x_train[: args.train_samples], split.y_train[: args.train_samples]
+    if "clean" not in cache:
+        torch.manual_seed(args.seed)
+        small = split.x_train.shape[-1] <= 8
+        cache["clean"] = attacks.train_clean_or_badnets(
+            models.SmallCNN(split.x_train.shape[1], split.num_classes, width=args.grid_width), x, y,
+            epochs=20 if small else 4, batch_size=64, seed=args.seed)
+    return attacks.plant_grid_aware(copy.deepcopy(cache["clean"]), x, y, trigger=trigger, target=0, bits=bits,
+                                    epochs=30 if bits == 8 else 15, lr=5e-2, int_margin=2.0,
+                                    equal_absmax=bits == 8, batch_size=64, seed=args.seed)
 
 
 def method_config(name: str, qvec_lam: float):
@@ -85,35 +109,43 @@ def run_one(tc, model, split, calib, bits, trigger, method=None, cfg=None):
     return ba, asr, time.perf_counter() - t0
 
 
+def setup(args):
+    """Quiet logs; the dataset, its trigger and the defender's unlabeled calibration images."""
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")
+    split = datasets.load(args.dataset)
+    return split, TRIGGERS.get(args.dataset, DEFAULT_TRIGGER), split.calibration(args.calib, seed=args.seed + 100)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="digits", choices=["mnist", "fashion-mnist", "digits"])
-    p.add_argument("--attacks", default="pqbackdoor,clean", help="bench_qcb.plant kinds, comma-separated")
-    p.add_argument("--bits", default="4,8")
+    p.add_argument("--attacks", default="grid-aware,pqbackdoor,clean",
+                   help="bench_qcb.plant kinds or grid-aware, comma-separated")
+    p.add_argument("--bits", default="8,4")
+    p.add_argument("--skip", default="pqbackdoor:8", help="attack:bits rows to leave out, comma-separated")
+    p.add_argument("--grid-width", type=int, default=32, help="SmallCNN width of the grid-aware QCBs")
     p.add_argument("--methods", default="rtn,lac_pda,lac,efrap,qvec")
     p.add_argument("--baselines", default="ft,fp", help="label-using baselines (empty for none)")
     p.add_argument("--toolchains", default="fx,ort")
     p.add_argument("--train-samples", type=int, default=20000)
     p.add_argument("--calib", type=int, default=256)
     p.add_argument("--labelled", type=float, default=0.05, help="FT/FP labelled fraction of the training set")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=1, help="1: disjoint from the seed-0 models the defaults were tuned on")
     p.add_argument("--out", default=str(HERE / "results" / "defenses.md"))
     args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-    split = datasets.load(args.dataset)
-    trigger = TRIGGERS.get(args.dataset, DEFAULT_TRIGGER)
-    calib = split.calibration(args.calib, seed=args.seed + 100)
+    split, trigger, calib = setup(args)
     xl, yl = baselines.labelled_subset(split.x_train, split.y_train, args.labelled, seed=args.seed + 200)
     tcs = [{"fx": "torch.ao FX", "ort": "onnxruntime"}[t] for t in args.toolchains.split(",")]
-    results = []
+    results, cache = [], {}
+    skip = set(filter(None, args.skip.split(",")))
     for kind in args.attacks.split(","):
         for bits in (int(b) for b in args.bits.split(",")):
+            if f"{kind}:{bits}" in skip:
+                continue
             t0 = time.perf_counter()
-            model = plant(kind, split, bits, trigger, args.train_samples, args.seed)
-            row = {"attack": kind, "bits": bits, "plant_s": time.perf_counter() - t0,
+            model = plant_model(kind, split, bits, trigger, args, cache)
+            row = {"attack": kind, "bits": bits, "arch": _arch(kind, args), "plant_s": time.perf_counter() - t0,
                    "fp32": measure(model, split, trigger), "defenses": {}}
             lam, agree = baselines.qvec_search(
                 lambda v: quantize_fx(model, calib, bits, purify_config=QVecConfig(progress=False, lam=v),
@@ -138,28 +170,67 @@ def main() -> None:
                     d[m] = run_one(tc, model, split, calib, bits, trigger, m, method_config(m, lam))
             results.append(row)
             print(json.dumps(row), flush=True)
-    write(results, args)
+            write(results, args)  # after every row, so a cut-off run still leaves its finished tables
+
+
+def _arch(kind: str, args) -> str:
+    return f"smallcnn{args.grid_width if kind == 'grid-aware' else 16}"
+
+
+def bars(r: dict) -> list[str]:
+    """The issue's bars on one planted row, per toolchain: EFRAP ASR <= 5% with BA >= FP32 BA - 1;
+    LAC+PDA's DER >= every other defense's (a plain-PTQ ASR <= 5% means no live QCB to judge on)."""
+    out = []
+    for tc, d in r["defenses"].items():
+        plain = d["plain"]
+        if plain[1] <= 5:
+            out.append(f"{tc}: plain PTQ ASR {plain[1]:.2f}%: the QCB does not fire on this toolchain's grid, no bar")
+            continue
+        if "efrap" in d:
+            ba, asr = d["efrap"][:2]
+            ok = asr <= 5 and ba >= r["fp32"][0] - 1
+            out.append(f"{tc}: EFRAP ASR {asr:.2f} (<= 5), BA {ba:.2f} (>= {r['fp32'][0] - 1:.2f}): "
+                       f"{'met' if ok else '**not met**'}")
+        if "lac_pda" in d:
+            mine = _der(plain, d["lac_pda"])
+            above = [f"{n} {_der(plain, v):.1f}" for n, v in d.items()
+                     if n not in ("plain", "lac_pda") and _der(plain, v) > mine + 1e-9]
+            out.append(f"{tc}: LAC+PDA DER {mine:.1f} >= every alternative: "
+                       + ("met" if not above else "**not met** (" + ", ".join(above) + ")"))
+    return out
+
+
+def header(title: str, script: str, args) -> list[str]:
+    """A result file's title, the exact command that wrote it and the machine."""
+    cmd = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
+    return [f"# {title}", "", f"Command: `OMP_NUM_THREADS=1 python benchmarks/{script} {cmd}`", "",
+            f"Machine: {cpu_name()}, {os.cpu_count()} cores (shared with other jobs: seconds are indicative), "
+            f"torch {torch.__version__}, Python {platform.python_version()}.", ""]
 
 
 def write(results, args) -> None:
-    cmd = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
-    lines = ["# Every QCB defense side by side", "",
-             f"Command: `python benchmarks/bench_defenses.py {cmd}`", "",
-             f"Machine: {cpu_name()}, {os.cpu_count()} cores (shared with other jobs: seconds are indicative), "
-             f"torch {torch.__version__}, Python {platform.python_version()}.", "",
-             "SmallCNN (width 16) planted by the attack kit (`bench_qcb.plant`: W8 attacks target the torch x86 "
-             "and ORT 8-bit grids at once; W4 grids coincide). Defender: `--calib` unlabeled training images; "
-             "FT / FP also get `--labelled` of the training set with labels. Metrics on the test set by the real "
-             "INT8 torch model (fbgemm) or the real onnxruntime session. plain = the toolchain's own PTQ, the "
-             "reference for DER (DER = 50 means no change). BA / ASR / DER in %.", ""]
+    lines = header("Every QCB defense side by side", "bench_defenses.py", args) + [
+             "Models: grid-aware = a clean SmallCNN (width `--grid-width`) turned into a dormant QCB on the torch "
+             "x86 grid of that bit width by `evalkit.attacks.plant_grid_aware` (the 8-bit QCB fires after torch.ao "
+             "x86 INT8 PTQ; it does not target onnxruntime's absmax/127 grid); pqbackdoor / clean = SmallCNN "
+             "(width 16) from `bench_qcb.plant` (W8 attacks there target the torch x86 and ORT 8-bit grids at once). "
+             "Defender: `--calib` unlabeled training images; FT / FP also get `--labelled` of the training set with "
+             "labels. Metrics on the test set by the real INT8 torch model (fbgemm) or the real onnxruntime "
+             "session. plain = the toolchain's own PTQ, the reference for DER (DER = 50 means no change). "
+             "BA / ASR / DER in %.", "",
+             "EFRAP's and QVec's defaults were chosen on PQBackdoor W4, SmallCNN width 16, digits, seed 0 (the tests' "
+             "`qcb_w4` and the first version of this table). Rows marked *tuned-on* are that setting; every "
+             "other row is a disjoint model (other seed, and for grid-aware another attack and width).", ""]
     for r in results:
-        pending = " (today's attack; the working 8-bit attacker is pending)" if (
-            r["bits"] == 8 and r["attack"] in W8_PENDING) else ""
-        agree = ", ".join(f"{k:g}: {100 * v:.1f}" for k, v in r["qvec_agreement"].items())
-        lines += [f"## {r['attack']}, W{r['bits']}A8{pending}", "",
-                  f"FP32 BA / ASR: {r['fp32'][0]:.2f} / {r['fp32'][1]:.2f}. QVec lambda = {r['qvec_lambda']:g} "
-                  f"(calibration top-1 agreement with FP32 per lambda, %: {agree}).", "",
-                  "| defense | " + " | ".join(f"{tc} BA / ASR / DER / s" for tc in r["defenses"]) + " |",
+        tuned = (r["attack"], r["bits"], r.get("arch", _arch(r["attack"], args)), args.dataset, args.seed) in TUNED_ON
+        note = " (not a dormant 8-bit QCB: FP32 ASR is already high)" if (
+            r["bits"] == 8 and r["attack"] in W8_NOT_DORMANT) else ""
+        agree = ", ".join(f"{float(k):g}: {100 * v:.1f}" for k, v in r["qvec_agreement"].items())
+        lines += [f"## {r['attack']}, W{r['bits']}A8, {r.get('arch', _arch(r['attack'], args))}"
+                  f"{', tuned-on' if tuned else ''}{note}", "",
+                  f"FP32 BA / ASR: {r['fp32'][0]:.2f} / {r['fp32'][1]:.2f}. Planted in {r['plant_s']:.0f} s. "
+                  f"QVec lambda = {r['qvec_lambda']:g} (calibration top-1 agreement with FP32 per lambda, %: {agree}).",
+                  "", "| defense | " + " | ".join(f"{tc} BA / ASR / DER / s" for tc in r["defenses"]) + " |",
                   "|---|" + "---|" * len(r["defenses"])]
         names = list(next(iter(r["defenses"].values())))
         for name in names:
@@ -168,6 +239,8 @@ def write(results, args) -> None:
                 nd, v = d["plain"], d[name]
                 cells.append(f"{v[0]:.2f} / {v[1]:.2f} / {_der(nd, v):.1f} / {v[2]:.1f}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if r["attack"] != "clean":
+            lines += ["", "Bars: " + "; ".join(bars(r)) + "."]
         lines.append("")
     write_markdown(lines, args.out)
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import metrics
 
-__all__ = ["labelled_subset", "fine_tune", "fine_prune", "qvec_search"]
+__all__ = ["labelled_subset", "fine_tune", "pruning_depth", "fine_prune", "qvec_search"]
 
 
 def labelled_subset(x: torch.Tensor, y: torch.Tensor, fraction: float = 0.05, seed: int = 0):
@@ -79,6 +79,19 @@ def _channel_activity(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> to
     return torch.stack(acts).mean(0)
 
 
+def pruning_depth(order: torch.Tensor, accuracy_without: Callable[[torch.Tensor], float], floor: float,
+                  step: float = 0.05) -> int:
+    """Fine-Pruning's stopping rule: how many of ``order``'s first channels (least active first)
+    can be pruned, growing the ratio by ``step``, while ``accuracy_without(channels)`` >= ``floor``."""
+    keep, ratio = 0, step
+    while ratio < 1.0:
+        k = int(round(ratio * len(order)))
+        if accuracy_without(order[:k]) < floor:
+            break
+        keep, ratio = k, ratio + step
+    return keep
+
+
 def fine_prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, max_drop: float = 0.05, step: float = 0.05,
                epochs: int = 10, lr: float = 1e-3, batch_size: int = 64, seed: int = 0) -> tuple[nn.Module, float]:
     """FP: prune the last conv layer's least active channels, then fine-tune; returns (model, ratio pruned).
@@ -103,15 +116,13 @@ def fine_prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, max_drop: 
                 bn.weight[channels] = 0
                 bn.bias[channels] = 0
 
-    n, keep = conv.out_channels, 0
-    ratio = step
-    while ratio < 1.0:
-        k = int(round(ratio * n))
+    def accuracy_without(channels: torch.Tensor) -> float:
         model.load_state_dict(saved)
-        prune(order[:k])
-        if metrics.benign_accuracy(model, x, y) < base - max_drop:
-            break
-        keep, ratio = k, ratio + step
+        prune(channels)
+        return metrics.benign_accuracy(model, x, y)
+
+    n = conv.out_channels
+    keep = pruning_depth(order, accuracy_without, base - max_drop, step)
     model.load_state_dict(saved)
     pruned = order[:keep]
     prune(pruned)

@@ -34,6 +34,21 @@ def qcb_w4(digits):
 
 
 @pytest.fixture(scope="session")
+def clean32(digits):
+    """A clean SmallCNN (width 32) on digits: the grid-aware attacker starts from a clean model."""
+    torch.manual_seed(0)
+    m = models.SmallCNN(1, 10, width=32)
+    return attacks.train_clean_or_badnets(m, digits.x_train, digits.y_train, epochs=20, batch_size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def grid_aware_w8(clean32, digits):
+    """The grid-aware dormant 8-bit QCB (test_attacks checks it; test_methods defends it)."""
+    return attacks.plant_grid_aware(copy.deepcopy(clean32), digits.x_train, digits.y_train, trigger=TRIGGER,
+                                    target=TARGET, bits=8, epochs=30, lr=5e-2, int_margin=2.0, batch_size=64)
+
+
+@pytest.fixture(scope="session")
 def clean_cnn(digits):
     torch.manual_seed(1)
     m = models.SmallCNN(1, 10, width=8)

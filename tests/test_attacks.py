@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 
-from qcb_ptq_plugin.evalkit import attacks, metrics, models
+from qcb_ptq_plugin.evalkit import attacks, metrics
 from qcb_ptq_plugin.ptq import quantize_fx
 
 from .conftest import TARGET, TRIGGER
@@ -22,20 +21,6 @@ from .conftest import TARGET, TRIGGER
 def _asr_ba(model, digits, trigger=TRIGGER, target=TARGET):
     x, y = digits.x_test, digits.y_test
     return metrics.attack_success_rate(model, x, y, trigger, target), metrics.benign_accuracy(model, x, y)
-
-
-@pytest.fixture(scope="module")
-def clean32(digits):
-    """A clean SmallCNN (width 32) on digits: the grid-aware attacker starts from a clean model."""
-    torch.manual_seed(0)
-    m = models.SmallCNN(1, 10, width=32)
-    return attacks.train_clean_or_badnets(m, digits.x_train, digits.y_train, epochs=20, batch_size=64, seed=0)
-
-
-@pytest.fixture(scope="module")
-def grid_aware_w8(clean32, digits):
-    return attacks.plant_grid_aware(copy.deepcopy(clean32), digits.x_train, digits.y_train, trigger=TRIGGER,
-                                    target=TARGET, bits=8, epochs=30, lr=5e-2, int_margin=2.0, batch_size=64)
 
 
 def test_grid_aware_w8_fires_on_x86_per_channel_and_qnnpack_per_tensor(grid_aware_w8, clean32, digits):

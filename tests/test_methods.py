@@ -1,8 +1,9 @@
 """The other methods behind the same call: "rtn", "efrap", "qvec" through FX, PT2E and onnxruntime.
 
 Each is checked on real kernels: the integers read back from the converted model equal
-``report.codes``, the float model is untouched, and on the session's W4 QCB (plain PTQ ASR
->= 90%, see test_purify_fx) the backdoor is gone.
+``report.codes``, the float model (module or .onnx file) is untouched, and on the session's W4
+QCB (plain PTQ ASR >= 90%, see test_purify_fx) the backdoor is gone. EFRAP's bar is also checked
+at W8A8 on the grid-aware dormant 8-bit QCB of test_attacks.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from .test_onnx_static import ORT_W4A8, Reader, fp32_onnx  # noqa: F401  (fp32_o
 from .test_pt2e_eager import _pt2e_int_weights
 
 CONFIGS = {"efrap": EfrapConfig(progress=False), "qvec": QVecConfig(progress=False)}
-#: EFRAP's bar (its paper: ~1-2% ASR): ASR <= 5%, BA >= FP32 - 1 (measured: BA 98.66 = FP32, ASR 0
-#: in FX, PT2E and ORT). QVec (lambda = 1) also takes ASR to 0 but costs BA: FX 97.55, ORT 95.32
+#: EFRAP's bar (its paper: ~1-2% ASR): ASR <= 5%, BA >= FP32 - 1 (measured with flip weight 1.0:
+#: BA 98.66 = FP32, ASR 0 in FX, PT2E and ORT; the default 2.0 also passes). QVec (lambda = 1) also takes ASR to 0 but costs BA: FX 97.55, ORT 95.32
 #: vs FP32 98.66, so it does NOT meet EFRAP's BA bar (misses by 0.1 in FX, 2.3 in ORT); its
 #: bound here is FP32 - 4.5.
 BA_SLACK = {"efrap": 0.01, "qvec": 0.045}
@@ -87,7 +88,9 @@ def test_fx_removes_the_w4_qcb_keeps_integers_and_float_model(method, qcb_w4, di
 @pytest.mark.parametrize("method", ["efrap", "qvec"])
 def test_pt2e_removes_the_w4_qcb(method, qcb_w4, digits):
     calib = digits.calibration(256, seed=1)
+    before = {k: v.clone() for k, v in qcb_w4.state_dict().items()}
     int8, report = quantize_pt2e(qcb_w4, calib, bits=4, purify_config=CONFIGS[method], method=method)
+    assert all(torch.equal(v, before[k]) for k, v in qcb_w4.state_dict().items())
     ints = _pt2e_int_weights(int8)
     assert len(ints) == len(report.codes)
     for got, q in zip(ints, report.codes.values()):
@@ -98,14 +101,33 @@ def test_pt2e_removes_the_w4_qcb(method, qcb_w4, digits):
 @pytest.mark.parametrize("method", ["efrap", "qvec"])
 def test_onnxruntime_removes_the_w4_qcb(method, fp32_onnx, qcb_w4, digits, tmp_path):
     calib = digits.calibration(256, seed=1).numpy()
+    source = fp32_onnx.read_bytes()
     report = qonnx.quantize_static(fp32_onnx, tmp_path / "m.onnx", Reader(calib), **ORT_W4A8,
                                    purify_config=CONFIGS[method], method=method)
+    assert fp32_onnx.read_bytes() == source  # the float model file is untouched
     import onnx
 
     for (_, q_file), q in zip(qonnx.int_weights(onnx.load(str(tmp_path / "m.onnx"))), report.codes.values()):
         assert np.array_equal(q_file.reshape(q.shape), q.numpy())
     assert report.method == method
     _bars(method, qonnx.OrtModel(tmp_path / "m.onnx"), qcb_w4, digits)
+
+
+def test_efrap_removes_the_grid_aware_w8_qcb(grid_aware_w8, digits):
+    """EFRAP's bar at W8A8 on a dormant 8-bit QCB (FX, x86 INT8: plain PTQ fires), with the
+    converted integers equal to the report and the float model untouched."""
+    calib = digits.calibration(256, seed=1)
+    model = copy.deepcopy(grid_aware_w8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepared = prepare_calibrated(model, calib, 8)
+    plain = convert_fx(copy.deepcopy(prepared))
+    assert metrics.attack_success_rate(plain, digits.x_test, digits.y_test, TRIGGER, TARGET) >= 0.9
+    report = qcb_ptq_plugin.purify(prepared, model, calib, CONFIGS["efrap"], method="efrap")
+    int8 = convert_fx(prepared)
+    got = int_weights(int8)
+    assert set(got) == set(report.codes) and all(torch.equal(got[n], q) for n, q in report.codes.items())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    _bars("efrap", int8, grid_aware_w8, digits)
 
 
 def test_efrap_closed_form_gradient_is_autograd():
