@@ -71,14 +71,17 @@ def run_model(arch: str, bits: int, seed: int, steps: int, d, calib) -> dict:
     for name, cfg in (("fast", q.PurifyConfig(progress=False, seed=seed)),
                       ("paper", q.PurifyConfig.paper(adam_steps=steps, progress=False, seed=seed))):
         prepared = copy.deepcopy(base)
-        traj = _Trajectories()
-        logging.getLogger("qcb_ptq_plugin.methods.lac").addHandler(traj)
+        traj, logger = _Trajectories(), logging.getLogger("qcb_ptq_plugin.methods.lac")
+        level = logger.level
+        logger.setLevel(logging.INFO)  # the solver logs its checkpoints at INFO
+        logger.addHandler(traj)
         try:
             t = time.perf_counter()
             rep = q.purify(prepared, m, calib, cfg)
             row[f"{name}_s"] = time.perf_counter() - t
         finally:
-            logging.getLogger("qcb_ptq_plugin.methods.lac").removeHandler(traj)
+            logger.removeHandler(traj)
+            logger.setLevel(level)
         row[name] = score(prepared)
         row[f"{name}_error"] = (sum(u.error_before for u in rep.units), sum(u.error_after for u in rep.units))
         if name == "paper":
@@ -161,9 +164,14 @@ def main() -> None:
     calib = d.calibration(256, seed=1)
     cmd = "OMP_NUM_THREADS=1 python benchmarks/bench_paper.py " + " ".join(
         f"--{k} {getattr(args, k)}" for k in ("archs", "seeds", "bits", "steps"))
+    done = set()
+    if Path(args.jsonl).exists():  # a restarted run skips the models already written
+        done = {(r["arch"], r["bits"], r["seed"], r["steps"]) for r in map(json.loads, Path(args.jsonl).read_text().split("\n")[:-1])}
     for arch in args.archs.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             for bits in [int(b) for b in args.bits.split(",")]:
+                if (arch, bits, seed, args.steps) in done:
+                    continue
                 row = run_model(arch, bits, seed, args.steps, d, calib)
                 row["load_after"] = os.popen("uptime").read().strip()
                 with open(args.jsonl, "a") as f:
