@@ -130,10 +130,10 @@ def render(rows: list[dict], cmd: str, load: list[str]) -> list[str]:
         tr = r["trajectories"]
         rtn, last, kept = (sum(u[k] if k != "curve" else u["curve"][-1] for u in tr) for k in ("rtn", "curve", "best"))
         falling = sum(u["curve"][-1] < u["rtn"] for u in tr)
+        objective = f"{rtn:.4g} -> {last:.4g} -> {kept:.4g} | {falling}/{len(tr)}" if tr else "not recorded | -"
         ba_asr = {k: f"{100 * r[k][0]:.1f} / {100 * r[k][1]:.1f}" for k in ("plain", "fast", "paper")}
         lines.append(f"| {r['arch']} | W{r['bits']} | {r['seed']} | {r['steps']} | {ba_asr['plain']} | {ba_asr['fast']} | "
-                     f"{ba_asr['paper']} | {rtn:.4g} -> {last:.4g} -> {kept:.4g} | {falling}/{len(tr)} | "
-                     f"{r['act_pinned']} |")
+                     f"{ba_asr['paper']} | {objective} | {r['act_pinned']} |")
     return lines
 
 
