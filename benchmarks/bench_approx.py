@@ -93,11 +93,12 @@ def main() -> None:
              "sklearn digits (449 test images: one image = 0.22 points), grid-aware QCBs planted per architecture, "
              "bit width and seed (benchmarks/_plants.py); FX x86, real convert_fx; 256 calibration images; "
              "mean +- std over seeds; per-seed values in brackets.", "",
-             "| arch | bits | variant | BA % | ASR % | per-seed BA / ASR | purify s |", "|---|---|---|---:|---:|---|---:|"]
+             "| arch | bits | variant | BA % | ASR % | per-seed BA / ASR | purify s |",
+             "|---|---|---|---:|---:|---|---:|"]
     for (arch, bits, name), vals in rows.items():
         per = ", ".join(f"{100 * b:.1f}/{100 * a:.1f}" for b, a, _ in vals)
-        lines.append(f"| {ARCHS[arch][0]} | W{bits}A8 | {name} | {ms([v[0] for v in vals])} | {ms([v[1] for v in vals])} "
-                     f"| {per} | {statistics.mean(v[2] for v in vals):.2f} |")
+        lines.append(f"| {ARCHS[arch][0]} | W{bits}A8 | {name} | {ms([v[0] for v in vals])} | "
+                     f"{ms([v[1] for v in vals])} | {per} | {statistics.mean(v[2] for v in vals):.2f} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

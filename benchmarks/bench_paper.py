@@ -118,7 +118,8 @@ def render(rows: list[dict], cmd: str, load: list[str]) -> list[str]:
         dasr = 100 * statistics.mean(r["paper"][1] - r["fast"][1] for r in rs)
         lines.append(f"| {ARCHS[arch][0]} | W{bits}A8 | {','.join(str(r['seed']) for r in rs)} | {both('fp')} | "
                      f"{both('plain')} | {both('fast')} | {both('paper')} | {dba:+.2f} / {dasr:+.2f} | "
-                     f"{statistics.mean(r['fast_s'] for r in rs):.1f} | {statistics.mean(r['paper_s'] for r in rs):.0f} |")
+                     f"{statistics.mean(r['fast_s'] for r in rs):.1f} | "
+                     f"{statistics.mean(r['paper_s'] for r in rs):.0f} |")
     lines += ["", "## Per seed: BA / ASR and the paper preset's objective", "",
               "Objective = the one the paper preset optimises and reports (sum over units of the unit's output "
               "error after its activation and output quantizer, mean over samples and positions): at round to "
@@ -132,8 +133,8 @@ def render(rows: list[dict], cmd: str, load: list[str]) -> list[str]:
         falling = sum(u["curve"][-1] < u["rtn"] for u in tr)
         objective = f"{rtn:.4g} -> {last:.4g} -> {kept:.4g} | {falling}/{len(tr)}" if tr else "not recorded | -"
         ba_asr = {k: f"{100 * r[k][0]:.1f} / {100 * r[k][1]:.1f}" for k in ("plain", "fast", "paper")}
-        lines.append(f"| {r['arch']} | W{r['bits']} | {r['seed']} | {r['steps']} | {ba_asr['plain']} | {ba_asr['fast']} | "
-                     f"{ba_asr['paper']} | {objective} | {r['act_pinned']} |")
+        lines.append(f"| {r['arch']} | W{r['bits']} | {r['seed']} | {r['steps']} | {ba_asr['plain']} | "
+                     f"{ba_asr['fast']} | {ba_asr['paper']} | {objective} | {r['act_pinned']} |")
     return lines
 
 
@@ -166,7 +167,8 @@ def main() -> None:
         f"--{k} {getattr(args, k)}" for k in ("archs", "seeds", "bits", "steps"))
     done = set()
     if Path(args.jsonl).exists():  # a restarted run skips the models already written
-        done = {(r["arch"], r["bits"], r["seed"], r["steps"]) for r in map(json.loads, Path(args.jsonl).read_text().split("\n")[:-1])}
+        rows = [json.loads(ln) for ln in Path(args.jsonl).read_text().splitlines() if ln]
+        done = {(r["arch"], r["bits"], r["seed"], r["steps"]) for r in rows}
     for arch in args.archs.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             for bits in [int(b) for b in args.bits.split(",")]:
