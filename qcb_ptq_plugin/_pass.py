@@ -65,6 +65,8 @@ def run(units: Sequence[Unit], capture: Capture, batches: Sequence, method: Meth
             row, channels = _unit_report(unit, result, time.perf_counter() - t0)
             if write_back:
                 unit.write(unit.grid.dequantize(result.codes))  # later units see this unit purified
+                if result.act_scale is not None:
+                    unit.out_quant.scale.copy_(result.act_scale.reshape(unit.out_quant.scale.shape))
             codes.append(result.codes)
             report.codes[unit.name] = result.codes
             report.channels[unit.name] = channels
@@ -95,17 +97,20 @@ def _unit_report(unit: Unit, result: UnitResult, seconds: float) -> tuple[UnitRe
     """The unit's row: output error of round-to-nearest (before) and of the method's integers (after)."""
     op, grid = unit.op, unit.grid
     q_rtn = grid.quantize(unit.weight.detach().float())
-    before, after = (result.gram.channel_errors(op.grouped(grid.dequantize(q))) for q in (q_rtn, result.codes))
+    if result.errors is not None:  # the method's own objective (e.g. after the activation)
+        before, after, energy = result.errors
+    else:
+        before, after = (result.gram.channel_errors(op.grouped(grid.dequantize(q))) for q in (q_rtn, result.codes))
+        energy = (result.gram.t_ch / result.gram.n).flatten()
     row = UnitReport(
         name=unit.name, kind=type(unit.fp_layer).__name__, weights=q_rtn.numel(), levels=grid.levels,
         error_before=max(before.sum().item(), 0.0), error_after=max(after.sum().item(), 0.0),
-        target_energy=result.gram.t / result.gram.n, flips=int((result.codes != q_rtn).sum()), pda=result.pda,
+        target_energy=energy.sum().item(), flips=int((result.codes != q_rtn).sum()), pda=result.pda,
         seconds=seconds, pda_seconds=result.pda_seconds, solve_seconds=result.solve_seconds)
     if not math.isfinite(row.error_after):
         raise FloatingPointError(f"{unit.name}: the method produced a non-finite error; inputs or weights contain "
                                  "NaN/Inf")
-    channels = {"before": before.clamp_min(0), "after": after.clamp_min(0),
-                "energy": (result.gram.t_ch / result.gram.n).flatten()}
+    channels = {"before": before.clamp_min(0), "after": after.clamp_min(0), "energy": energy}
     return row, channels
 
 

@@ -75,10 +75,16 @@ class PurifyConfig(MethodConfig):
         cd_passes: gram only: coordinate-descent passes after the GPTQ rounding (stops early
             once no integer changes).
         adam_steps: adam only: optimisation steps per unit (paper: 10000).
-        lr: adam only: learning rate of the weight offset, in grid steps (LSBs) per step. The
-            release's 1e-3 is in weight units: about 0.01-0.1 LSB at W4 but about one LSB at W8,
-            where Adam then oscillates; the paper preset uses 0.01 LSB at every bit width.
+        lr: adam only: learning rate of the weight offset, in grid steps (LSBs) per step,
+            cosine-annealed to 0 over ``adam_steps``. The release's 1e-3 is in weight units
+            (constant): about 0.01-0.1 LSB at W4 but about one LSB at W8; the paper preset uses
+            1e-3 LSB at every bit width (0.01 LSB made the iterate wander above round to nearest
+            within 100 steps on a W4 SmallCNN; benchmarks/results/paper_vs_fast.md).
         adam_batch_size: adam only: random minibatch of cached unit inputs (paper: 32).
+        act_lr: adam only: Adam learning rate of the per-tensor scale of the activation quantizer
+            at each unit's output (LSQ gradient, cosine-annealed to 0 over ``adam_steps``), in
+            scale units as released (4e-5); 0 (default) keeps the calibrated scale. A learned
+            scale replaces the user's observer for convert (a ``FixedQParamsObserver``).
         damp: gram only: ridge added to H as a fraction of its mean diagonal; pulls directions
             the calibration data never excites towards the float weight. Must be > 0: with 0 an
             input column that is never excited (H_kk = 0) leaves its integers undetermined.
@@ -100,6 +106,7 @@ class PurifyConfig(MethodConfig):
     adam_steps: int = 10000
     lr: float = 1e-2
     adam_batch_size: int = 32
+    act_lr: float = 0.0
     damp: float = 0.01
     gram_positions: int | None = None
     pda: PDAMode = PDAMode.AUTO
@@ -122,7 +129,7 @@ class PurifyConfig(MethodConfig):
         for name in ("pda_steps", "cd_passes", "adam_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        for name in ("lr", "gamma", "pda_step_size", "damp"):
+        for name in ("lr", "act_lr", "gamma", "pda_step_size", "damp"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.gram_positions is not None and self.gram_positions < 1:
@@ -135,14 +142,17 @@ class PurifyConfig(MethodConfig):
     def paper(cls, **overrides) -> PurifyConfig:
         """The release's schedule (GPU-scale: 10000 Adam steps per unit, PDA 500 PGD steps).
 
-        As released: Adam on a weight offset through straight-through rounding, 10000 steps of
-        one random cached batch of 32; PDA with gamma = 1e-3, step = gamma halved at step 250 of
-        500. Differences, on purpose: lr is in grid steps (0.01 LSB, see ``lr``); the objective
-        is D before the activation (the one reported); the best iterate is kept. Not reproduced:
-        the release also learns the activation quantizers' scales inside each unit (lr 4e-5,
-        cosine). purify never moves the user's calibrated activation observers (convert must
-        produce the activation scales the user calibrated), so those scales stay as calibrated.
+        As released (AntigoneRandy/QCB-LACPDA, see ``DEFENSES.md``): Adam on an additive weight
+        offset through straight-through rounding, 10000 steps of one random cached batch of 32;
+        the activation quantizer at each unit's output learns its scale (LSQ, Adam 4e-5, cosine);
+        the loss is the unit's output reconstruction after the activation and that quantizer
+        (optimised and reported: one objective); PDA with gamma = 1e-3, 500 signed steps of
+        gamma, halved at step 250. Differences, on purpose: lr is in grid steps (1e-3 LSB; the
+        release's 1e-3 is in weight units, about one LSB per step at W8) and cosine-annealed like
+        the scale's (the release keeps it constant), and the best scored iterate is kept (never
+        worse than round-to-nearest). Learned activation scales replace
+        the calibrated observers at convert; weight scales stay as calibrated, as released.
         """
-        base = dict(solver=Solver.ADAM, adam_steps=10000, lr=1e-2, adam_batch_size=32,
+        base = dict(solver=Solver.ADAM, adam_steps=10000, lr=1e-3, adam_batch_size=32, act_lr=4e-5,
                     gamma=1e-3, pda_steps=500, pda_step_size=1e-3)
         return cls(**{**base, **overrides})

@@ -200,6 +200,10 @@ class Unit:
         write: stores a fake-quantized weight into the simulator.
         bn: float BatchNorm fed by ``fp_layer`` (PDA), or None.
         activation: the unit's activation after the layer (adam objective), or None.
+        out_quant: the fake-quantizer of the unit's output (after ``activation``) in the
+            simulator, a frozen observer with a per-tensor ``scale`` buffer, or None where no
+            observer directly follows the unit. A method may learn that scale
+            (:attr:`UnitResult.act_scale`); the adapter's commit pins it for convert.
     """
 
     name: str
@@ -211,6 +215,7 @@ class Unit:
     write: Callable[[torch.Tensor], None]
     bn: nn.Module | None = None
     activation: Callable[[torch.Tensor], torch.Tensor] | None = None
+    out_quant: nn.Module | None = None
 
     @property
     def op(self) -> LayerOp:

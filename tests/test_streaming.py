@@ -51,12 +51,12 @@ def test_data_loader_gives_the_codes_of_a_tensor(clean_cnn, digits):
 
 
 def test_paper_preset_error_falls_in_a_few_hundred_steps(clean_cnn, digits):
-    """The paper preset (Adam, lr in grid steps, the reported objective, best iterate kept)
+    """The paper preset (Adam, lr in grid steps, one objective optimised and reported, best iterate kept)
     lowers every unit's output error below round-to-nearest within 200 steps (W4)."""
     calib = digits.calibration(256, seed=3)
     prepared = prepare_calibrated(clean_cnn, calib, bits=4)
     cfg = qcb_ptq_plugin.PurifyConfig.paper(adam_steps=200, pda_steps=10, progress=False)
-    assert cfg.lr == 1e-2 and cfg.pda_step_size == cfg.gamma == 1e-3
+    assert cfg.lr == 1e-3 and cfg.pda_step_size == cfg.gamma == 1e-3
     report = qcb_ptq_plugin.purify(prepared, clean_cnn, calib, cfg)
     assert all(u.error_after <= u.error_before for u in report.units)
     assert sum(u.error_after for u in report.units) < 0.7 * sum(u.error_before for u in report.units)

@@ -198,3 +198,58 @@ def input_observer_range(prepared: nn.Module) -> tuple[float, float] | None:
     if not isinstance(mn, torch.Tensor) or mn.numel() == 0 or not torch.isfinite(mn).all():
         return None
     return float(mn.min()), float(mx.max())
+
+
+def output_observer(prepared: nn.Module, node_name: str) -> tuple[str | None, bool]:
+    """(submodule path of the observer that quantizes the output of node ``node_name``, whether a
+    ReLU sits between them); (None, False) if no observer directly follows the layer or its ReLU.
+    Eager models (no graph): ``<node_name>.activation_post_process``, the module's output observer."""
+    kinds = observer_types()
+    if not isinstance(prepared, torch.fx.GraphModule):
+        path = f"{node_name}.activation_post_process"
+        try:
+            return (path if isinstance(prepared.get_submodule(path), kinds) else None), False
+        except AttributeError:
+            return None, False
+    node = next((n for n in prepared.graph.nodes if n.name == node_name or (n.op == "call_module"
+                                                                             and n.target == node_name)), None)
+    relu_fns = (torch.relu, torch.nn.functional.relu, torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
+    relu = False
+    while node is not None and len(node.users) == 1:
+        (node,) = node.users
+        if not relu and ((node.op == "call_function" and node.target in relu_fns)
+                         or (node.op == "call_module" and type(prepared.get_submodule(node.target)) is nn.ReLU)):
+            relu = True  # FX quantizes Linear + ReLU as one LinearReLU at convert
+            continue
+        if node.op == "call_module" and isinstance(prepared.get_submodule(node.target), kinds):
+            return node.target, relu
+        break
+    return None, False
+
+
+def pin_activation_scales(prepared: nn.Module, pins: dict[str, nn.Module]) -> int:
+    """Replace each observer ``prepared.<path>`` whose calibrated scale differs from that of its
+    simulator twin (a :class:`FrozenQuant` in ``pins``, scale learned by a method) by a
+    ``FixedQParamsObserver`` holding the learned scale and the calibrated zero point, so convert
+    quantizes that activation with it. Returns how many were pinned."""
+    pinned = 0
+    for path, frozen in pins.items():
+        if frozen.identity:
+            continue
+        obs = prepared.get_submodule(path)
+        if torch.equal(obs.calculate_qparams()[0].float().reshape(-1), frozen.scale.reshape(-1)):
+            continue
+        base = torchao_observer_base()
+        if base is not None and isinstance(obs, base):
+            from torchao.quantization.pt2e.observer import FixedQParamsObserver
+        else:
+            from torch.ao.quantization.observer import FixedQParamsObserver
+        new = FixedQParamsObserver(scale=float(frozen.scale.reshape(())), zero_point=int(frozen.zero_point.reshape(())),
+                                   dtype=obs.dtype, qscheme=obs.qscheme, quant_min=obs.quant_min,
+                                   quant_max=obs.quant_max)
+        parent, _, attr = path.rpartition(".")
+        setattr(prepared.get_submodule(parent) if parent else prepared, attr, new)
+        pinned += 1
+    if pinned:
+        log.info("pinned %d learned activation scale(s) for convert", pinned)
+    return pinned

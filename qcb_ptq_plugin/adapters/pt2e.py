@@ -31,7 +31,7 @@ from ..grid import WeightGrid
 from ..units import LayerOp, Unit, Unsupported, float_bn, float_layer
 from ._capture import ModuleCapture
 from ._common import (Plan, execution_order, following_bn, freeze_observers, input_observer_range, is_aten_graph,
-                      match_float_layer, torchao_observer_base)
+                      match_float_layer, output_observer, pin_activation_scales, torchao_observer_base)
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,7 @@ class _Site:
     weight: torch.Tensor  # the prepared model's parameter (BN folded)
     bias: torch.Tensor | None
     relu: bool
+    out_observer: str | None = None  # path of the observer of the layer's output (activation scale)
 
 
 def plan(prepared: GraphModule, float_model: nn.Module, example: torch.Tensor) -> Plan:
@@ -261,13 +262,18 @@ def _simulate(prepared: GraphModule, sites: list[_Site]) -> tuple[GraphModule, l
                           weight=site.weight.detach().clone(),
                           bias=None if site.bias is None else site.bias.detach().clone(),
                           grid=site.grid, write=write, bn=site.bn, activation=torch.relu if site.relu else None))
+        if len(site.nodes) == 1:  # a module called once: its output has one observer
+            site.out_observer = output_observer(prepared, site.nodes[0])[0]
     simulator.recompile()
     freeze_observers(simulator)
+    for site, unit in zip(sites, units):
+        unit.out_quant = None if site.out_observer is None else simulator.get_submodule(site.out_observer)
     return simulator, units
 
 
 def _commit(prepared: GraphModule, sites: list[_Site], units: list[Unit], codes: list[torch.Tensor]) -> None:
-    """W = s (q - z) into the user's parameters; weight observers pinned to the calibrated qparams."""
+    """W = s (q - z) into the user's parameters; weight observers pinned to the calibrated qparams;
+    output observers pinned where a method learned their scale."""
     for site, unit, q in zip(sites, units, codes):
         with torch.no_grad():
             site.weight.copy_(unit.grid.dequantize(q))
@@ -275,3 +281,5 @@ def _commit(prepared: GraphModule, sites: list[_Site], units: list[Unit], codes:
             parent, _, attr = target.rpartition(".")
             owner = prepared.get_submodule(parent) if parent else prepared
             setattr(owner, attr, _pinned(getattr(owner, attr)))
+    pin_activation_scales(prepared, {site.out_observer: unit.out_quant for site, unit in zip(sites, units)
+                                     if unit.out_quant is not None})

@@ -37,7 +37,7 @@ from ..grid import WeightGrid
 from ..units import LayerOp, Unit, Unsupported
 from ._capture import ModuleCapture
 from ._common import (Plan, execution_order, following_bn, freeze_observers, input_observer_range, is_aten_graph,
-                      match_float_layer)
+                      match_float_layer, output_observer, pin_activation_scales)
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ class _Site:
     bn: nn.Module | None
     grid: WeightGrid
     pin: dict  # PinnedWeightObserver arguments
+    out_observer: str | None = None  # path of the observer of the layer's output (activation scale)
 
     @property
     def layer(self) -> nn.Module:
@@ -139,7 +140,7 @@ def plan(prepared: nn.Module, float_model: nn.Module, example: torch.Tensor) -> 
     sites, unsupported = _discover(prepared, float_model, example)
     simulator, units = _simulate(prepared, sites, [u.name for u in unsupported])
     return Plan(units=units, capture=ModuleCapture(simulator, float_model, units),
-                commit=functools.partial(_commit, sites, units), unsupported=unsupported,
+                commit=functools.partial(_commit, prepared, sites, units), unsupported=unsupported,
                 input_range=input_observer_range(prepared))
 
 
@@ -222,11 +223,16 @@ def _simulate(prepared: nn.Module, sites: list[_Site], unsupported: list[str] = 
                           weight=layer.weight.detach().clone(),
                           bias=None if layer.bias is None else layer.bias.detach().clone(),
                           grid=site.grid, write=write, bn=site.bn, activation=_activation(site.module)))
+        site.out_observer, relu = output_observer(prepared, site.name)  # its output quantizer (activation scale)
+        if site.out_observer is not None:
+            units[-1].out_quant = simulator.get_submodule(site.out_observer)
+            units[-1].activation = units[-1].activation or (torch.relu if relu else None)
     return simulator, units
 
 
-def _commit(sites: list[_Site], units: list[Unit], codes: list[torch.Tensor]) -> None:
-    """W = s (q - z) into the user's layers, and a qconfig whose weight observer returns (s, z)."""
+def _commit(prepared: nn.Module, sites: list[_Site], units: list[Unit], codes: list[torch.Tensor]) -> None:
+    """W = s (q - z) into the user's layers, a qconfig whose weight observer returns (s, z), and
+    output observers pinned where a method learned their scale."""
     for site, unit, q in zip(sites, units, codes):
         layer = site.layer
         with torch.no_grad():
@@ -235,3 +241,5 @@ def _commit(sites: list[_Site], units: list[Unit], codes: list[torch.Tensor]) ->
         site.module.qconfig = qconfig
         if layer is not site.module:
             layer.qconfig = qconfig  # eager from_float reads the inner layer's qconfig
+    pin_activation_scales(prepared, {site.out_observer: unit.out_quant for site, unit in zip(sites, units)
+                                     if unit.out_quant is not None})

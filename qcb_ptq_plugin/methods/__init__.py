@@ -34,6 +34,10 @@ class UnitResult:
             to nearest, after = ``codes``).
         pda: "applied", "applied (<variant>)" (e.g. BatchNorm1d batch statistics) or "skipped: <reason>".
         pda_seconds, solve_seconds: where the unit's time went.
+        act_scale: a learned scale for ``unit.out_quant`` (written to the simulator before the
+            next unit, pinned for convert by the adapter's commit), or None to keep it.
+        errors: per-channel (before, after, target energy) of the method's own objective, when
+            it is not the Gram's D before the activation; the report then shows these.
     """
 
     codes: torch.Tensor
@@ -41,6 +45,8 @@ class UnitResult:
     pda: str = "skipped: not part of this method"
     pda_seconds: float = 0.0
     solve_seconds: float = 0.0
+    act_scale: torch.Tensor | None = None
+    errors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 UnitFn = Callable[[Unit, UnitData, MethodConfig], UnitResult]

@@ -27,8 +27,10 @@ Two solvers minimise the same objective:
   least-squares optimum W*, round it with GPTQ's error feedback (Frantar et al., 2022) and
   polish with exact coordinate descent over integers.
 * ``adam`` (the paper's release): learn an offset delta on the weight through a straight-through
-  rounding with Adam, one random cached minibatch per step (offset and lr in grid steps; the
-  objective is D before the activation, as reported; the best scored iterate is kept).
+  rounding with Adam, one random cached minibatch per step (offset and lr in grid steps), and
+  the scale of the activation quantizer at the unit's output (LSQ). Its objective is the unit's
+  output error *after* the activation and that quantizer (the release's reconstruction loss);
+  the report shows that same objective for this solver. The best scored iterate is kept.
 """
 
 from __future__ import annotations
@@ -225,48 +227,109 @@ class _RoundSTE(torch.autograd.Function):
         return g
 
 
-def _solve_adam(inputs: torch.Tensor, targets: torch.Tensor, unit: Unit, cfg: PurifyConfig,
-                gram: Gram | None = None) -> torch.Tensor:
-    """W_q = s (clamp(round_ste(W/s + u) + z) - z); min D(T, W_q I + b) over u with Adam.
+class _UnitObjective:
+    """The adam solver's one objective, optimised and reported: the unit's quantized output
+    against the float unit's output, both after the activation,
+
+        D_a = Σ_channels mean_(samples, positions) (FQ_a(act(Q(W) I + b)) - act(W_o I^fp + b))²,
+
+    FQ_a the fake-quantizer convert applies to the unit's output (``unit.out_quant``) with a
+    learnable per-tensor scale (LSQ gradient, as MQBench's learnable fake-quantizer in the
+    release). Without an output quantizer or activation, the matching factor is the identity.
+    """
+
+    def __init__(self, unit: Unit, targets: torch.Tensor) -> None:
+        self.unit, self.op = unit, unit.op
+        self.act = unit.activation or (lambda y: y)
+        fq = unit.out_quant
+        self.fq = fq if fq is not None and not fq.identity and fq.axis is None else None
+        with torch.no_grad():
+            self.targets = self.act(targets)
+        if self.fq is not None:
+            self.zero_point = fq.zero_point.float().reshape(1)
+
+    def output(self, x: torch.Tensor, w: torch.Tensor, act_scale: torch.Tensor | None) -> torch.Tensor:
+        y = self.act(self.op.apply(x, w, self.unit.bias))
+        if self.fq is None:
+            return y
+        grad_factor = 1.0 / (y.numel() * self.fq.qmax) ** 0.5  # LSQ's gradient scale, as MQBench
+        return torch._fake_quantize_learnable_per_tensor_affine(y, act_scale, self.zero_point, self.fq.qmin,
+                                                                self.fq.qmax, grad_factor)
+
+    def loss(self, x, idx, w, act_scale) -> torch.Tensor:
+        """Minibatch D_a: squared error summed over channels, mean over samples and positions."""
+        d = self.op.outputs(self.output(x, w, act_scale) - self.targets[idx])  # (G, O/G, N)
+        return d.pow(2).sum((0, 1)).mean()
+
+    @torch.no_grad()
+    def channels(self, inputs: torch.Tensor, w: torch.Tensor, act_scale, chunk: int = 256) -> torch.Tensor:
+        """Per-channel D_a on all cached inputs, flat (G * O/G,)."""
+        total, n = 0.0, 0
+        for i in range(0, inputs.shape[0], chunk):
+            d = self.op.outputs(self.output(inputs[i:i + chunk], w, act_scale) - self.targets[i:i + chunk])
+            total, n = total + d.double().pow(2).sum(-1), n + d.shape[-1]
+        return (total / n).flatten()
+
+    def energy(self) -> torch.Tensor:
+        t = self.op.outputs(self.targets).double()
+        return (t.pow(2).sum(-1) / t.shape[-1]).flatten()
+
+
+def _solve_adam(inputs: torch.Tensor, targets: torch.Tensor, unit: Unit, cfg: PurifyConfig
+                ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """W_q = s (clamp(round_ste(W/s + u) + z) - z); min D_a (:class:`_UnitObjective`) over the
+    offset u and, with ``cfg.act_lr`` > 0, the output quantizer's scale, with Adam.
 
     The offset u is in grid steps (the release's delta = s u), so ``cfg.lr`` means the same at
-    every bit width. The objective is LAC's D before the activation: the quantity the gram
-    solver minimises and the report measures. With ``gram`` the rounded iterate is scored on
-    the whole calibration set every ``adam_steps // 20`` steps and the best one (never worse than
-    round-to-nearest, where it starts) is returned.
+    every bit width; the activation scale moves with Adam at ``cfg.act_lr`` (scale units, as
+    released); both learning rates are cosine-annealed to 0 (the release anneals only the
+    scale's). Every ``adam_steps // 20`` steps the rounded iterate is scored
+    on all cached inputs and the best one (never worse than round-to-nearest with the calibrated
+    scale, where it starts) is returned: (codes, learned scale or None, per-channel (before,
+    after, energy) of D_a).
     """
-    grid, op = unit.grid, unit.op
+    grid = unit.grid
+    obj = _UnitObjective(unit, targets)
     w_o = unit.weight.detach().float()
     s, z = grid._bcast(grid.scale, w_o), grid._bcast(grid.zero_point, w_o).float()
     u = torch.zeros_like(w_o, requires_grad=True)
-    opt = torch.optim.Adam([u], lr=cfg.lr)
+    learn_act = obj.fq is not None and cfg.act_lr > 0
+    a0 = None if obj.fq is None else obj.fq.scale.detach().float().reshape(1).clone()
+    a = None if a0 is None else a0.clone().requires_grad_(learn_act)
+    # one Adam, two groups (Adam is per parameter, so this equals two optimisers); both cosine to 0
+    opt = torch.optim.Adam([{"params": [u], "lr": cfg.lr}] + ([{"params": [a], "lr": cfg.act_lr}] if learn_act else []))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.adam_steps, 1), eta_min=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    def error(q: torch.Tensor) -> float:
-        return gram.channel_errors(op.grouped(grid.dequantize(q))).sum().item()
-
     best_q = grid.quantize(w_o)
-    best = error(best_q) if gram is not None else None
+    before = obj.channels(inputs, grid.dequantize(best_q), a0)
+    best, best_ch, best_a, best_step = before.sum().item(), before, a0, 0
+    curve = []  # the scored objective of every checkpoint: does it fall, or only the kept best?
     every = max(1, cfg.adam_steps // 20)
     for step in range(cfg.adam_steps):
         idx = torch.randint(0, inputs.shape[0], (min(cfg.adam_batch_size, inputs.shape[0]),), generator=gen
                             ).to(inputs.device)  # CPU generator: the same draws on every device
         q = (_RoundSTE.apply(w_o / s + u) + z).clamp(grid.qmin, grid.qmax)
-        out = op.apply(inputs[idx], s * (q - z), unit.bias)
-        loss = (out - targets[idx]).pow(2).sum(1).mean()
+        loss = obj.loss(inputs[idx], idx, s * (q - z), a)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if gram is not None and ((step + 1) % every == 0 or step + 1 == cfg.adam_steps):
+        sched.step()
+        if learn_act:
+            with torch.no_grad():  # as MQBench: a positive scale
+                a.abs_().clamp_(min=1e-8)
+        if (step + 1) % every == 0 or step + 1 == cfg.adam_steps:
             with torch.no_grad():
                 q_now = grid.quantize(w_o + s * u)
-            e = error(q_now)
-            if e < best:
-                best, best_q = e, q_now
-    if gram is None:
-        with torch.no_grad():
-            return grid.quantize(w_o + s * u)
-    return best_q
+            a_now = None if a is None else a.detach().clone()
+            ch = obj.channels(inputs, grid.dequantize(q_now), a_now)
+            curve.append(ch.sum().item())
+            if curve[-1] < best:
+                best, best_ch, best_q, best_a, best_step = curve[-1], ch, q_now, a_now, step + 1
+    log.info("%s: adam objective %.6g at round to nearest; scored every %d steps: %s; kept step %d (%.6g)",
+             unit.name, before.sum().item(), every, [float(f"{e:.6g}") for e in curve], best_step, best)
+    act_scale = best_a if learn_act and not torch.equal(best_a, a0) else None
+    return best_q, act_scale, (before, best_ch, obj.energy())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,8 +382,9 @@ def lac_pda(unit: Unit, data: UnitData, cfg: PurifyConfig) -> UnitResult:
     t_solve = time.perf_counter()
     if cfg.solver is Solver.GRAM:
         q = unit.op.ungrouped(_solve_gram(gram, unit.op.grouped(w_o), unit.grid, cfg), w_o.shape)
+        act_scale = errors = None
     else:
-        q = _solve_adam(torch.cat(cache_in), torch.cat(cache_tgt), unit, cfg, gram)
+        q, act_scale, errors = _solve_adam(torch.cat(cache_in), torch.cat(cache_tgt), unit, cfg)
     applied = "applied" if _per_sample(unit.bn) else BN1D_APPLIED
     return UnitResult(codes=q, gram=gram, pda=applied if skip is None else skip, pda_seconds=pda_s,
-                      solve_seconds=time.perf_counter() - t_solve)
+                      solve_seconds=time.perf_counter() - t_solve, act_scale=act_scale, errors=errors)
