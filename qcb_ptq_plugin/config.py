@@ -73,7 +73,8 @@ class PurifyConfig(MethodConfig):
     Attributes:
         solver: :class:`Solver`; ``"gram"`` (default, seconds per layer) or ``"adam"`` (paper).
         cd_passes: gram only: coordinate-descent passes after the GPTQ rounding (stops early
-            once no integer changes).
+            once no integer changes). Default 1: 4 passes gave the same defense quality
+            (benchmarks/results/approx.md).
         adam_steps: adam only: optimisation steps per unit (paper: 10000).
         lr: adam only: learning rate of the weight offset, in grid steps (LSBs) per step,
             cosine-annealed to 0 over ``adam_steps``. The release's 1e-3 is in weight units
@@ -90,29 +91,31 @@ class PurifyConfig(MethodConfig):
             input column that is never excited (H_kk = 0) leaves its integers undetermined.
         gram_positions: gram only: use at most this many output positions (samples x spatial
             locations) per batch for the statistics H, C, drawn at random (seeded by ``seed``);
-            None (default): all of them. Cuts the Gram cost of early, high-resolution convs.
-            Validated for defense quality in benchmarks/results/approx.md.
+            None: all of them. The default 32768 only bites on early, high-resolution convs
+            (a quarter of ResNet-18's first stage at batch 128, CIFAR size); a quarter of the
+            positions kept defense quality within noise (benchmarks/results/approx.md).
         pda: :class:`PDAMode`; ``"auto"`` (default), ``"on"`` or ``"off"``.
         gamma: l_inf bound of the PDA input perturbation (paper: 1e-3; 1e-4..1e-2 all work).
-        pda_steps: signed-gradient PGD steps of PDA; the step halves half-way (paper: 500;
-            with gamma = 1e-3 the BN-statistics gap stops moving after ~5 steps).
-        pda_step_size: PGD step (paper: 1e-3 = gamma).
+        pda_steps: signed-gradient PGD steps of PDA; the step halves half-way (paper: 500).
+            Default 1: one signed step of size gamma, within noise of 5 and of 500 on planted
+            models (benchmarks/results/approx.md, paper_vs_fast.md).
+        pda_step_size: PGD step (paper and default: 1e-3 = gamma).
 
     Shared settings (``batch_size``, ``num_samples``, ``seed``, ``progress``): :class:`MethodConfig`.
     """
 
     solver: Solver = Solver.GRAM
-    cd_passes: int = 4
+    cd_passes: int = 1
     adam_steps: int = 10000
     lr: float = 1e-2
     adam_batch_size: int = 32
     act_lr: float = 0.0
     damp: float = 0.01
-    gram_positions: int | None = None
+    gram_positions: int | None = 32768
     pda: PDAMode = PDAMode.AUTO
     gamma: float = 1e-3
-    pda_steps: int = 5
-    pda_step_size: float = 2.5e-4
+    pda_steps: int = 1
+    pda_step_size: float = 1e-3
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -154,5 +157,5 @@ class PurifyConfig(MethodConfig):
         the calibrated observers at convert; weight scales stay as calibrated, as released.
         """
         base = dict(solver=Solver.ADAM, adam_steps=10000, lr=1e-3, adam_batch_size=32, act_lr=4e-5,
-                    gamma=1e-3, pda_steps=500, pda_step_size=1e-3)
+                    gamma=1e-3, pda_steps=500, pda_step_size=1e-3, gram_positions=None)
         return cls(**{**base, **overrides})
