@@ -9,6 +9,7 @@ are the ones the pass reports.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 
 from .conftest import assert_exposed_then_removed, export_onnx, require
 
+os.environ.setdefault("OLIVE_DISABLE_TELEMETRY", "1")  # no usage events from test runs (CI disables them too)
 require("olive.workflows", "olive")
 from olive.workflows import run as olive_run  # noqa: E402
 
