@@ -3,8 +3,8 @@
 In a workflow JSON, ``QCBPurify`` follows the quantization pass and reads the same data config::
 
     "passes": {
-        "quantize": {"type": "OnnxStaticQuantization", "data_config": "calib"},
-        "purify":   {"type": "QCBPurify", "data_config": "calib", "float_model": "model.fp32.onnx"}
+        "quantize": {"type": "OnnxStaticQuantization", "data_config": "calibration"},
+        "purify":   {"type": "QCBPurify", "data_config": "calibration", "float_model": "model.fp32.onnx"}
     }
 
 Olive finds pass types in a *package config*, and a package config given to Olive replaces its
@@ -69,7 +69,7 @@ def package_config() -> dict:
     """Olive's default package config (every built-in pass) with ``QCBPurify`` added."""
     config = json.loads(Path(OlivePackageConfig.get_default_config_path()).read_text())
     config["passes"][PASS_NAME] = {
-        "module_path": f"{__name__}.{PASS_NAME}",
+        "module_path": f"qcb_ptq_plugin.integrations.olive.{PASS_NAME}",  # not __name__: "__main__" under -m
         "supported_providers": ["*"],
         "supported_accelerators": ["*"],
         "supported_precisions": ["*"],

@@ -51,12 +51,12 @@ def run_workflow(work: Path, name: str, passes: list[str], **purify_options) -> 
     return next((work / name / "output").rglob("*.onnx")).parent
 
 
-def test_package_config_adds_to_olive_defaults():
+def test_package_config_adds_to_olive_defaults(tmp_path):
     from olive.package_config import OlivePackageConfig
 
     ours, default = qcb_olive.package_config(), OlivePackageConfig.load_default_config()
     assert {k.lower() for k in ours["passes"]} == set(default.passes) | {"qcbpurify"} and len(default.passes) > 50
-    cfg = OlivePackageConfig.parse_file_or_obj(ours)
+    cfg = OlivePackageConfig.parse_file_or_obj(str(qcb_olive.write_package_config(tmp_path / "pkg.json")))
     assert cfg.import_pass_module("QCBPurify") is qcb_olive.QCBPurify
     assert cfg.get_pass_module_config("OnnxStaticQuantization")
 
