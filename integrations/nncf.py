@@ -98,7 +98,7 @@ def purify_onnx(model, quantized_model, calibration_dataset, config: MethodConfi
 
 
 def purify_fx(model, quantized_model, calibration_dataset, config: MethodConfig | None = None, *,
-              method: str = DEFAULT_METHOD, batch_size: int = 64, **overrides) -> PurifyReport:
+              method: str = DEFAULT_METHOD, **overrides) -> PurifyReport:
     """Purify ``quantized_model`` (what ``nncf.quantize(torch.export.export(model, ...).module(), dataset)``
     returned) in place: its int8 weight constants are rewritten.
 
@@ -126,7 +126,7 @@ def purify_fx(model, quantized_model, calibration_dataset, config: MethodConfig 
     cfg = m.config(config, **overrides)
     data = calibration_dataset.get_inference_data() if hasattr(calibration_dataset, "get_inference_data") \
         else calibration_dataset
-    batches = as_batches(data, batch_size, cfg.num_samples)
+    batches = as_batches(data, cfg.batch_size, cfg.num_samples)
     return _pass.run_plan(_fx_plan(quantized_model, model, batches[0]), batches, m, cfg, "nncf-fx")
 
 
