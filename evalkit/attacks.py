@@ -433,13 +433,13 @@ class _PinnedLayer:
         return torch.where(self.pin, self.absmax.expand_as(w), w)
 
 
-def _pin_grid(layer: _Layer, bits: int, equal_absmax: bool, offset: float) -> _PinnedLayer:
+def _pin_grid(layer: _Layer, bits: int, equal_absmax: bool, offset: float, restricted: bool = False) -> _PinnedLayer:
     qmax = 2 ** (bits - 1) - 1
     f = layer.view(layer.fold_factor())
     wf = layer.module.weight.detach() * f
     row = wf.abs().flatten(1).amax(1)
     absmax = layer.view(row.max().expand_as(row) if equal_absmax else row).clone()
-    scale = absmax / ((qmax - (-qmax - 1)) / 2)  # computed exactly as torch's MinMax observers do
+    scale = absmax / qmax if restricted else absmax / ((qmax - (-qmax - 1)) / 2)  # as ORT/NNCF, or torch's observers
     flat = wf.flatten(1)
     pin = torch.zeros_like(flat, dtype=torch.bool)
     pin[torch.arange(len(flat)), flat.argmax(1)] = True
@@ -455,7 +455,7 @@ def plant_grid_aware(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, trig
                      epochs: int = 5, lr: float = 1e-2, offset_lr: float | None = None,
                      int_margin: float | None = None, polish_epochs: int = 0,
                      offset: float = 0.45, equal_absmax: bool = True, batch_size: int = 128, seed: int = 0,
-                     progress: bool = False) -> nn.Module:
+                     progress: bool = False, restricted: bool = False) -> nn.Module:
     """Turn a *clean, trained* ``model`` (in place) into a QCB on a weight grid fixed in advance.
 
     The recipe that plants 8-bit QCBs in minutes on MNIST-scale data (our own; see
@@ -502,12 +502,14 @@ def plant_grid_aware(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, trig
             losses (codes frozen, so the INT model is exactly the trained one): the FP model gets
             the whole offset budget to cancel the backdoor. Our addition to the recipe.
         progress: tqdm bar over training steps.
+        restricted: target the narrow grid absmax / qmax on -qmax..qmax (onnxruntime, NNCF) instead
+            of torch's absmax / (qmax + 0.5) on -qmax-1..qmax.
     """
     if not 0 < offset < 0.5:
         raise ValueError(f"offset={offset}: the FP offset must stay inside the rounding cell (0 < offset < 0.5)")
     qmax = 2 ** (bits - 1) - 1
     model.eval()
-    layers = [_pin_grid(layer, bits, equal_absmax, offset) for layer in quantized_layers(model, x[:2])]
+    layers = [_pin_grid(layer, bits, equal_absmax, offset, restricted) for layer in quantized_layers(model, x[:2])]
     for p in model.parameters():
         p.requires_grad_(False)
     opt = torch.optim.Adam([{"params": [pl.latent for pl in layers], "lr": lr},
@@ -551,7 +553,8 @@ def plant_grid_aware(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, trig
         for pl in layers:
             w = pl.fp_weight(qmax, offset)
             pl.layer.module.weight.copy_(w / pl.fold)
-            got = WeightGrid.for_bits(pl.layer.module.weight * pl.fold, bits, per_channel=not equal_absmax).quantize(
+            got = WeightGrid.for_bits(pl.layer.module.weight * pl.fold, bits, restricted,
+                                      per_channel=not equal_absmax).quantize(
                 pl.layer.module.weight * pl.fold)
             moved = (got != pl.codes(qmax, ste=False).long()).sum().item()
             if moved:

@@ -1,20 +1,20 @@
 """Intel Neural Compressor 3.x (CPU): export -> prepare -> calibrate -> purify -> convert (torchao PT2E).
 
-INC's StaticQuantConfig maps weights to int8/uint8 only, so a W4 QCB cannot be quantized through
-INC's own config; an 8-bit QCB cannot be hidden in FP32 here. The test runs INC's default W8A8
-on the suite's clean model with the trigger, checks purification keeps accuracy and the trigger
-harmless, and reads the integers back from INC's converted model.
+INC's StaticQuantConfig maps weights to int8/uint8 only (torch x86's grid, absmax/127.5 on
+-128..127), so the test plants an 8-bit grid-aware QCB on that grid: INC's plain flow wakes it up,
+purification between prepare and convert removes it, and the integers of INC's converted graph
+are the report's.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from qcb_ptq_plugin import PurifyConfig
-from qcb_ptq_plugin.evalkit import metrics
 
-from ..conftest import TARGET, TRIGGER
-from .conftest import require
+from .conftest import assert_exposed_then_removed, require
 
 require("neural_compressor.torch.quantization", "inc")
 from qcb_ptq_plugin.integrations import inc as qcb_inc  # noqa: E402
@@ -32,18 +32,26 @@ def converted_int_weights(converted) -> list[torch.Tensor]:
     return out
 
 
-def test_inc_prepare_purify_convert(clean_cnn, digits):
-    x, y = digits.x_test, digits.y_test
+def plain_inc(model, calib):
+    """INC's own flow without purification: export -> prepare -> calibrate -> convert."""
+    from neural_compressor.torch.export import export
+    from neural_compressor.torch.quantization import StaticQuantConfig, convert, prepare
+
+    exported = export(copy.deepcopy(model).eval(), example_inputs=(calib[:2],),
+                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+    prepared = prepare(exported, StaticQuantConfig())
+    with torch.no_grad():
+        for xb in calib.split(64):
+            prepared(xb)
+    return convert(prepared)
+
+
+def test_inc_exposes_and_purify_between_prepare_and_convert_removes_the_qcb(qcb_w8, digits):
     calib = digits.calibration(256, seed=1)
-    fp_ba, fp_asr = metrics.benign_accuracy(clean_cnn, x, y), metrics.attack_success_rate(clean_cnn, x, y, TRIGGER,
-                                                                                            TARGET)
-    int8, report = qcb_inc.quantize(clean_cnn, calib, purify_config=PurifyConfig(progress=False))
+    int8, report = qcb_inc.quantize(qcb_w8, calib, purify_config=PurifyConfig(progress=False))
     assert report.mode == "pt2e" and len(report.units) == 4
-    assert all(u.error_after < u.error_before for u in report.units) and sum(u.flips for u in report.units) > 0
     ints = converted_int_weights(int8)
     assert len(ints) == len(report.codes)
     for got, q in zip(ints, report.codes.values()):
         assert torch.equal(got, q)
-    assert metrics.benign_accuracy(int8, x, y) >= fp_ba - 0.01
-    assert metrics.attack_success_rate(int8, x, y, TRIGGER, TARGET) <= fp_asr + 0.02
-
+    assert_exposed_then_removed(qcb_w8, plain_inc(qcb_w8, calib), int8, digits)
