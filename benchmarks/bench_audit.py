@@ -40,6 +40,7 @@ from qcb_ptq_plugin.ptq import prepare_fx_calibrated, quantize_fx
 
 HERE = Path(__file__).resolve().parent
 WORKING_ASR = 90.0
+DORMANT_FP_ASR = 20.0
 CALIB_SIZES = (128, 256, 512, 1024)
 SETTINGS = ((8, "per-channel"), (8, "per-tensor"), (4, "per-channel"), (4, "per-tensor"))
 
@@ -93,8 +94,7 @@ def _recipes() -> list[Recipe]:
         ("smallcnn", "digits", "qu-anti-zation", 62), ("transformer", "digits", "pqbackdoor", 63),
         ("mlp", "mnist", "grid-aware4", 64), ("smallcnn", "digits", "adaptive", 65),
         ("smallcnn", "digits", "grid-aware8", 66), ("smallcnn", "digits", "pqbackdoor", 67),
-        ("mlp", "mnist", "pqbackdoor", 68), ("transformer", "digits", "qu-anti-zation", 69),
-        ("smallcnn", "digits", "qu-anti-zation", 80))]
+        ("mlp", "mnist", "pqbackdoor", 68), ("smallcnn", "digits", "qu-anti-zation", 80))]
     # held out: an architecture (residual CNN) and a dataset (Fashion-MNIST) the calibration half never saw
     clean_h = [Recipe(a, d, "clean", s, "held-out") for s in (20, 21, 22, 23)
                for a, d in (("resnet", "digits"), ("mlp", "fashion-mnist"))]
@@ -182,14 +182,29 @@ def run(args) -> None:
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     done = set()
-    if Path(args.jsonl).exists():
-        done = {(j["model"], j["bits"], j["grid"]) for j in map(json.loads, Path(args.jsonl).read_text().splitlines())}
+    if Path(args.jsonl[0]).exists():
+        done = {(j["model"], j["bits"], j["grid"]) for j in records(args.jsonl[0])}
+    known = {}
+    for path in args.reuse or ():
+        for j in map(json.loads, Path(path).read_text().splitlines()):
+            known[j["model"], j["bits"], j["grid"]] = j["plain"]
     halves = ("evaluation", "held-out") if args.half == "evaluation" else (args.half,)
     recipes = [r for r in RECIPES if r.half in halves]
+    position = {r: k for k, r in enumerate(recipes)}  # picks the calibration sizes, in either direction
+    if args.reverse:  # a second process can work from the other end (records are merged by --jsonl)
+        recipes = recipes[::-1]
     splits: dict[str, datasets.Split] = {}
     torch.set_num_threads(1)
-    for i, r in enumerate(recipes):
+    for r in recipes:
+        i = position[r]
         if args.only and args.only not in r.name:
+            continue
+        for path in args.shared or ():  # a second process writing there has this model in hand: skip it
+            if Path(path).exists() and f'"model": "{r.name}"' in Path(path).read_text():
+                break
+        else:
+            path = None
+        if path:
             continue
         split = splits.setdefault(r.dataset, datasets.load(r.dataset))
         m, train_s = model_for(r, split, cache)
@@ -201,8 +216,12 @@ def run(args) -> None:
                 continue
             n = CALIB_SIZES[(i + j) % len(CALIB_SIZES)]
             calib = split.calibration(n, seed=1000 + r.seed)
-            qm = int_model(m, calib, bits, grid)
-            plain = (100 * metrics.benign_accuracy(qm, xt, yt), 100 * metrics.attack_success_rate(qm, xt, yt, trig, tgt))
+            if (r.name, bits, grid) in known:  # measured by an earlier run on the same model and calibration set
+                plain = known[r.name, bits, grid]
+            else:
+                qm = int_model(m, calib, bits, grid)
+                plain = (100 * metrics.benign_accuracy(qm, xt, yt),
+                         100 * metrics.attack_success_rate(qm, xt, yt, trig, tgt))
             t0 = time.perf_counter()
             prepared = prepare_fx_calibrated(m, calib, bits, backend="qnnpack" if grid == "per-tensor" else "x86")
             rep = q.audit(prepared, m, calib)
@@ -211,7 +230,7 @@ def run(args) -> None:
                    "train_s": train_s, "audit_s": time.perf_counter() - t0, "score": rep.score, "p": rep.p_value,
                    "units": rep.units, "warnings": rep.warnings}
             train_s = 0.0
-            with open(args.jsonl, "a") as f:
+            with open(args.jsonl[0], "a") as f:
                 f.write(json.dumps(rec) + "\n")
             print(f"{r.name:40s} W{bits} {grid:11s} N={n:4d} FP {fp[0]:5.1f}/{fp[1]:5.1f} plain {plain[0]:5.1f}/"
                   f"{plain[1]:5.1f} score {rep.score:7.2f} ({rec['audit_s']:.1f}s)", flush=True)
@@ -221,36 +240,47 @@ def run(args) -> None:
 # scoring from the raw statistics (so the floors can be fitted on the calibration half)
 
 
-def unit_z(u: dict, k_drift: float, k_edge: float) -> tuple[float, float]:
-    """The library's two z-scores of one unit row, with floors ``k_drift`` / ``k_edge``."""
+def unit_z(u: dict, k_drift: float, k_edge: float, k_corr: float) -> tuple[float, float, float]:
+    """The library's three z-scores of one unit row, with floors ``k_drift`` / ``k_edge`` / ``k_corr``."""
     m, v, x = u["null_mean"], u["null_var"], u["x"]
     zd = math.log(max(x, 1e-300) / m) / math.sqrt(k_drift ** 2 + v / m ** 2)
     p0 = 1 - 2 * audit_mod.EDGE
     ze = (u["edge_share"] - p0) / math.sqrt(p0 * (1 - p0) / max(u["n_weights"], 1) + k_edge ** 2)
-    return zd, ze
+    zc = 0.0 if not u["lac_oos"] or not u["lac_oos_null"] else math.log(u["lac_oos_null"] / u["lac_oos"]) / k_corr
+    return zd, ze, zc
 
 
-def score(rec: dict, k_drift: float, k_edge: float) -> float:
-    ps = [min(1.0, 2 * min(audit_mod._p_upper(z) for z in unit_z(u, k_drift, k_edge))) for u in rec["units"]]
+def score(rec: dict, k_drift: float, k_edge: float, k_corr: float) -> float:
+    ps = [min(1.0, 3 * min(audit_mod._p_upper(z) for z in unit_z(u, k_drift, k_edge, k_corr))) for u in rec["units"]]
     p = min(1.0, len(ps) * min(ps))
-    return -math.log10(max(p, 1e-300))
+    return max(0.0, -math.log10(max(p, 1e-300)))
+
+
+def library_score(rec: dict) -> float:
+    return score(rec, audit_mod.KAPPA_DRIFT, audit_mod.KAPPA_EDGE, audit_mod.KAPPA_CORRECT)
 
 
 def working(rec: dict) -> bool:
+    """A planted model whose plain INT model fires here (the issue's definition)."""
     return rec["kind"] != "clean" and rec["plain"][1] >= WORKING_ASR
+
+
+def dormant(rec: dict) -> bool:
+    """Working and quantization-conditioned: its float model does not fire (FP32 ASR <= 20%)."""
+    return working(rec) and rec["fp32"][1] <= DORMANT_FP_ASR
 
 
 def fit(path: str) -> None:
     """The smallest floors with which the most exposed-looking clean calibration audit gets the
     p-value the smallest of that many uniform p-values would have (1 / number of clean audits),
     each statistic alone: per unit, the floor that brings its z down to the z of that p."""
-    recs = [json.loads(s) for s in Path(path).read_text().splitlines()]
+    recs = records(path)
     clean = [r for r in recs if r["kind"] == "clean"]
     p0 = 1 - 2 * audit_mod.EDGE
     target = 1 / len(clean)
-    kd = ke = 0.0
+    kd = ke = kc = 0.0
     for r in clean:
-        z_star = -_norm_ppf(target / (2 * len(r["units"])))  # n_units x 2 statistics (Bonferroni)
+        z_star = -_norm_ppf(target / (3 * len(r["units"])))  # n_units x 3 statistics (Bonferroni)
         for u in r["units"]:
             m, v, x = u["null_mean"], u["null_var"], u["x"]
             lr = math.log(max(x, 1e-300) / m)
@@ -258,14 +288,17 @@ def fit(path: str) -> None:
             d = u["edge_share"] - p0
             ke = max(ke, math.sqrt(max(0.0, (d / z_star) ** 2 - p0 * (1 - p0) / max(u["n_weights"], 1)))
                      if d > 0 else 0.0)
-    print(f"KAPPA_DRIFT = {kd:.3f}\nKAPPA_EDGE = {ke:.3f}  ({len(clean)} clean calibration audits: the most "
-          f"extreme gets score {-math.log10(target):.2f})")
-    kd_lib, ke_lib = audit_mod.KAPPA_DRIFT, audit_mod.KAPPA_EDGE
-    print(f"scores with the fitted floors / with the library's ({kd_lib}, {ke_lib}):")
+            if u["lac_oos"] and u["lac_oos_null"]:
+                kc = max(kc, math.log(u["lac_oos_null"] / u["lac_oos"]) / z_star)
+    print(f"KAPPA_DRIFT = {kd:.3f}\nKAPPA_EDGE = {ke:.3f}\nKAPPA_CORRECT = {kc:.3f}  ({len(clean)} clean "
+          f"calibration audits: the most extreme gets score {-math.log10(target):.2f})")
+    print(f"scores with the fitted floors / with the library's ({audit_mod.KAPPA_DRIFT}, {audit_mod.KAPPA_EDGE}, "
+          f"{audit_mod.KAPPA_CORRECT}):")
     for r in recs:
         print(f"{r['model']:40s} W{r['bits']} {r['grid']:11s} N={r['calib']:4d} FP/plain ASR {r['fp32'][1]:5.1f} / "
-              f"{r['plain'][1]:5.1f} score {score(r, kd, ke):7.2f} / {score(r, kd_lib, ke_lib):7.2f}  drift/null "
-              f"{max(u['x'] / u['null_mean'] for u in r['units']):7.2f} edge {max(u['edge_share'] for u in r['units']):.2f}")
+              f"{r['plain'][1]:5.1f} score {score(r, kd, ke, kc):7.2f} / {library_score(r):7.2f}  drift/null "
+              f"{max(u['x'] / u['null_mean'] for u in r['units']):7.2f} edge {max(u['edge_share'] for u in r['units']):.2f}"
+              f" corr {max((math.log(u['lac_oos_null'] / u['lac_oos']) for u in r['units'] if u['lac_oos'] and u['lac_oos_null']), default=0):.2f}")
 
 
 def _norm_ppf(p: float) -> float:
@@ -284,59 +317,103 @@ def _norm_ppf(p: float) -> float:
 # the result file
 
 
-def rates(recs: list[dict], thr: float) -> tuple[str, str]:
+def _frac(k: int, n: int) -> str:
+    return f"{k}/{n} ({100 * k / n:.0f}%)" if n else "-"
+
+
+def rates(recs: list[dict], thr: float) -> tuple[str, str, str]:
+    """(detection of working QCBs, of dormant working QCBs, false positives on clean audits)."""
     clean = [r for r in recs if r["kind"] == "clean"]
     work = [r for r in recs if working(r)]
-    det = sum(r["score"] > thr for r in work)
-    fpos = sum(r["score"] > thr for r in clean)
-    return (f"{det}/{len(work)} ({100 * det / max(len(work), 1):.0f}%)",
-            f"{fpos}/{len(clean)} ({100 * fpos / max(len(clean), 1):.0f}%)")
+    dorm = [r for r in recs if dormant(r)]
+    return (_frac(sum(r["score"] > thr for r in work), len(work)), _frac(sum(r["score"] > thr for r in dorm), len(dorm)),
+            _frac(sum(r["score"] > thr for r in clean), len(clean)))
+
+
+def records(*paths: str) -> list[dict]:
+    """The records of JSONL files, one per (model, bits, grid): the first one (two processes may overlap)."""
+    out: dict = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            r = json.loads(line)
+            out.setdefault((r["model"], r["bits"], r["grid"]), r)
+    return list(out.values())
+
+
+def _load(*paths: str) -> list[dict]:
+    """Records scored with the library's constants (the figures in the files are raw statistics)."""
+    recs = records(*paths)
+    for r in recs:
+        r["score"] = library_score(r)
+    return recs
 
 
 def write(args) -> None:
-    recs = [json.loads(s) for s in Path(args.jsonl).read_text().splitlines()]
+    recs = _load(args.calibration_jsonl) + _load(*args.jsonl)
     thr = audit_mod.DEFAULT_THRESHOLD
     models_ = {r["model"]: r for r in recs}
     n_clean = sum(r["kind"] == "clean" for r in models_.values())
-    n_planted = len(models_) - n_clean
+    seconds = sorted(r["audit_s"] for r in recs)
     lines = ["# Audit: detection of working QCBs vs false positives, threshold fixed in advance", "",
-             f"Command: `python benchmarks/bench_audit.py {' '.join(sys.argv[1:])}`  ",
-             f"Machine: {cpu_name()}, {os.cpu_count()} cores shared with other jobs, torch {torch.__version__}, 1 "
-             f"thread; load average at write time {' / '.join(f'{v:.2f}' for v in os.getloadavg())}.", "",
-             f"Library constants (fixed before this run): `DEFAULT_THRESHOLD = {thr}` (score = -log10 p), "
-             f"`KAPPA_DRIFT = {audit_mod.KAPPA_DRIFT}`, `KAPPA_EDGE = {audit_mod.KAPPA_EDGE}`, `EDGE = "
-             f"{audit_mod.EDGE}`.", "",
-             f"{len(models_)} models ({n_clean} clean, {n_planted} planted), each audited under W8A8/W4A8 x "
-             "per-channel (FX x86) / per-tensor (FX qnnpack), calibration sizes 128-1024. A *working QCB* = a planted "
-             f"model under a setting where its plain INT model has ASR >= {WORKING_ASR:.0f}%.", "",
-             "| set | detection (working QCBs) | false positives (clean audits) |", "|---|---:|---:|"]
-    for name, sel in (("evaluation half (architectures/datasets seen in calibration)", lambda r: r["half"] == "evaluation"),
-                      ("held-out (SmallResNet / Fashion-MNIST, never in calibration)", lambda r: r["half"] == "held-out"),
-                      ("calibration half (for reference)", lambda r: r["half"] == "calibration"),
-                      ("all", lambda r: True)):
-        sub = [r for r in recs if sel(r)]
-        if sub:
-            d, f = rates(sub, thr)
-            lines.append(f"| {name} | {d} | {f} |")
-    lines += ["", "By setting (all halves in this file):", "", "| bits | grid | detection | false positives |",
-              "|---:|---|---:|---:|"]
+             "Commands (the first two before the constants were committed, the third after):", "",
+             "    python benchmarks/bench_audit.py --half calibration --jsonl benchmarks/results/audit_calibration.jsonl",
+             "    python benchmarks/bench_audit.py --fit benchmarks/results/audit_calibration.jsonl",
+             f"    python benchmarks/bench_audit.py {' '.join(sys.argv[1:])}", "",
+             f"Machine: {cpu_name()}, {os.cpu_count()} cores shared with other jobs (load average 13-24 during the runs), "
+             f"torch {torch.__version__}, 1 thread; load average at write time "
+             f"{' / '.join(f'{v:.2f}' for v in os.getloadavg())}. Audit wall time per model (prepare excluded, under "
+             f"that load): median {seconds[len(seconds) // 2]:.1f} s, max {seconds[-1]:.1f} s.", "",
+             f"Library constants, fixed before the evaluation run: `DEFAULT_THRESHOLD = {thr}` (score = -log10 p, "
+             f"chosen a priori: p < 0.001), `KAPPA_DRIFT = {audit_mod.KAPPA_DRIFT}`, `KAPPA_EDGE = {audit_mod.KAPPA_EDGE}`, "
+             f"`EDGE = {audit_mod.EDGE}`.", "",
+             f"{len(models_)} models ({n_clean} clean, {len(models_) - n_clean} planted), each audited under W8A8 / W4A8 "
+             "x per-channel (torch.ao FX x86, PerChannelMinMaxObserver) / per-tensor (FX qnnpack, MinMaxObserver), "
+             "calibration sizes 128-1024 (one per audit). *Working QCB*: a planted model under a setting where its "
+             f"plain INT model has ASR >= {WORKING_ASR:.0f}%. *Dormant*: working, and its FP32 model has ASR <= "
+             f"{DORMANT_FP_ASR:.0f}% (the backdoor is conditioned on quantization; a model whose float twin already "
+             "fires is a float backdoor, which no rounding statistic can or should attribute to quantization).", "",
+             "| set | detection, working QCBs | detection, dormant working QCBs | false positives (clean audits) |",
+             "|---|---:|---:|---:|"]
+    sets = (("evaluation half (same architectures/datasets as calibration, other models)", "evaluation"),
+            ("held-out (SmallResNet on digits, MLP on Fashion-MNIST: never in calibration)", "held-out"),
+            ("calibration half (fitted on its clean models; for reference)", "calibration"))
+    for name, half in sets:
+        lines.append(f"| {name} | " + " | ".join(rates([r for r in recs if r["half"] == half], thr)) + " |")
+    unseen = [r for r in recs if r["half"] != "calibration"]
+    lines.append("| evaluation + held-out | " + " | ".join(rates(unseen, thr)) + " |")
+    lines += ["", "Evaluation + held-out, by setting:", "",
+              "| setting | detection, working | detection, dormant | false positives |", "|---|---:|---:|---:|"]
     for bits, grid in SETTINGS:
-        d, f = rates([r for r in recs if r["bits"] == bits and r["grid"] == grid], thr)
-        lines.append(f"| W{bits}A8 | {grid} | {d} | {f} |")
-    lines += ["", "By attack (working QCBs only):", "", "| attack | detected |", "|---|---:|"]
-    for kind in sorted({r["kind"] for r in recs} - {"clean"}):
-        sub = [r for r in recs if r["kind"] == kind]
-        lines.append(f"| {kind} | {rates(sub, thr)[0]} |")
-    lines += ["", "Every audit (score = -log10 p; exposed when > threshold; working = plain ASR >= 90%):", "",
-              "| half | model | setting | N | FP32 BA / ASR | plain BA / ASR | working | score | verdict | s |",
-              "|---|---|---|---:|---|---|---|---:|---|---:|"]
+        sub = [r for r in unseen if r["bits"] == bits and r["grid"] == grid]
+        lines.append(f"| W{bits}A8 {grid} | " + " | ".join(rates(sub, thr)) + " |")
+    lines += ["", "Evaluation + held-out, by attack (planted audits that are working / dormant QCBs):", "",
+              "| attack | detection, working | detection, dormant | flagged where it does not fire |",
+              "|---|---:|---:|---:|"]
+    for kind in sorted({r["kind"] for r in unseen} - {"clean"}):
+        sub = [r for r in unseen if r["kind"] == kind]
+        idle = [r for r in sub if not working(r)]
+        lines.append(f"| {kind} | {rates(sub, thr)[0]} | {rates(sub, thr)[1]} | "
+                     f"{_frac(sum(r['score'] > thr for r in idle), len(idle))} |")
+    clean_unseen = [r for r in unseen if r["kind"] == "clean"]
+    lines += ["", "Is p calibrated? Share of clean audits (evaluation + held-out) with p below alpha:", "",
+              "| alpha | 0.1 | 0.01 | 0.001 |", "|---|---:|---:|---:|",
+              "| clean audits | " + " | ".join(_frac(sum(r["score"] > -math.log10(a) for r in clean_unseen),
+                                                   len(clean_unseen)) for a in (0.1, 0.01, 0.001)) + " |"]
+    thin = [r for r in unseen if any("fan-in" in w for w in r["warnings"])]
+    lines += ["", f"{len(thin)} of {len(unseen)} audits warned that a layer had fewer calibration positions than its "
+              "fan-in (the report's warning; the statistics still run).", "",
+              "Every audit (score = -log10 p; exposed when > threshold):", "",
+              "| half | model | setting | N | FP32 BA / ASR | plain BA / ASR | working | max drift/null | max edge % "
+              "| score | verdict | s |", "|---|---|---|---:|---|---|---|---:|---:|---:|---|---:|"]
     for r in recs:
         verdict = "EXPOSED" if r["score"] > thr else "not exposed"
-        wk = "" if r["kind"] == "clean" else ("yes" if working(r) else "no")
+        wk = "" if r["kind"] == "clean" else ("dormant" if dormant(r) else "yes" if working(r) else "no")
+        dr = max(u["x"] / u["null_mean"] for u in r["units"])
+        ed = max(u["edge_share"] for u in r["units"])
         lines.append(f"| {r['half']} | {r['model']} | W{r['bits']} {r['grid']} | {r['calib']} | "
                      f"{r['fp32'][0]:.1f} / {r['fp32'][1]:.1f} | {r['plain'][0]:.1f} / {r['plain'][1]:.1f} | {wk} | "
-                     f"{r['score']:.2f} | {verdict} | {r['audit_s']:.1f} |")
-    lines += ["", "Recipes (`benchmarks/bench_audit.py`, `RECIPES`):", ""]
+                     f"{dr:.2f} | {100 * ed:.0f} | {r['score']:.2f} | {verdict} | {r['audit_s']:.1f} |")
+    lines += ["", "Recipes (`benchmarks/bench_audit.py`, `RECIPES`; the name is arch-dataset-kind-seed):", ""]
     for half in ("calibration", "evaluation", "held-out"):
         lines.append(f"- {half}: " + ", ".join(r.name for r in RECIPES if r.half == half))
     write_markdown(lines, args.out)
@@ -345,9 +422,15 @@ def write(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--half", choices=["calibration", "evaluation"], default="evaluation")
-    ap.add_argument("--jsonl", default="/tmp/qcb_audit_bench.jsonl", help="raw records, appended as they come")
+    ap.add_argument("--jsonl", nargs="+", default=["/tmp/qcb_audit_bench.jsonl"],
+                    help="raw records, appended as they come (the first file; --write-only reads them all)")
+    ap.add_argument("--calibration-jsonl", default=str(HERE / "results" / "audit_calibration.jsonl"),
+                    help="the calibration half's records, shown beside the evaluation in --out")
     ap.add_argument("--cache", default="/tmp/qcb_audit_models", help="trained models (state dicts)")
     ap.add_argument("--only", help="only recipes whose name contains this")
+    ap.add_argument("--reverse", action="store_true", help="go through the recipes from the last one")
+    ap.add_argument("--shared", nargs="+", metavar="JSONL", help="skip models another process has recorded there")
+    ap.add_argument("--reuse", nargs="+", metavar="JSONL", help="take plain-INT BA/ASR from these records")
     ap.add_argument("--fit", metavar="JSONL", help="fit the overdispersion floors on a calibration JSONL and exit")
     ap.add_argument("--out", help="write the result markdown from --jsonl (after the run)")
     ap.add_argument("--write-only", action="store_true", help="only write --out from --jsonl")

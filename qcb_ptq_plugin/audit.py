@@ -16,13 +16,16 @@ the same for every architecture, layer size, bit width and weight grid:
 * **edges**: the share of weights farther than ``EDGE`` LSB from their code, against the
   uniform share ``1 - 2 EDGE`` (binomial).
 
-Each is a z-score with an overdispersion floor (clean models are not exactly uniform; the floors
-were calibrated on one set of models and checked on another, ``benchmarks/results/audit.md``),
-turned into a one-sided p-value, Bonferroni-combined over statistics and layers: ``p`` is the
+Each becomes a z-score (drift: log(X / E0[X]) over sqrt(KAPPA_DRIFT² + Var0[X] / E0[X]²); edges:
+the share's excess over sqrt(binomial variance + KAPPA_EDGE²)). The floors stand for how far clean
+models stray from the exact null; they were fitted on the clean models of one half of
+``benchmarks/bench_audit.py`` (then doubled for the edge of that half's range) and checked on
+the other half and on held-out architectures (``benchmarks/results/audit.md``). One-sided
+p-values are Bonferroni-combined over the two statistics and the layers: ``p`` bounds the
 probability that a clean model looks at least this exposed. The verdict is ``-log10 p >
-threshold``. Nothing is fitted on the data the score is measured on. The report also shows
-what purification could achieve *out of sample*: LAC fitted on half of the calibration samples,
-its drift measured on the other half.
+threshold``. Nothing is fitted on the data the score is measured on. The report also shows what
+purification could achieve *out of sample*: LAC fitted on half of the calibration samples, its
+drift measured on the other half, over round-to-nearest's there.
 
 What the audit cannot see: an attacker who knows it can align the float and integer
 activations on benign data (the LAC+PDA paper's adaptive attack) and keep the weights away from
@@ -59,10 +62,14 @@ __all__ = ["audit", "AuditReport", "DEFAULT_THRESHOLD"]
 DEFAULT_THRESHOLD = 3.0
 #: distance from the code (in LSB) beyond which a weight counts as "at the cell edge"
 EDGE = 0.35
-#: overdispersion floors (relative sd of clean models around the uniform null), calibrated on the
-#: calibration half of benchmarks/bench_audit.py
+#: overdispersion floors: how far clean layers stray from the uniform null (sd of the log drift ratio;
+#: of the edge share; of log(null / model) of LAC's out-of-sample ratio). Fitted on the clean models
+#: of the calibration half of benchmarks/bench_audit.py (``--fit``: 0.097-0.121, 0.000, 0.164) and set
+#: to about twice that (0.03 for edges: a floor for layers larger than any it held) before the
+#: evaluation half was scored.
 KAPPA_DRIFT = 0.25
 KAPPA_EDGE = 0.03
+KAPPA_CORRECT = 0.35
 
 LIMITS = ("The audit compares round-to-nearest with weights placed at random in their rounding cells, on your "
           "benign data. It cannot see an attacker who aligns float and integer activations on benign data (the "
@@ -102,16 +109,19 @@ class AuditReport:
         verdict = "EXPOSED: quantization wakes up a likely backdoor" if self.exposed else "not exposed"
         lines = [f"verdict: {verdict} (score {self.score:.1f} = -log10 p, p = {self.p_value:.2g}, threshold "
                  f"{self.threshold:g}; {self.samples} calibration samples, {self.seconds:.1f}s)", "",
-                 f"{'unit':<24} {'drift/null':>10} {'z':>7} {'edge %':>7} {'z':>7} {'p':>8} {'LAC oos':>8}"]
+                 f"{'unit':<24} {'drift/null':>10} {'z':>6} {'edge %':>7} {'z':>6} {'LAC oos':>8} {'null':>6} "
+                 f"{'z':>6} {'p':>8}"]
         for u in self.units:
-            lac = "" if u["lac_oos"] is None else f"{u['lac_oos']:.2f}"
-            lines.append(f"{u['name'][:24]:<24} {u['drift_ratio']:>10.2f} {u['z_drift']:>7.1f} "
-                         f"{100 * u['edge_share']:>7.1f} {u['z_edge']:>7.1f} {u['p']:>8.1e} {lac:>8}")
+            lac, null = ("" if v is None else f"{v:.3f}" for v in (u["lac_oos"], u["lac_oos_null"]))
+            lines.append(f"{u['name'][:24]:<24} {u['drift_ratio']:>10.2f} {u['z_drift']:>6.1f} "
+                         f"{100 * u['edge_share']:>7.1f} {u['z_edge']:>6.1f} {lac:>8} {null:>6} {u['z_correct']:>6.1f} "
+                         f"{u['p']:>8.1e}")
         lines += [f"(edge % under the null: {100 * (1 - 2 * EDGE):.0f}; LAC oos: drift of LAC fitted on half the "
-                  "samples, measured on the other half, over round-to-nearest's there)"]
-        lines += ["", "most exposed channels:"]
-        lines += [f"  {c['unit']}[{c['channel']}]: drift/null {c['drift_ratio']:.2f}, z {c['z']:.1f}, edge "
-                  f"{100 * c['edge_share']:.0f}%" for c in self.top_channels]
+                  "samples, measured on the other half, over round-to-nearest's there; null: the same for the "
+                  "weights jittered uniformly inside their cells)"]
+        lines += ["", "most exposed channels (p per channel, not corrected for the number of channels):"]
+        lines += [f"  {c['unit']}[{c['channel']}]: drift/null {c['drift_ratio']:.2f}, edge {100 * c['edge_share']:.0f}%, "
+                  f"z {c['z']:.1f}, p {c['p']:.1e}" for c in self.top_channels]
         if self.unsupported:
             lines += ["", "NOT audited (unsupported quantized layers):"]
             lines += [f"  {u['name']} ({u['kind']}): {u['reason']}" for u in self.unsupported]
@@ -180,21 +190,44 @@ def _p_upper(z: float) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
+class _Half:
+    """Input statistics of one half of the calibration samples, enough to measure any weight V:
+    H = Σ I Iᵀ, F = Σ I^fp Iᵀ, G = Σ I^fp I^fpᵀ (per group); V's target is V I^fp (bias cancels)."""
+
+    def __init__(self) -> None:
+        self.H = self.F = self.G = None
+        self.n = 0
+
+    def add(self, cols: torch.Tensor, cols_fp: torch.Tensor) -> None:  # (G, K, N) each
+        h, f, g = (torch.bmm(a, b.transpose(1, 2)).double() for a, b in ((cols, cols), (cols_fp, cols), (cols_fp, cols_fp)))
+        self.H, self.F, self.G = (h, f, g) if self.H is None else (self.H + h, self.F + f, self.G + g)
+        self.n += cols.shape[-1]
+
+    def gram(self, v: torch.Tensor) -> Gram:
+        """The Gram the methods use for float weight ``v`` (G, Og, K): C = V F, t = diag(V G Vᵀ)."""
+        g, v = Gram(), v.double()
+        g.H, g.C, g.t_ch, g.n = self.H, torch.bmm(v, self.F), (torch.bmm(v, self.G) * v).sum(-1), self.n
+        return g
+
+
 def _audit_unit(unit: Unit, data: UnitData, cfg: PurifyConfig) -> tuple[dict, list[dict]]:
-    """One unit's statistics: drift and edges vs the uniform-in-cell null, LAC out of sample."""
+    """One unit's statistics against the uniform-in-cell null: drift, edges, correctability."""
     op, grid = unit.op, unit.grid
-    halves = (Gram(), Gram())
+    halves = (_Half(), _Half())
     gen = torch.Generator().manual_seed(cfg.seed)
     seen = 0
     for i_q, i_fp in data:
-        with torch.no_grad():
-            target = unit.target(i_fp)
         parity = (torch.arange(len(i_q)) + seen) % 2
         seen += len(i_q)
-        for h, g in enumerate(halves):
+        for h, half in enumerate(halves):
             keep = (parity == h).nonzero().flatten().to(i_q.device)
             if len(keep):
-                g.add_batch(unit, i_q.index_select(0, keep), target.index_select(0, keep), cfg.gram_positions, gen)
+                with torch.no_grad():
+                    cols, cols_fp = (op.columns(t.index_select(0, keep)) for t in (i_q, i_fp))
+                if cfg.gram_positions is not None and cols.shape[-1] > cfg.gram_positions:
+                    pick = torch.randperm(cols.shape[-1], generator=gen)[:cfg.gram_positions].to(cols.device)
+                    cols, cols_fp = cols.index_select(-1, pick), cols_fp.index_select(-1, pick)
+                half.add(cols, cols_fp)
     g_a, g_b = halves
     H = (g_a.H + g_b.H) / (g_a.n + g_b.n)  # (G, K, K), float64, per position
 
@@ -228,28 +261,40 @@ def _audit_unit(unit: Unit, data: UnitData, cfg: PurifyConfig) -> tuple[dict, li
     z_edge = (share - p0) / math.sqrt(p0 * (1 - p0) / n_all + KAPPA_EDGE ** 2)
     z_edge_ch = (share_ch - p0) / (p0 * (1 - p0) / n_in.clamp_min(1) + KAPPA_EDGE ** 2).sqrt()
 
-    p = min(1.0, 2 * min(_p_upper(z_drift), _p_upper(z_edge)))
-    lac_oos = _lac_out_of_sample(g_a, g_b, unit, cfg)
+    # correctability: how much of round-to-nearest's drift LAC removes out of sample, vs the same
+    # weights jittered uniformly inside their cells (the null's placement, same magnitudes and data)
+    lac_oos, lac_null = _lac_out_of_sample(g_a, g_b, unit, cfg)
+    z_corr = 0.0 if lac_oos is None or lac_null is None else math.log(lac_null / lac_oos) / KAPPA_CORRECT
+    p = min(1.0, 3 * min(_p_upper(z_drift), _p_upper(z_edge), _p_upper(z_corr)))
     name = unit.name
     row = {"name": name, "kind": type(unit.fp_layer).__name__, "fan_in": int(e.shape[-1]),
            "positions": int(min(g_a.n, g_b.n)), "drift_ratio": float(x.sum() / mean.sum().clamp_min(1e-300)),
-           "z_drift": z_drift, "edge_share": share, "z_edge": z_edge, "p": p, "lac_oos": lac_oos,
+           "z_drift": z_drift, "edge_share": share, "z_edge": z_edge, "lac_oos": lac_oos, "lac_oos_null": lac_null,
+           "z_correct": z_corr, "p": p,
            # raw figures behind the z-scores (benchmarks refit the floors from them)
            "x": float(x.sum()), "null_mean": float(mean.sum()), "null_var": float(v.sum()), "n_weights": int(n_all)}
-    z_comb = torch.maximum(z_ch, z_edge_ch)
+    z_comb = torch.maximum(z_ch, z_edge_ch)  # per channel: the same null and floors, no Bonferroni over channels
     ratio_ch = x / mean.clamp_min(1e-300)
-    channels = [{"unit": name, "channel": o, "z": float(z_comb[o]), "drift_ratio": float(ratio_ch[o]),
-                 "edge_share": float(share_ch[o])} for o in z_comb.argsort(descending=True)[:10].tolist()]
+    channels = [{"unit": name, "channel": o, "z": float(z_comb[o]), "p": min(1.0, 2 * _p_upper(float(z_comb[o]))),
+                 "drift_ratio": float(ratio_ch[o]), "edge_share": float(share_ch[o])}
+                for o in z_comb.argsort(descending=True)[:10].tolist()]
     return row, channels
 
 
-def _lac_out_of_sample(g_a: Gram, g_b: Gram, unit: Unit, cfg: PurifyConfig) -> float | None:
-    """D_B(LAC fitted on A) / D_B(round to nearest): what purification achieves on unseen samples
-    (< 1: it helps; >= 1: nothing to correct, or too few samples to fit). None without data."""
+def _lac_out_of_sample(g_a: _Half, g_b: _Half, unit: Unit, cfg: PurifyConfig) -> tuple[float | None, float | None]:
+    """D_B(LAC fitted on A) / D_B(round to nearest) for the unit's weight W and for W + s u, u uniform
+    on (-1/2, 1/2) per weight (seeded): what purification achieves on samples it did not see (< 1:
+    it helps; >= 1: nothing to correct or too few samples), for the model and for the null."""
     if g_a.n == 0 or g_b.n == 0:
-        return None
+        return None, None
     op, grid = unit.op, unit.grid
     w = unit.weight.detach().float()
-    q_lac = op.ungrouped(_solve_gram(g_a, op.grouped(w), grid, cfg), w.shape)
-    rtn, lac = (g_b.channel_errors(op.grouped(grid.dequantize(c))).sum().item() for c in (grid.quantize(w), q_lac))
-    return lac / rtn if rtn > 0 else None
+    u = torch.rand(w.shape, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(w) - 0.5
+    out = []
+    for v in (w, w + grid.expand(w)[0] * u):
+        vg = op.grouped(v)
+        q_lac = op.ungrouped(_solve_gram(g_a.gram(vg), vg, grid, cfg), v.shape)
+        g = g_b.gram(vg)
+        rtn, lac = (g.channel_errors(op.grouped(grid.dequantize(c))).sum().item() for c in (grid.quantize(v), q_lac))
+        out.append(lac / rtn if rtn > 0 and lac > 0 else None)
+    return out[0], out[1]

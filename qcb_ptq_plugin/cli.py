@@ -346,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantization_options(a)
     a.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"exposed when the score -log10(p) exceeds this (default: {DEFAULT_THRESHOLD:g}, i.e. a clean "
-                        f"model is flagged with probability below {10 ** -DEFAULT_THRESHOLD:g}; calibrated on models "
-                        "disjoint from those of benchmarks/results/audit.md)")
+                        f"model is flagged with probability below {10 ** -DEFAULT_THRESHOLD:g}; fixed before the evaluation "
+                        "in benchmarks/results/audit.md)")
     a.add_argument("--json", metavar="PATH", help="also write the audit report as JSON")
     a.add_argument("--fail-if-exposed", action="store_true", help="exit with code 3 when the verdict is exposed")
     a.add_argument("--no-progress", action="store_true", help="no progress bars")
