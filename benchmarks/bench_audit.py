@@ -193,12 +193,12 @@ def run(args) -> None:
     position = {r: k for k, r in enumerate(recipes)}  # picks the calibration sizes, in either direction
     if args.reverse:  # a second process can work from the other end (records are merged by --jsonl)
         recipes = recipes[::-1]
+    if args.only:  # in the order given
+        recipes = [r for name in args.only for r in recipes if name in r.name]
     splits: dict[str, datasets.Split] = {}
     torch.set_num_threads(1)
     for r in recipes:
         i = position[r]
-        if args.only and args.only not in r.name:
-            continue
         for path in args.shared or ():  # a second process writing there has this model in hand: skip it
             if Path(path).exists() and f'"model": "{r.name}"' in Path(path).read_text():
                 break
@@ -427,7 +427,7 @@ def main() -> None:
     ap.add_argument("--calibration-jsonl", default=str(HERE / "results" / "audit_calibration.jsonl"),
                     help="the calibration half's records, shown beside the evaluation in --out")
     ap.add_argument("--cache", default="/tmp/qcb_audit_models", help="trained models (state dicts)")
-    ap.add_argument("--only", help="only recipes whose name contains this")
+    ap.add_argument("--only", nargs="+", help="only recipes whose names contain one of these, in this order")
     ap.add_argument("--reverse", action="store_true", help="go through the recipes from the last one")
     ap.add_argument("--shared", nargs="+", metavar="JSONL", help="skip models another process has recorded there")
     ap.add_argument("--reuse", nargs="+", metavar="JSONL", help="take plain-INT BA/ASR from these records")

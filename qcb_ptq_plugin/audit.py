@@ -15,21 +15,24 @@ the same for every architecture, layer size, bit width and weight grid:
   error (the paper's "backdoor neurons drift on benign data") makes X large.
 * **edges**: the share of weights farther than ``EDGE`` LSB from their code, against the
   uniform share ``1 - 2 EDGE`` (binomial).
+* **correctability**, out of sample: LAC fitted on half of the calibration samples, its drift
+  measured on the other half over round-to-nearest's there, for W and for W jittered uniformly
+  inside its cells (the null's placement, one seeded draw).
 
 Each becomes a z-score (drift: log(X / E0[X]) over sqrt(KAPPA_DRIFT² + Var0[X] / E0[X]²); edges:
-the share's excess over sqrt(binomial variance + KAPPA_EDGE²)). The floors stand for how far clean
+the share's excess over sqrt(binomial variance + KAPPA_EDGE²); correctability: log(null ratio /
+model ratio) over KAPPA_CORRECT). The floors stand for how far clean
 models stray from the exact null; they were fitted on the clean models of one half of
 ``benchmarks/bench_audit.py`` (then doubled for the edge of that half's range) and checked on
 the other half and on held-out architectures (``benchmarks/results/audit.md``). One-sided
-p-values are Bonferroni-combined over the two statistics and the layers: ``p`` bounds the
+p-values are Bonferroni-combined over the three statistics and the layers: ``p`` bounds the
 probability that a clean model looks at least this exposed. The verdict is ``-log10 p >
-threshold``. Nothing is fitted on the data the score is measured on. The report also shows what
-purification could achieve *out of sample*: LAC fitted on half of the calibration samples, its
-drift measured on the other half, over round-to-nearest's there.
+threshold``. Nothing is fitted on the data a statistic is measured on.
 
 What the audit cannot see: an attacker who knows it can align the float and integer
 activations on benign data (the LAC+PDA paper's adaptive attack) and keep the weights away from
-the cell edges; "not exposed" is evidence, not proof.
+the cell edges; in benchmarks/results/audit.md it also missed a Qu-ANTI-zation-style QCB, whose
+rounding errors look like a clean model's on benign data. "not exposed" is evidence, not proof.
 """
 
 from __future__ import annotations
@@ -73,8 +76,9 @@ KAPPA_CORRECT = 0.35
 
 LIMITS = ("The audit compares round-to-nearest with weights placed at random in their rounding cells, on your "
           "benign data. It cannot see an attacker who aligns float and integer activations on benign data (the "
-          "adaptive attack) and keeps weights away from the cell edges, nor a backdoor that needs no rounding. "
-          "'not exposed' is evidence, not proof: purify anyway.")
+          "adaptive attack) and keeps weights away from the cell edges; in our benchmark it also missed a "
+          "Qu-ANTI-zation-style QCB (straight-through training), and a backdoor the float model already carries is "
+          "not its business. 'not exposed' is evidence, not proof: purify anyway.")
 
 
 @dataclass
