@@ -355,17 +355,18 @@ def write(args) -> None:
     n_clean = sum(r["kind"] == "clean" for r in models_.values())
     seconds = sorted(r["audit_s"] for r in recs)
     lines = ["# Audit: detection of working QCBs vs false positives, threshold fixed in advance", "",
-             "Commands (the first two before the constants were committed, the third after):", "",
+             "Commands (see the notes at the end for the order in which they ran):", "",
              "    python benchmarks/bench_audit.py --half calibration --jsonl benchmarks/results/audit_calibration.jsonl",
              "    python benchmarks/bench_audit.py --fit benchmarks/results/audit_calibration.jsonl",
+             "    python benchmarks/bench_audit.py --half evaluation --jsonl benchmarks/results/audit_evaluation.jsonl",
              f"    python benchmarks/bench_audit.py {' '.join(sys.argv[1:])}", "",
-             f"Machine: {cpu_name()}, {os.cpu_count()} cores shared with other jobs (load average 13-24 during the runs), "
+             f"Machine: {cpu_name()}, {os.cpu_count()} cores shared with other jobs (load average 8-29 during the runs), "
              f"torch {torch.__version__}, 1 thread; load average at write time "
              f"{' / '.join(f'{v:.2f}' for v in os.getloadavg())}. Audit wall time per model (prepare excluded, under "
              f"that load): median {seconds[len(seconds) // 2]:.1f} s, max {seconds[-1]:.1f} s.", "",
-             f"Library constants, fixed before the evaluation run: `DEFAULT_THRESHOLD = {thr}` (score = -log10 p, "
+             f"Library constants, committed before the evaluation records were scored (see the notes): `DEFAULT_THRESHOLD = {thr}` (score = -log10 p, "
              f"chosen a priori: p < 0.001), `KAPPA_DRIFT = {audit_mod.KAPPA_DRIFT}`, `KAPPA_EDGE = {audit_mod.KAPPA_EDGE}`, "
-             f"`EDGE = {audit_mod.EDGE}`.", "",
+             f"`KAPPA_CORRECT = {audit_mod.KAPPA_CORRECT}`, `EDGE = {audit_mod.EDGE}`.", "",
              f"{len(models_)} models ({n_clean} clean, {len(models_) - n_clean} planted), each audited under W8A8 / W4A8 "
              "x per-channel (torch.ao FX x86, PerChannelMinMaxObserver) / per-tensor (FX qnnpack, MinMaxObserver), "
              "calibration sizes 128-1024 (one per audit). *Working QCB*: a planted model under a setting where its "

@@ -31,7 +31,7 @@ threshold``. Nothing is fitted on the data a statistic is measured on.
 
 What the audit cannot see: an attacker who knows it can align the float and integer
 activations on benign data (the LAC+PDA paper's adaptive attack) and keep the weights away from
-the cell edges; in benchmarks/results/audit.md it also missed a Qu-ANTI-zation-style QCB, whose
+the cell edges; in benchmarks/results/audit.md it also missed Qu-ANTI-zation-style QCBs, whose
 rounding errors look like a clean model's on benign data. "not exposed" is evidence, not proof.
 """
 
@@ -76,8 +76,8 @@ KAPPA_CORRECT = 0.35
 
 LIMITS = ("The audit compares round-to-nearest with weights placed at random in their rounding cells, on your "
           "benign data. It cannot see an attacker who aligns float and integer activations on benign data (the "
-          "adaptive attack) and keeps weights away from the cell edges; in our benchmark it also missed a "
-          "Qu-ANTI-zation-style QCB (straight-through training), and a backdoor the float model already carries is "
+          "adaptive attack) and keeps weights away from the cell edges; in our benchmark it also missed "
+          "Qu-ANTI-zation-style QCBs (straight-through training), and a backdoor the float model already carries is "
           "not its business. 'not exposed' is evidence, not proof: purify anyway.")
 
 
