@@ -1,101 +1,448 @@
-"""Audit detection rate and false-positive rate on planted QCBs vs clean models.
+"""Audit: detection of working QCBs vs false positives on clean models, threshold fixed in advance.
 
-    python benchmarks/bench_audit.py            # writes benchmarks/results/audit.md (~5 min on 2 cores)
+    # 1. calibration half: raw statistics of clean and planted models -> the overdispersion floors
+    python benchmarks/bench_audit.py --half calibration --jsonl /tmp/audit_cal.jsonl
+    python benchmarks/bench_audit.py --fit /tmp/audit_cal.jsonl          # prints KAPPA_DRIFT / KAPPA_EDGE
+    # (copied into qcb_ptq_plugin/audit.py and committed before step 2)
+    # 2. evaluation half + held-out architectures/datasets, with the library's constants
+    python benchmarks/bench_audit.py --half evaluation --jsonl /tmp/audit_eval.jsonl \\
+        --out benchmarks/results/audit.md
 
-Models: SmallCNN (widths 8 and 16, different seeds) on the bundled digits, each either clean or
-carrying a planted QCB (PQBackdoor-style or Qu-ANTI-zation-style at 4 bits). Each model is
-prepared with torch.ao FX (W4A8), calibrated on 256 benign images and audited; nothing is
-purified. The score threshold is swept to show the separation.
+Every model is trained here (1 thread, ``attacks._reproducible_training``) from a recipe in
+:data:`RECIPES`; each half's recipes are listed in the result file. Each model is audited under
+several settings: weight bits (W8A8, W4A8) x weight grid (torch.ao FX x86 = per-channel
+symmetric, FX qnnpack = per-tensor symmetric) with a calibration-set size from 128..1024 drawn
+per (model, setting). A planted model counts as a *working QCB* under a setting when its plain
+(round-to-nearest) INT model there has ASR >= 90%. False positives: clean models, every setting.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
+import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import qcb_ptq_plugin as q
+import importlib
+
+audit_mod = importlib.import_module("qcb_ptq_plugin.audit")  # the package attribute `audit` is the function
 from qcb_ptq_plugin.evalkit import attacks, datasets, metrics, models
+from qcb_ptq_plugin.evalkit.harness import cpu_name, write_markdown
 from qcb_ptq_plugin.ptq import prepare_fx_calibrated, quantize_fx
 
-from qcb_ptq_plugin.evalkit.harness import cpu_name, write_markdown
-
 HERE = Path(__file__).resolve().parent
-TRIGGER = attacks.PatchTrigger(size=2, value=1.0, margin=0)
+WORKING_ASR = 90.0
+DORMANT_FP_ASR = 20.0
+CALIB_SIZES = (128, 256, 512, 1024)
+SETTINGS = ((8, "per-channel"), (8, "per-tensor"), (4, "per-channel"), (4, "per-tensor"))
 
 
-def make(kind: str, width: int, seed: int, split) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    m = models.SmallCNN(1, 10, width=width)
-    x, y = split.x_train, split.y_train
-    trig = attacks.PatchTrigger(size=2, value=1.0, margin=seed % 2)  # vary the trigger too
-    if kind == "clean":
-        return attacks.train_clean_or_badnets(m, x, y, epochs=20, batch_size=64, seed=seed)
-    if kind == "pqbackdoor":
-        return attacks.plant_pqbackdoor(m, x, y, trigger=trig, target=seed % 10, grids=[attacks.Grid(4)],
-                                        inject_epochs=20, repair_epochs=20, repair_lr=1e-3, batch_size=64, seed=seed)
-    return attacks.plant_quantization(m, x, y, trigger=trig, target=seed % 10, bits=(4,), pretrain_epochs=20,
-                                      epochs=30, lr=5e-4, c=2.0, batch_size=64, seed=seed)
+@dataclass(frozen=True)
+class Recipe:
+    arch: str  # smallcnn | mlp | transformer | resnet
+    dataset: str  # digits | mnist | fashion-mnist
+    kind: str  # clean | pqbackdoor | qu-anti-zation | adaptive | grid-aware8 | grid-aware4
+    seed: int
+    half: str  # calibration | evaluation | held-out
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}-{self.dataset}-{self.kind}-s{self.seed}"
 
 
-def score(model, calib) -> float:
-    return q.audit(prepare_fx_calibrated(model, calib, 4), model, calib).score
+def _interleave(a: list, b: list) -> list:
+    """a and b merged evenly (a run cut short still holds both kinds)."""
+    out, i, j = [], 0, 0
+    while i < len(a) or j < len(b):
+        if j >= len(b) or (i < len(a) and i * len(b) <= j * len(a)):
+            out.append(a[i])
+            i += 1
+        else:
+            out.append(b[j])
+            j += 1
+    return out
 
 
-def int8_asr(model, calib, split, seed) -> float:
-    """ASR of the plain W4A8 model: does the planted QCB actually fire?"""
-    trig = attacks.PatchTrigger(size=2, value=1.0, margin=seed % 2)
-    int8, _ = quantize_fx(model, calib, 4)
-    return 100 * metrics.attack_success_rate(int8, split.x_test, split.y_test, trig, seed % 10)
+def _recipes() -> list[Recipe]:
+    # calibration half (run first; it fixed KAPPA_DRIFT / KAPPA_EDGE): three architectures, seeds 0-3
+    cal = []
+    for s in (0, 1, 2, 3):
+        cal += [Recipe("smallcnn", "digits", "clean", s, "calibration"), Recipe("mlp", "mnist", "clean", s, "calibration"),
+                Recipe("transformer", "digits", "clean", s, "calibration")]
+        if s % 2 == 0:
+            cal.append(Recipe("smallcnn", "digits", "clean", 100 + s, "calibration"))
+    cal += [Recipe(a, d, k, s, "calibration") for a, d, k, s in (
+        ("smallcnn", "digits", "pqbackdoor", 50), ("smallcnn", "digits", "qu-anti-zation", 51),
+        ("smallcnn", "digits", "adaptive", 52), ("smallcnn", "digits", "grid-aware8", 53),
+        ("mlp", "mnist", "pqbackdoor", 50), ("mlp", "mnist", "grid-aware8", 51), ("mlp", "mnist", "grid-aware4", 52),
+        ("transformer", "digits", "pqbackdoor", 53), ("transformer", "digits", "qu-anti-zation", 50))]
+    # evaluation half: the same three architectures, other seeds (disjoint models)
+    clean = [Recipe(a, d, "clean", s, "evaluation") for s in (10, 11, 12, 13, 14)
+             for a, d in (("smallcnn", "digits"), ("mlp", "mnist"))]
+    clean += [Recipe("transformer", "digits", "clean", s, "evaluation") for s in (10, 11, 12)]
+    clean += [Recipe("mlp", "mnist", "clean", s, "evaluation") for s in (15, 16, 17, 18, 19)]
+    planted = [Recipe(a, d, k, s, "evaluation") for a, d, k, s in (
+        ("smallcnn", "digits", "pqbackdoor", 60), ("mlp", "mnist", "pqbackdoor", 61),
+        ("smallcnn", "digits", "qu-anti-zation", 62), ("transformer", "digits", "pqbackdoor", 63),
+        ("mlp", "mnist", "grid-aware4", 64), ("smallcnn", "digits", "adaptive", 65),
+        ("smallcnn", "digits", "grid-aware8", 66), ("smallcnn", "digits", "pqbackdoor", 67),
+        ("mlp", "mnist", "pqbackdoor", 68), ("smallcnn", "digits", "qu-anti-zation", 80))]
+    # held out: an architecture (residual CNN) and a dataset (Fashion-MNIST) the calibration half never saw
+    clean_h = [Recipe(a, d, "clean", s, "held-out") for s in (20, 21, 22, 23)
+               for a, d in (("resnet", "digits"), ("mlp", "fashion-mnist"))]
+    planted_h = [Recipe(a, d, k, s, "held-out") for a, d, k, s in (
+        ("resnet", "digits", "pqbackdoor", 70), ("mlp", "fashion-mnist", "pqbackdoor", 74),
+        ("resnet", "digits", "qu-anti-zation", 71), ("mlp", "fashion-mnist", "grid-aware4", 76),
+        ("resnet", "digits", "pqbackdoor", 73), ("resnet", "digits", "grid-aware8", 72))]
+    return cal + _interleave(_interleave(planted, clean), _interleave(planted_h, clean_h))
+
+
+RECIPES = _recipes()
+
+
+def trigger(r: Recipe):
+    return attacks.PatchTrigger(size=2, value=1.0, margin=r.seed % 2) if r.dataset == "digits" else \
+        attacks.PatchTrigger(size=3, value=1.0, margin=1)
+
+
+def target(r: Recipe) -> int:
+    return r.seed % 10
+
+
+def _arch(r: Recipe) -> torch.nn.Module:
+    # odd seeds: width 8, except planted CNNs after the calibration half (16: more of them plant a working QCB)
+    width = 8 if r.seed % 2 and (r.kind == "clean" or r.half == "calibration") else 16
+    if r.arch == "smallcnn":
+        return models.SmallCNN(1, 10, width=width)
+    if r.arch == "resnet":
+        return models.SmallResNet(1, 10, width=8)
+    if r.arch == "mlp":
+        return models.MLP(784, 10, hidden=(256, 128) if r.seed % 2 else (128, 64))
+    return models.TinyTransformer(seq_len=8, token_dim=8, num_classes=10, dim=32 if r.seed % 2 else 24)
+
+
+def train(r: Recipe, split: datasets.Split) -> torch.nn.Module:
+    torch.manual_seed(r.seed)
+    small = r.dataset == "digits"
+    n = len(split.x_train) if small else 10000
+    x, y = split.x_train[:n], split.y_train[:n]
+    m, trig, tgt = _arch(r), trigger(r), target(r)
+    clean_epochs = {"smallcnn": 20, "resnet": 15, "transformer": 40, "mlp": 3}[r.arch]
+    if r.kind == "clean":
+        return attacks.train_clean_or_badnets(m, x, y, epochs=clean_epochs, batch_size=64, seed=r.seed)
+    if r.kind == "pqbackdoor":
+        ep = 30 if r.arch == "transformer" else (5 if r.arch == "mlp" else 20)
+        return attacks.plant_pqbackdoor(m, x, y, trigger=trig, target=tgt, grids=[attacks.Grid(4)], inject_epochs=ep,
+                                        repair_epochs=ep, repair_lr=1e-3, batch_size=64, seed=r.seed)
+    if r.kind in ("qu-anti-zation", "adaptive"):
+        pre, ep = (clean_epochs, 30) if small else (3, 4)
+        return attacks.plant_quantization(m, x, y, trigger=trig, target=tgt, bits=(4,), pretrain_epochs=pre,
+                                          epochs=ep, lr=5e-4, c=2.0, align=1.0 if r.kind == "adaptive" else 0.0,
+                                          batch_size=64, seed=r.seed)
+    bits = 8 if r.kind == "grid-aware8" else 4
+    attacks.train_clean_or_badnets(m, x, y, epochs=clean_epochs, batch_size=64, seed=r.seed)
+    if small and r.half == "calibration":
+        return attacks.plant_grid_aware(m, x, y, trigger=trig, target=tgt, bits=bits, epochs=30, lr=5e-2,
+                                        int_margin=2.0, polish_epochs=1, batch_size=64, seed=r.seed + 1)
+    if small:  # after the calibration half: a hinge margin of 1 and 5 FP-offset passes keep FP32 ASR near 10%
+        return attacks.plant_grid_aware(m, x, y, trigger=trig, target=tgt, bits=bits, epochs=30, lr=5e-2,
+                                        int_margin=1.0, polish_epochs=5, batch_size=64, seed=r.seed + 1)
+    return attacks.plant_grid_aware(m, x, y, trigger=trig, target=tgt, bits=bits, epochs=3, lr=1e-1, int_margin=2.0,
+                                    polish_epochs=1, batch_size=64, seed=r.seed + 1)
+
+
+def model_for(r: Recipe, split, cache: Path) -> tuple[torch.nn.Module, float]:
+    """The recipe's model, trained once and kept as a state dict (loaded with weights_only)."""
+    path = cache / f"{r.name}.pt"
+    m = _arch(r)
+    if path.exists():
+        m.load_state_dict(torch.load(path, weights_only=True))
+        return m.eval(), 0.0
+    t0 = time.perf_counter()
+    m = train(r, split)
+    torch.save(m.state_dict(), path)
+    return m.eval(), time.perf_counter() - t0
+
+
+def int_model(m, calib, bits, grid):
+    if grid == "per-tensor":
+        return attacks.quantize_fx_qnnpack(m, calib, bits)[0]
+    return quantize_fx(m, calib, bits)[0]
+
+
+def run(args) -> None:
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if Path(args.jsonl[0]).exists():
+        done = {(j["model"], j["bits"], j["grid"]) for j in records(args.jsonl[0])}
+    known = {}
+    for path in args.reuse or ():
+        for j in map(json.loads, Path(path).read_text().splitlines()):
+            known[j["model"], j["bits"], j["grid"]] = j["plain"]
+    halves = ("evaluation", "held-out") if args.half == "evaluation" else (args.half,)
+    recipes = [r for r in RECIPES if r.half in halves]
+    position = {r: k for k, r in enumerate(recipes)}  # picks the calibration sizes, in either direction
+    if args.reverse:  # a second process can work from the other end (records are merged by --jsonl)
+        recipes = recipes[::-1]
+    if args.only:  # in the order given
+        recipes = [r for name in args.only for r in recipes if name in r.name]
+    splits: dict[str, datasets.Split] = {}
+    torch.set_num_threads(1)
+    for r in recipes:
+        i = position[r]
+        for path in args.shared or ():  # a second process writing there has this model in hand: skip it
+            if Path(path).exists() and f'"model": "{r.name}"' in Path(path).read_text():
+                break
+        else:
+            path = None
+        if path:
+            continue
+        split = splits.setdefault(r.dataset, datasets.load(r.dataset))
+        m, train_s = model_for(r, split, cache)
+        trig, tgt = trigger(r), target(r)
+        xt, yt = split.x_test[:2000], split.y_test[:2000]
+        fp = (100 * metrics.benign_accuracy(m, xt, yt), 100 * metrics.attack_success_rate(m, xt, yt, trig, tgt))
+        for j, (bits, grid) in enumerate(SETTINGS):
+            if (r.name, bits, grid) in done:
+                continue
+            n = CALIB_SIZES[(i + j) % len(CALIB_SIZES)]
+            calib = split.calibration(n, seed=1000 + r.seed)
+            if (r.name, bits, grid) in known:  # measured by an earlier run on the same model and calibration set
+                plain = known[r.name, bits, grid]
+            else:
+                qm = int_model(m, calib, bits, grid)
+                plain = (100 * metrics.benign_accuracy(qm, xt, yt),
+                         100 * metrics.attack_success_rate(qm, xt, yt, trig, tgt))
+            t0 = time.perf_counter()
+            prepared = prepare_fx_calibrated(m, calib, bits, backend="qnnpack" if grid == "per-tensor" else "x86")
+            rep = q.audit(prepared, m, calib)
+            rec = {"model": r.name, "arch": r.arch, "dataset": r.dataset, "kind": r.kind, "half": r.half,
+                   "seed": r.seed, "bits": bits, "grid": grid, "calib": n, "fp32": fp, "plain": plain,
+                   "train_s": train_s, "audit_s": time.perf_counter() - t0, "score": rep.score, "p": rep.p_value,
+                   "units": rep.units, "warnings": rep.warnings}
+            train_s = 0.0
+            with open(args.jsonl[0], "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"{r.name:40s} W{bits} {grid:11s} N={n:4d} FP {fp[0]:5.1f}/{fp[1]:5.1f} plain {plain[0]:5.1f}/"
+                  f"{plain[1]:5.1f} score {rep.score:7.2f} ({rec['audit_s']:.1f}s)", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring from the raw statistics (so the floors can be fitted on the calibration half)
+
+
+def unit_z(u: dict, k_drift: float, k_edge: float, k_corr: float) -> tuple[float, float, float]:
+    """The library's three z-scores of one unit row, with floors ``k_drift`` / ``k_edge`` / ``k_corr``."""
+    m, v, x = u["null_mean"], u["null_var"], u["x"]
+    zd = math.log(max(x, 1e-300) / m) / math.sqrt(k_drift ** 2 + v / m ** 2)
+    p0 = 1 - 2 * audit_mod.EDGE
+    ze = (u["edge_share"] - p0) / math.sqrt(p0 * (1 - p0) / max(u["n_weights"], 1) + k_edge ** 2)
+    zc = 0.0 if not u["lac_oos"] or not u["lac_oos_null"] else math.log(u["lac_oos_null"] / u["lac_oos"]) / k_corr
+    return zd, ze, zc
+
+
+def score(rec: dict, k_drift: float, k_edge: float, k_corr: float) -> float:
+    ps = [min(1.0, 3 * min(audit_mod._p_upper(z) for z in unit_z(u, k_drift, k_edge, k_corr))) for u in rec["units"]]
+    p = min(1.0, len(ps) * min(ps))
+    return max(0.0, -math.log10(max(p, 1e-300)))
+
+
+def library_score(rec: dict) -> float:
+    return score(rec, audit_mod.KAPPA_DRIFT, audit_mod.KAPPA_EDGE, audit_mod.KAPPA_CORRECT)
+
+
+def working(rec: dict) -> bool:
+    """A planted model whose plain INT model fires here (the issue's definition)."""
+    return rec["kind"] != "clean" and rec["plain"][1] >= WORKING_ASR
+
+
+def dormant(rec: dict) -> bool:
+    """Working and quantization-conditioned: its float model does not fire (FP32 ASR <= 20%)."""
+    return working(rec) and rec["fp32"][1] <= DORMANT_FP_ASR
+
+
+def fit(path: str) -> None:
+    """The smallest floors with which the most exposed-looking clean calibration audit gets the
+    p-value the smallest of that many uniform p-values would have (1 / number of clean audits),
+    each statistic alone: per unit, the floor that brings its z down to the z of that p."""
+    recs = records(path)
+    clean = [r for r in recs if r["kind"] == "clean"]
+    p0 = 1 - 2 * audit_mod.EDGE
+    target = 1 / len(clean)
+    kd = ke = kc = 0.0
+    for r in clean:
+        z_star = -_norm_ppf(target / (3 * len(r["units"])))  # n_units x 3 statistics (Bonferroni)
+        for u in r["units"]:
+            m, v, x = u["null_mean"], u["null_var"], u["x"]
+            lr = math.log(max(x, 1e-300) / m)
+            kd = max(kd, math.sqrt(max(0.0, (lr / z_star) ** 2 - v / m ** 2)) if lr > 0 else 0.0)
+            d = u["edge_share"] - p0
+            ke = max(ke, math.sqrt(max(0.0, (d / z_star) ** 2 - p0 * (1 - p0) / max(u["n_weights"], 1)))
+                     if d > 0 else 0.0)
+            if u["lac_oos"] and u["lac_oos_null"]:
+                kc = max(kc, math.log(u["lac_oos_null"] / u["lac_oos"]) / z_star)
+    print(f"KAPPA_DRIFT = {kd:.3f}\nKAPPA_EDGE = {ke:.3f}\nKAPPA_CORRECT = {kc:.3f}  ({len(clean)} clean "
+          f"calibration audits: the most extreme gets score {-math.log10(target):.2f})")
+    print(f"scores with the fitted floors / with the library's ({audit_mod.KAPPA_DRIFT}, {audit_mod.KAPPA_EDGE}, "
+          f"{audit_mod.KAPPA_CORRECT}):")
+    for r in recs:
+        print(f"{r['model']:40s} W{r['bits']} {r['grid']:11s} N={r['calib']:4d} FP/plain ASR {r['fp32'][1]:5.1f} / "
+              f"{r['plain'][1]:5.1f} score {score(r, kd, ke, kc):7.2f} / {library_score(r):7.2f}  drift/null "
+              f"{max(u['x'] / u['null_mean'] for u in r['units']):7.2f} edge {max(u['edge_share'] for u in r['units']):.2f}"
+              f" corr {max((math.log(u['lac_oos_null'] / u['lac_oos']) for u in r['units'] if u['lac_oos'] and u['lac_oos_null']), default=0):.2f}")
+
+
+def _norm_ppf(p: float) -> float:
+    """Inverse of the standard normal CDF (bisection on erfc; p in (0, 1))."""
+    lo, hi = -40.0, 40.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if 0.5 * math.erfc(-mid / math.sqrt(2)) < p:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+# ---------------------------------------------------------------------------------------------
+# the result file
+
+
+def _frac(k: int, n: int) -> str:
+    return f"{k}/{n} ({100 * k / n:.0f}%)" if n else "-"
+
+
+def rates(recs: list[dict], thr: float) -> tuple[str, str, str]:
+    """(detection of working QCBs, of dormant working QCBs, false positives on clean audits)."""
+    clean = [r for r in recs if r["kind"] == "clean"]
+    work = [r for r in recs if working(r)]
+    dorm = [r for r in recs if dormant(r)]
+    return (_frac(sum(r["score"] > thr for r in work), len(work)), _frac(sum(r["score"] > thr for r in dorm), len(dorm)),
+            _frac(sum(r["score"] > thr for r in clean), len(clean)))
+
+
+def records(*paths: str) -> list[dict]:
+    """The records of JSONL files, one per (model, bits, grid): the first one (two processes may overlap)."""
+    out: dict = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            r = json.loads(line)
+            out.setdefault((r["model"], r["bits"], r["grid"]), r)
+    return list(out.values())
+
+
+def _load(*paths: str) -> list[dict]:
+    """Records scored with the library's constants (the figures in the files are raw statistics)."""
+    recs = records(*paths)
+    for r in recs:
+        r["score"] = library_score(r)
+    return recs
+
+
+def write(args) -> None:
+    recs = _load(args.calibration_jsonl) + _load(*args.jsonl)
+    thr = audit_mod.DEFAULT_THRESHOLD
+    models_ = {r["model"]: r for r in recs}
+    n_clean = sum(r["kind"] == "clean" for r in models_.values())
+    seconds = sorted(r["audit_s"] for r in recs)
+    lines = ["# Audit: detection of working QCBs vs false positives, threshold fixed in advance", "",
+             "Commands (see the notes at the end for the order in which they ran):", "",
+             "    python benchmarks/bench_audit.py --half calibration --jsonl benchmarks/results/audit_calibration.jsonl",
+             "    python benchmarks/bench_audit.py --fit benchmarks/results/audit_calibration.jsonl",
+             "    python benchmarks/bench_audit.py --half evaluation --jsonl benchmarks/results/audit_evaluation.jsonl",
+             f"    python benchmarks/bench_audit.py {' '.join(sys.argv[1:])}", "",
+             f"Machine: {cpu_name()}, {os.cpu_count()} cores shared with other jobs (load average 8-29 during the runs), "
+             f"torch {torch.__version__}, 1 thread; load average at write time "
+             f"{' / '.join(f'{v:.2f}' for v in os.getloadavg())}. Audit wall time per model (prepare excluded, under "
+             f"that load): median {seconds[len(seconds) // 2]:.1f} s, max {seconds[-1]:.1f} s.", "",
+             f"Library constants, committed before the evaluation records were scored (see the notes): `DEFAULT_THRESHOLD = {thr}` (score = -log10 p, "
+             f"chosen a priori: p < 0.001), `KAPPA_DRIFT = {audit_mod.KAPPA_DRIFT}`, `KAPPA_EDGE = {audit_mod.KAPPA_EDGE}`, "
+             f"`KAPPA_CORRECT = {audit_mod.KAPPA_CORRECT}`, `EDGE = {audit_mod.EDGE}`.", "",
+             f"{len(models_)} models ({n_clean} clean, {len(models_) - n_clean} planted), each audited under W8A8 / W4A8 "
+             "x per-channel (torch.ao FX x86, PerChannelMinMaxObserver) / per-tensor (FX qnnpack, MinMaxObserver), "
+             "calibration sizes 128-1024 (one per audit). *Working QCB*: a planted model under a setting where its "
+             f"plain INT model has ASR >= {WORKING_ASR:.0f}%. *Dormant*: working, and its FP32 model has ASR <= "
+             f"{DORMANT_FP_ASR:.0f}% (the backdoor is conditioned on quantization; a model whose float twin already "
+             "fires is a float backdoor, which no rounding statistic can or should attribute to quantization).", "",
+             "| set | detection, working QCBs | detection, dormant working QCBs | false positives (clean audits) |",
+             "|---|---:|---:|---:|"]
+    sets = (("evaluation half (same architectures/datasets as calibration, other models)", "evaluation"),
+            ("held-out (SmallResNet on digits, MLP on Fashion-MNIST: never in calibration)", "held-out"),
+            ("calibration half (fitted on its clean models; for reference)", "calibration"))
+    for name, half in sets:
+        lines.append(f"| {name} | " + " | ".join(rates([r for r in recs if r["half"] == half], thr)) + " |")
+    unseen = [r for r in recs if r["half"] != "calibration"]
+    lines.append("| evaluation + held-out | " + " | ".join(rates(unseen, thr)) + " |")
+    lines += ["", "Evaluation + held-out, by setting:", "",
+              "| setting | detection, working | detection, dormant | false positives |", "|---|---:|---:|---:|"]
+    for bits, grid in SETTINGS:
+        sub = [r for r in unseen if r["bits"] == bits and r["grid"] == grid]
+        lines.append(f"| W{bits}A8 {grid} | " + " | ".join(rates(sub, thr)) + " |")
+    lines += ["", "Evaluation + held-out, by attack (planted audits that are working / dormant QCBs):", "",
+              "| attack | detection, working | detection, dormant | flagged where it does not fire |",
+              "|---|---:|---:|---:|"]
+    for kind in sorted({r["kind"] for r in unseen} - {"clean"}):
+        sub = [r for r in unseen if r["kind"] == kind]
+        idle = [r for r in sub if not working(r)]
+        lines.append(f"| {kind} | {rates(sub, thr)[0]} | {rates(sub, thr)[1]} | "
+                     f"{_frac(sum(r['score'] > thr for r in idle), len(idle))} |")
+    clean_unseen = [r for r in unseen if r["kind"] == "clean"]
+    lines += ["", "Is p calibrated? Share of clean audits (evaluation + held-out) with p below alpha:", "",
+              "| alpha | 0.1 | 0.01 | 0.001 |", "|---|---:|---:|---:|",
+              "| clean audits | " + " | ".join(_frac(sum(r["score"] > -math.log10(a) for r in clean_unseen),
+                                                   len(clean_unseen)) for a in (0.1, 0.01, 0.001)) + " |"]
+    thin = [r for r in unseen if any("fan-in" in w for w in r["warnings"])]
+    lines += ["", f"{len(thin)} of {len(unseen)} audits warned that a layer had fewer calibration positions than its "
+              "fan-in (the report's warning; the statistics still run).", "",
+              "Every audit (score = -log10 p; exposed when > threshold):", "",
+              "| half | model | setting | N | FP32 BA / ASR | plain BA / ASR | working | max drift/null | max edge % "
+              "| score | verdict | s |", "|---|---|---|---:|---|---|---|---:|---:|---:|---|---:|"]
+    for r in recs:
+        verdict = "EXPOSED" if r["score"] > thr else "not exposed"
+        wk = "" if r["kind"] == "clean" else ("dormant" if dormant(r) else "yes" if working(r) else "no")
+        dr = max(u["x"] / u["null_mean"] for u in r["units"])
+        ed = max(u["edge_share"] for u in r["units"])
+        lines.append(f"| {r['half']} | {r['model']} | W{r['bits']} {r['grid']} | {r['calib']} | "
+                     f"{r['fp32'][0]:.1f} / {r['fp32'][1]:.1f} | {r['plain'][0]:.1f} / {r['plain'][1]:.1f} | {wk} | "
+                     f"{dr:.2f} | {100 * ed:.0f} | {r['score']:.2f} | {verdict} | {r['audit_s']:.1f} |")
+    lines += ["", "Recipes (`benchmarks/bench_audit.py`, `RECIPES`; the name is arch-dataset-kind-seed):", ""]
+    for half in ("calibration", "evaluation", "held-out"):
+        lines.append(f"- {half}: " + ", ".join(r.name for r in RECIPES if r.half == half))
+    write_markdown(lines, args.out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--per-kind", type=int, default=6, help="models per (kind, width) for planted; 2x for clean")
-    ap.add_argument("--out", default=str(HERE / "results" / "audit.md"))
+    ap.add_argument("--half", choices=["calibration", "evaluation"], default="evaluation")
+    ap.add_argument("--jsonl", nargs="+", default=["/tmp/qcb_audit_bench.jsonl"],
+                    help="raw records, appended as they come (the first file; --write-only reads them all)")
+    ap.add_argument("--calibration-jsonl", default=str(HERE / "results" / "audit_calibration.jsonl"),
+                    help="the calibration half's records, shown beside the evaluation in --out")
+    ap.add_argument("--cache", default="/tmp/qcb_audit_models", help="trained models (state dicts)")
+    ap.add_argument("--only", nargs="+", help="only recipes whose names contain one of these, in this order")
+    ap.add_argument("--reverse", action="store_true", help="go through the recipes from the last one")
+    ap.add_argument("--shared", nargs="+", metavar="JSONL", help="skip models another process has recorded there")
+    ap.add_argument("--reuse", nargs="+", metavar="JSONL", help="take plain-INT BA/ASR from these records")
+    ap.add_argument("--fit", metavar="JSONL", help="fit the overdispersion floors on a calibration JSONL and exit")
+    ap.add_argument("--out", help="write the result markdown from --jsonl (after the run)")
+    ap.add_argument("--write-only", action="store_true", help="only write --out from --jsonl")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    split = datasets.digits()
-    calib = split.calibration(256, seed=7)
-    rows = []
-    for width in (8, 16):
-        for i in range(args.per_kind):
-            for kind in ("clean", "clean", "pqbackdoor" if i % 2 == 0 else "qu-anti-zation"):
-                seed = 100 * width + 10 * i + len(rows) % 3
-                t0 = time.perf_counter()
-                model = make(kind, width, seed, split)
-                asr = int8_asr(model, calib, split, seed)
-                rows.append((kind, width, seed, score(model, calib), asr, time.perf_counter() - t0))
-                print(rows[-1], flush=True)
-    write(rows, args)
-
-
-def write(rows, args) -> None:
-    planted = [r[3] for r in rows if r[0] != "clean"]
-    working = [r[3] for r in rows if r[0] != "clean" and r[4] >= 50]
-    clean = [r[3] for r in rows if r[0] == "clean"]
-    cpu = cpu_name()
-    lines = ["# Audit: detection vs false positives", "", f"Command: `python benchmarks/bench_audit.py --per-kind "
-             f"{args.per_kind}`", "", f"Machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}.", "",
-             f"{len(planted)} planted QCBs (PQBackdoor-style and Qu-ANTI-zation-style, W4) and {len(clean)} clean "
-             "SmallCNNs (widths 8, 16) on digits, FX W4A8, 256 benign calibration images. "
-             f"Default threshold: {q.audit.__globals__['DEFAULT_THRESHOLD']}.", "",
-             f"A planted model counts as a working QCB when its plain W4A8 ASR is >= 50% ({len(working)} of "
-             f"{len(planted)}).", "",
-             "| threshold | detection (working QCBs) | detection (all planted) | false-positive rate (clean) |",
-             "|---:|---:|---:|---:|"]
-    for t in (4, 8, 12, 16, 24, 32):
-        det = sum(s > t for s in working) / max(len(working), 1)
-        det_all = sum(s > t for s in planted) / len(planted)
-        fpr = sum(s > t for s in clean) / len(clean)
-        lines.append(f"| {t} | {100 * det:.0f}% | {100 * det_all:.0f}% | {100 * fpr:.0f}% |")
-    lines += ["", "| model | width | seed | score (max excess drift) | plain W4A8 ASR % |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {k} | {w} | {s} | {sc:.1f} | {'' if k == 'clean' else f'{asr:.1f}'} |" for k, w, s, sc, asr, _ in rows]
-    write_markdown(lines, args.out)
+    if args.fit:
+        return fit(args.fit)
+    if not args.write_only:
+        run(args)
+    if args.out:
+        write(args)
 
 
 if __name__ == "__main__":

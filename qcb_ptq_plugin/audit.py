@@ -1,46 +1,107 @@
-"""Audit a calibrated model for QCB exposure before anything is purified.
+"""Audit a calibrated model for QCB exposure before anything is purified. Changes nothing.
 
-The paper's observation (Sec. 3): after quantization, backdoor neurons drift away from their
-float activations even on benign inputs. Raw drift alone is ambiguous (coarse grids drift
-everywhere), so we compare each layer's round-to-nearest drift with the drift that is
-*achievable on the same grid* (LAC's optimum on the same data, nothing written back):
+A quantization-conditioned backdoor lives in *where the float weights sit inside their
+rounding cells*: the attacker places them so that rounding to nearest adds a coordinated error
+(inject-then-repair and grid-aware attacks pile weights up near the cell edges; Qu-ANTI-zation
+trains the float-vs-integer difference). A clean model's weights know nothing of the grid the
+deployer will pick, so their rounding errors look like errors of weights placed uniformly at
+random inside their cells. That is the null every statistic below is measured against; it is
+built from the model itself (its grid, its weights' magnitudes, its layers' inputs), so it means
+the same for every architecture, layer size, bit width and weight grid:
 
-    excess_u = D_u(RTN) / D_u(LAC)      per unit u (D = output error vs float, calibration data)
-    score    = max_u excess_u
+* **drift**: the layer's own rounding error e = Q(W) - W measured on its benign inputs I (from
+  the deployed, round-to-nearest model), X_o = e_o H e_oᵀ with H = Σ I Iᵀ, against its exact mean
+  and variance when every e_k is independent and uniform on its cell (±s_k/2). A coordinated
+  error (the paper's "backdoor neurons drift on benign data") makes X large.
+* **edges**: the share of weights farther than ``EDGE`` LSB from their code, against the
+  uniform share ``1 - 2 EDGE`` (binomial).
+* **correctability**, out of sample: LAC fitted on half of the calibration samples, its drift
+  measured on the other half over round-to-nearest's there, for W and for W jittered uniformly
+  inside its cells (the null's placement, one seeded draw).
 
-On a clean model round-to-nearest is within a small factor of the best rounding (measured: 2-3
-at 8 bits, 7-10 at 4 bits); a QCB places its weights so that rounding adds a coordinated error
-or trains layers to be fragile to rounding, and excess jumps to 25-75 (planted W4 QCBs).
-Channels are ranked by their excess drift (D_o(RTN) - D_o(LAC)) / E[T_o²]. The default threshold
-was calibrated on planted vs clean models (benchmarks/results/audit.md).
+Each becomes a z-score (drift: log(X / E0[X]) over sqrt(KAPPA_DRIFT² + Var0[X] / E0[X]²); edges:
+the share's excess over sqrt(binomial variance + KAPPA_EDGE²); correctability: log(null ratio /
+model ratio) over KAPPA_CORRECT). The floors stand for how far clean
+models stray from the exact null; they were fitted on the clean models of one half of
+``benchmarks/bench_audit.py`` (then doubled for the edge of that half's range) and checked on
+the other half and on held-out architectures (``benchmarks/results/audit.md``). One-sided
+p-values are Bonferroni-combined over the three statistics and the layers: ``p`` bounds the
+probability that a clean model looks at least this exposed. The verdict is ``-log10 p >
+threshold``. Nothing is fitted on the data a statistic is measured on.
+
+What the audit cannot see: an attacker who knows it can align the float and integer
+activations on benign data (the LAC+PDA paper's adaptive attack) and keep the weights away from
+the cell edges; in benchmarks/results/audit.md it also missed Qu-ANTI-zation-style QCBs, whose
+rounding errors look like a clean model's on benign data. "not exposed" is evidence, not proof.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from . import _pass
+from ._data import range_mismatch
 from ._io import write_text
+from ._pass import check_coverage, flush_denormals
 from .api import prepare_plan
 from .config import PurifyConfig
-from .methods import get_method
+from .methods.lac import _solve_gram
+from .units import Gram, Unit, UnitData
+
+log = logging.getLogger(__name__)
 
 __all__ = ["audit", "AuditReport", "DEFAULT_THRESHOLD"]
 
-DEFAULT_THRESHOLD = 16.0  # calibrated at W4A8, see benchmarks/results/audit.md
+#: verdict threshold on the score -log10(p): exposed when a clean model would look this exposed
+#: with probability below 1e-3. Fixed before the evaluation in benchmarks/results/audit.md.
+DEFAULT_THRESHOLD = 3.0
+#: distance from the code (in LSB) beyond which a weight counts as "at the cell edge"
+EDGE = 0.35
+#: overdispersion floors: how far clean layers stray from the uniform null (sd of the log drift ratio;
+#: of the edge share; of log(null / model) of LAC's out-of-sample ratio). Fitted on the clean models
+#: of the calibration half of benchmarks/bench_audit.py (``--fit``: 0.097-0.121, 0.000, 0.164) and set
+#: to about twice that (0.03 for edges: a floor for layers larger than any it held) before the
+#: evaluation half was scored.
+KAPPA_DRIFT = 0.25
+KAPPA_EDGE = 0.03
+KAPPA_CORRECT = 0.35
+
+LIMITS = ("The audit compares round-to-nearest with weights placed at random in their rounding cells, on your "
+          "benign data. It cannot see an attacker who aligns float and integer activations on benign data (the "
+          "adaptive attack) and keeps weights away from the cell edges; in our benchmark it also missed "
+          "Qu-ANTI-zation-style QCBs (straight-through training), and a backdoor the float model already carries is "
+          "not its business. 'not exposed' is evidence, not proof: purify anyway.")
 
 
 @dataclass
 class AuditReport:
+    """The verdict, the p-value behind it, one row per quantized layer, the most exposed channels.
+
+    ``score`` = -log10(``p_value``); ``p_value`` bounds the probability that a clean model looks at
+    least this exposed (Bonferroni over layers and statistics). ``unsupported``: quantized layers
+    the audit could not look at; ``warnings``: layers whose calibration data is thin, data ranges
+    unlike the observers'.
+    """
+
     exposed: bool
     score: float
     threshold: float
-    units: list[dict] = field(default_factory=list)  # name, rel. drift RTN, rel. drift achievable, excess
-    top_channels: list[dict] = field(default_factory=list)  # unit, channel, rel. drift, excess drift
+    p_value: float
+    units: list[dict] = field(default_factory=list)
+    top_channels: list[dict] = field(default_factory=list)
+    unsupported: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    samples: int = 0
+    seconds: float = 0.0
+    limits: str = LIMITS
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,13 +111,27 @@ class AuditReport:
 
     def table(self) -> str:
         verdict = "EXPOSED: quantization wakes up a likely backdoor" if self.exposed else "not exposed"
-        lines = [f"verdict: {verdict} (score {self.score:.1f}, threshold {self.threshold:.1f})", "",
-                 f"{'unit':<28} {'drift RTN':>10} {'achievable':>10} {'excess':>8}"]
-        lines += [f"{u['name'][:28]:<28} {u['drift']:>10.3e} {u['achievable']:>10.3e} {u['excess']:>8.1f}"
-                  for u in self.units]
-        lines += ["", "most drifted channels:"]
-        lines += [f"  {c['unit']}[{c['channel']}]: drift {c['drift']:.3e}, excess {c['excess']:.3e}"
-                  for c in self.top_channels]
+        lines = [f"verdict: {verdict} (score {self.score:.1f} = -log10 p, p = {self.p_value:.2g}, threshold "
+                 f"{self.threshold:g}; {self.samples} calibration samples, {self.seconds:.1f}s)", "",
+                 f"{'unit':<24} {'drift/null':>10} {'z':>6} {'edge %':>7} {'z':>6} {'LAC oos':>8} {'null':>6} "
+                 f"{'z':>6} {'p':>8}"]
+        for u in self.units:
+            lac, null = ("" if v is None else f"{v:.3f}" for v in (u["lac_oos"], u["lac_oos_null"]))
+            lines.append(f"{u['name'][:24]:<24} {u['drift_ratio']:>10.2f} {u['z_drift']:>6.1f} "
+                         f"{100 * u['edge_share']:>7.1f} {u['z_edge']:>6.1f} {lac:>8} {null:>6} {u['z_correct']:>6.1f} "
+                         f"{u['p']:>8.1e}")
+        lines += [f"(edge % under the null: {100 * (1 - 2 * EDGE):.0f}; LAC oos: drift of LAC fitted on half the "
+                  "samples, measured on the other half, over round-to-nearest's there; null: the same for the "
+                  "weights jittered uniformly inside their cells)"]
+        lines += ["", "most exposed channels (p per channel, not corrected for the number of channels):"]
+        lines += [f"  {c['unit']}[{c['channel']}]: drift/null {c['drift_ratio']:.2f}, edge {100 * c['edge_share']:.0f}%, "
+                  f"z {c['z']:.1f}, p {c['p']:.1e}" for c in self.top_channels]
+        if self.unsupported:
+            lines += ["", "NOT audited (unsupported quantized layers):"]
+            lines += [f"  {u['name']} ({u['kind']}): {u['reason']}" for u in self.unsupported]
+        if self.warnings:
+            lines += ["", "warnings:"] + [f"  {w}" for w in self.warnings]
+        lines += ["", f"limits: {self.limits}"]
         return "\n".join(lines)
 
     __str__ = table
@@ -64,25 +139,166 @@ class AuditReport:
 
 def audit(prepared: nn.Module, float_model: nn.Module, calib_data, threshold: float = DEFAULT_THRESHOLD,
           top_k: int = 10, config: PurifyConfig | None = None) -> AuditReport:
-    """Measure FP-vs-quantized drift of a calibrated model and give a verdict. Changes nothing.
+    """Measure how far each quantized layer's rounding is from a clean model's and give a verdict.
 
-    Same inputs as :func:`qcb_ptq_plugin.purify`. PDA is off: the audit looks at benign data only.
+    Same inputs as :func:`qcb_ptq_plugin.purify`; nothing is written to ``prepared``. Quantized
+    layers the methods cannot handle are listed in the report (never silently dropped).
+
+    Args:
+        threshold: exposed when the score -log10(p) exceeds it (default :data:`DEFAULT_THRESHOLD`).
+        top_k: channels listed in ``top_channels``.
+        config: batching, sampling and progress (``PurifyConfig``); PDA is off.
     """
-    cfg = (config or PurifyConfig(progress=False)).replace(pda="off")
+    t0 = time.perf_counter()
+    cfg = (config or PurifyConfig(progress=False)).replace(pda="off", skip_unsupported=True)
     _, plan, batches = prepare_plan(prepared, float_model, calib_data, cfg)
-    _, rep = _pass.run(plan.units, plan.capture, batches, get_method("lac"), cfg, write_back=False)
-    units, channels = [], []
-    for u in rep.units:
-        energy = max(u.target_energy, 1e-30)
-        excess = u.error_before / max(u.error_after, 1e-12 * energy)
-        units.append({"name": u.name, "drift": u.error_before / energy, "achievable": u.error_after / energy,
-                      "excess": excess})
-        ch = rep.channels[u.name]
-        rel = (ch["before"] - ch["after"]) / ch["energy"].clamp_min(1e-30)
-        for o in rel.argsort(descending=True)[:top_k].tolist():
-            channels.append({"unit": u.name, "channel": o, "drift": float(ch["before"][o] / max(ch["energy"][o], 1e-30)),
-                             "excess": float(rel[o])})
-    channels.sort(key=lambda c: -c["excess"])
-    score = max((u["excess"] for u in units), default=0.0)
-    return AuditReport(exposed=score > threshold, score=score, threshold=threshold, units=units,
-                       top_channels=channels[:top_k])
+    unsupported = check_coverage(plan.unsupported, cfg)
+    mismatch = range_mismatch(batches, plan.input_range)
+    warnings = [mismatch] if mismatch else []
+    samples = sum(len(b) for b in batches)
+    if samples < 4:
+        raise ValueError(f"the audit needs at least 4 calibration samples, got {samples}")
+    rows, channels = [], []
+    with flush_denormals():
+        for unit in tqdm(plan.units, desc="audit", unit="unit", disable=not cfg.progress):
+            row, ch = _audit_unit(unit, UnitData(unit, plan.capture, batches), cfg)
+            rows.append(row)
+            channels += ch
+            if row["positions"] < row["fan_in"]:
+                warnings.append(f"{unit.name}: {row['positions']} calibration positions (samples x spatial) for a "
+                                f"fan-in of {row['fan_in']}: its statistics are thin and LAC's out-of-sample figure "
+                                "is unreliable; calibrate with more samples")
+    for w in warnings:
+        log.warning("%s", w)
+    p = min(1.0, len(rows) * min((r["p"] for r in rows), default=1.0))
+    score = max(0.0, -math.log10(max(p, 1e-300)))
+    channels.sort(key=lambda c: -c["z"])
+    return AuditReport(exposed=score > threshold, score=score, threshold=threshold, p_value=p, units=rows,
+                       top_channels=channels[:top_k], unsupported=unsupported, warnings=warnings, samples=samples,
+                       seconds=time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------
+# per unit
+
+
+def _z_drift(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """log(X / E0[X]) over its null sd: the relative sd sqrt(var)/mean of X under the uniform null,
+    with the floor KAPPA_DRIFT for how far clean layers stray from it (their ratios are right-skewed)."""
+    mean = mean.clamp_min(1e-300)
+    return (x.clamp_min(1e-300) / mean).log() / (KAPPA_DRIFT ** 2 + var / mean.pow(2)).sqrt()
+
+
+def _p_upper(z: float) -> float:
+    """One-sided normal tail P(Z >= z)."""
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+class _Half:
+    """Input statistics of one half of the calibration samples, enough to measure any weight V:
+    H = Σ I Iᵀ, F = Σ I^fp Iᵀ, G = Σ I^fp I^fpᵀ (per group); V's target is V I^fp (bias cancels)."""
+
+    def __init__(self) -> None:
+        self.H = self.F = self.G = None
+        self.n = 0
+
+    def add(self, cols: torch.Tensor, cols_fp: torch.Tensor) -> None:  # (G, K, N) each
+        h, f, g = (torch.bmm(a, b.transpose(1, 2)).double() for a, b in ((cols, cols), (cols_fp, cols), (cols_fp, cols_fp)))
+        self.H, self.F, self.G = (h, f, g) if self.H is None else (self.H + h, self.F + f, self.G + g)
+        self.n += cols.shape[-1]
+
+    def gram(self, v: torch.Tensor) -> Gram:
+        """The Gram the methods use for float weight ``v`` (G, Og, K): C = V F, t = diag(V G Vᵀ)."""
+        g, v = Gram(), v.double()
+        g.H, g.C, g.t_ch, g.n = self.H, torch.bmm(v, self.F), (torch.bmm(v, self.G) * v).sum(-1), self.n
+        return g
+
+
+def _audit_unit(unit: Unit, data: UnitData, cfg: PurifyConfig) -> tuple[dict, list[dict]]:
+    """One unit's statistics against the uniform-in-cell null: drift, edges, correctability."""
+    op, grid = unit.op, unit.grid
+    halves = (_Half(), _Half())
+    gen = torch.Generator().manual_seed(cfg.seed)
+    seen = 0
+    for i_q, i_fp in data:
+        parity = (torch.arange(len(i_q)) + seen) % 2
+        seen += len(i_q)
+        for h, half in enumerate(halves):
+            keep = (parity == h).nonzero().flatten().to(i_q.device)
+            if len(keep):
+                with torch.no_grad():
+                    cols, cols_fp = (op.columns(t.index_select(0, keep)) for t in (i_q, i_fp))
+                if cfg.gram_positions is not None and cols.shape[-1] > cfg.gram_positions:
+                    pick = torch.randperm(cols.shape[-1], generator=gen)[:cfg.gram_positions].to(cols.device)
+                    cols, cols_fp = cols.index_select(-1, pick), cols_fp.index_select(-1, pick)
+                half.add(cols, cols_fp)
+    g_a, g_b = halves
+    H = (g_a.H + g_b.H) / (g_a.n + g_b.n)  # (G, K, K), float64, per position
+
+    w = unit.weight.detach().float()
+    q = grid.quantize(w)
+    s = grid.expand(w)[0]
+    e = op.grouped(grid.dequantize(q) - w).double()  # (G, Og, K)
+    s = op.grouped(s).double()
+
+    # drift: X_o = e_o H e_oᵀ against e_k iid uniform on (-s_k/2, s_k/2): var s²/12, 4th moment s⁴/80
+    x = (torch.bmm(e, H) * e).sum(-1).flatten()
+    var = s.pow(2) / 12
+    d = H.diagonal(dim1=1, dim2=2).unsqueeze(1)  # (G, 1, K)
+    mean = (var * d).sum(-1).flatten()
+    v = (2 * (torch.bmm(var, H * H) * var).sum(-1) - 2 * (var.pow(2) * d.pow(2)).sum(-1)
+         + ((s.pow(4) / 80 - var.pow(2)) * d.pow(2)).sum(-1)).flatten().clamp_min(0)
+    z_ch = _z_drift(x, mean, v)
+    z_drift = float(_z_drift(x.sum(), mean.sum(), v.sum()))
+
+    # edges: weights inside the grid's range (not clamped), distance from the code in LSB
+    rows = e.shape[0] * e.shape[1]
+    dist = (e.abs() / s).reshape(rows, -1)
+    codes = op.grouped(q).reshape(rows, -1)
+    inside = (dist <= 0.5 + 1e-4) & (codes > grid.qmin) & (codes < grid.qmax)  # the range's ends hold absmax
+    edge = (dist > EDGE) & inside
+    n_in = inside.sum(1).double()
+    p0 = 1 - 2 * EDGE
+    share_ch = edge.sum(1).double() / n_in.clamp_min(1)
+    n_all = max(n_in.sum().item(), 1.0)
+    share = edge.sum().item() / n_all
+    z_edge = (share - p0) / math.sqrt(p0 * (1 - p0) / n_all + KAPPA_EDGE ** 2)
+    z_edge_ch = (share_ch - p0) / (p0 * (1 - p0) / n_in.clamp_min(1) + KAPPA_EDGE ** 2).sqrt()
+
+    # correctability: how much of round-to-nearest's drift LAC removes out of sample, vs the same
+    # weights jittered uniformly inside their cells (the null's placement, same magnitudes and data)
+    lac_oos, lac_null = _lac_out_of_sample(g_a, g_b, unit, cfg)
+    z_corr = 0.0 if lac_oos is None or lac_null is None else math.log(lac_null / lac_oos) / KAPPA_CORRECT
+    p = min(1.0, 3 * min(_p_upper(z_drift), _p_upper(z_edge), _p_upper(z_corr)))
+    name = unit.name
+    row = {"name": name, "kind": type(unit.fp_layer).__name__, "fan_in": int(e.shape[-1]),
+           "positions": int(min(g_a.n, g_b.n)), "drift_ratio": float(x.sum() / mean.sum().clamp_min(1e-300)),
+           "z_drift": z_drift, "edge_share": share, "z_edge": z_edge, "lac_oos": lac_oos, "lac_oos_null": lac_null,
+           "z_correct": z_corr, "p": p,
+           # raw figures behind the z-scores (benchmarks refit the floors from them)
+           "x": float(x.sum()), "null_mean": float(mean.sum()), "null_var": float(v.sum()), "n_weights": int(n_all)}
+    z_comb = torch.maximum(z_ch, z_edge_ch)  # per channel: the same null and floors, no Bonferroni over channels
+    ratio_ch = x / mean.clamp_min(1e-300)
+    channels = [{"unit": name, "channel": o, "z": float(z_comb[o]), "p": min(1.0, 2 * _p_upper(float(z_comb[o]))),
+                 "drift_ratio": float(ratio_ch[o]), "edge_share": float(share_ch[o])}
+                for o in z_comb.argsort(descending=True)[:10].tolist()]
+    return row, channels
+
+
+def _lac_out_of_sample(g_a: _Half, g_b: _Half, unit: Unit, cfg: PurifyConfig) -> tuple[float | None, float | None]:
+    """D_B(LAC fitted on A) / D_B(round to nearest) for the unit's weight W and for W + s u, u uniform
+    on (-1/2, 1/2) per weight (seeded): what purification achieves on samples it did not see (< 1:
+    it helps; >= 1: nothing to correct or too few samples), for the model and for the null."""
+    if g_a.n == 0 or g_b.n == 0:
+        return None, None
+    op, grid = unit.op, unit.grid
+    w = unit.weight.detach().float()
+    u = torch.rand(w.shape, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(w) - 0.5
+    out = []
+    for v in (w, w + grid.expand(w)[0] * u):
+        vg = op.grouped(v)
+        q_lac = op.ungrouped(_solve_gram(g_a.gram(vg), vg, grid, cfg), v.shape)
+        g = g_b.gram(vg)
+        rtn, lac = (g.channel_errors(op.grouped(grid.dequantize(c))).sum().item() for c in (grid.quantize(v), q_lac))
+        out.append(lac / rtn if rtn > 0 and lac > 0 else None)
+    return out[0], out[1]

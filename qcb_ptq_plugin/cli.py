@@ -200,18 +200,12 @@ def _cmd_purify(args) -> int:
 
         if importlib.util.find_spec("matplotlib") is None:
             raise ImportError("--plot needs matplotlib: pip install 'qcb-ptq-plugin[plot]'")
-    model, kind = _load_torch_model(Path(args.model), args.trust_model_code)
-    calib = _single_input_calibration(args)
-    flow = "pt2e" if kind == "pt2" else args.flow
-    if kind == "pt2":
-        model = _dynamic_batch_module(model, Path(args.model), calib)
+    model, calib, flow = _model_calibration_flow(args)
     cfg = _method_config(args)
     if flow == "pt2e":
         int8, report = quantize_pt2e(model, calib, args.bits, cfg, batch_size=args.batch_size, grid=args.grid,
                                      method=args.method)
     else:
-        if args.grid != "x86":
-            raise ValueError("--grid xnnpack needs the PT2E flow (--flow pt2e)")
         int8, report = quantize_fx(model, calib, args.bits, cfg, batch_size=args.batch_size, method=args.method)
     # every output is written to a temporary file and validated; all are renamed only when all succeeded
     with contextlib.ExitStack() as stack:
@@ -235,18 +229,32 @@ def _cmd_purify(args) -> int:
     return 0
 
 
-def _cmd_audit(args) -> int:
-    from .audit import audit
-    from .ptq import prepare_fx_calibrated, prepare_pt2e_calibrated
-
-    _outputs(("audit JSON", args.json))
+def _model_calibration_flow(args):
+    """(float model, calibration tensor, flow) for the torch subcommands: a .pt2 always takes PT2E
+    (re-exported with a dynamic batch where needed), a pickled module ``--flow``."""
     model, kind = _load_torch_model(Path(args.model), args.trust_model_code)
     calib = _single_input_calibration(args)
     if kind == "pt2":
         model = _dynamic_batch_module(model, Path(args.model), calib)
     flow = "pt2e" if kind == "pt2" else args.flow
-    prepare = prepare_pt2e_calibrated if flow == "pt2e" else prepare_fx_calibrated
-    report = audit(prepare(model, calib, args.bits), model, calib, threshold=args.threshold)
+    if flow != "pt2e" and args.grid != "x86":
+        raise ValueError("--grid xnnpack needs the PT2E flow (--flow pt2e)")
+    return model, calib, flow
+
+
+def _cmd_audit(args) -> int:
+    from . import PurifyConfig
+    from .audit import audit
+    from .ptq import prepare_fx_calibrated, prepare_pt2e_calibrated
+
+    _outputs(("audit JSON", args.json))
+    model, calib, flow = _model_calibration_flow(args)
+    if flow == "pt2e":
+        prepared = prepare_pt2e_calibrated(model, calib, args.bits, args.batch_size, grid=args.grid)
+    else:
+        prepared = prepare_fx_calibrated(model, calib, args.bits, args.batch_size)
+    config = PurifyConfig(batch_size=args.batch_size, progress=not args.no_progress)
+    report = audit(prepared, model, calib, threshold=args.threshold, config=config)
     if args.json:
         report.save_json(args.json)
     print(report.table())
@@ -255,6 +263,18 @@ def _cmd_audit(args) -> int:
 
 _TRUST_HELP = ("unpickle a .pt/.pth nn.Module file in full. RISK: unpickling runs any code the file holds; use it "
                "only for files whose source you trust. Without it such files are refused; .pt2 files never run code")
+
+
+def _add_quantization_options(p: argparse.ArgumentParser) -> None:
+    """How a torch model file is quantized: shared by purify and audit, so both see the same INT model."""
+    p.add_argument("--flow", choices=["fx", "pt2e"], default="fx", help="for pickled modules: torch.ao FX "
+                   "(default) or torchao PT2E; .pt2 files always use PT2E")
+    p.add_argument("--bits", type=int, default=8, help="weight bits, 2..8 (default: 8; activations are 8-bit)")
+    p.add_argument("--grid", choices=["x86", "xnnpack"], default="x86",
+                   help="weight grid: x86 (absmax/127.5, -128..127) or xnnpack (absmax/127, -127..127; PT2E only)")
+    p.add_argument("--batch-size", type=int, default=64, help="calibration batch size (default: 64)")
+    p.add_argument("--limit", type=int, help="use at most this many files of a folder")
+    p.add_argument("--trust-model-code", action="store_true", help=_TRUST_HELP)
 
 
 def _add_purify_options(p: argparse.ArgumentParser) -> None:
@@ -269,6 +289,8 @@ def _add_purify_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .audit import DEFAULT_THRESHOLD
+
     parser = argparse.ArgumentParser(prog="qcb-ptq", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: info logs, -vv: debug logs")
@@ -307,17 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--calib", required=True, help="calibration inputs: .npz/.npy, or a folder of .npy files or images")
     u.add_argument("-o", "--output", required=True, help="purified INT8 model: .pt2 (PT2E) or TorchScript .pt (FX; "
                    "load with torch.jit.load)")
-    u.add_argument("--flow", choices=["fx", "pt2e"], default="fx", help="for pickled modules: torch.ao FX "
-                   "(default) or torchao PT2E; .pt2 files always use PT2E")
-    u.add_argument("--bits", type=int, default=8, help="weight bits, 2..8 (default: 8; activations are 8-bit)")
-    u.add_argument("--grid", choices=["x86", "xnnpack"], default="x86",
-                   help="weight grid: x86 (absmax/127.5, -128..127) or xnnpack (absmax/127, -127..127; PT2E only)")
+    _add_quantization_options(u)
     u.add_argument("--solver", choices=["gram", "adam"], help="LAC solver (default: gram; adam with --paper)")
     u.add_argument("--paper", action="store_true", help="the paper's schedule (10000 Adam steps per layer; slow)")
-    u.add_argument("--batch-size", type=int, default=64, help="calibration batch size (default: 64)")
-    u.add_argument("--limit", type=int, help="use at most this many files of a folder")
     u.add_argument("--report", help="JSON report path (default: OUTPUT with .report.json)")
-    u.add_argument("--trust-model-code", action="store_true", help=_TRUST_HELP)
     u.add_argument("--onnx", metavar="PATH", help="also export the purified INT8 model to ONNX (validated in onnxruntime)")
     u.add_argument("--plot", metavar="PNG", help="also plot per-layer FP-vs-INT error before/after (needs matplotlib)")
     _add_purify_options(u)
@@ -326,15 +341,16 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audit", help="measure FP-vs-INT drift of a float model's quantized twin; verdict on QCB exposure")
     a.add_argument("model", help="float model: exported program (.pt2) or pickled nn.Module (.pt/.pth; needs "
                                  "--trust-model-code)")
-    a.add_argument("--calib", required=True, help="benign calibration inputs: .npz/.npy or a folder")
-    a.add_argument("--flow", choices=["fx", "pt2e"], default="fx", help="for pickled modules (default: fx)")
-    a.add_argument("--bits", type=int, default=8, help="weight bits the deployment will use (default: 8)")
-    a.add_argument("--threshold", type=float, default=16.0, help="exposure score threshold (default: 16, "
-                   "calibrated at W4A8 in benchmarks/results/audit.md)")
+    a.add_argument("--calib", required=True, help="benign calibration inputs: .npz/.npy or a folder (at least "
+                   "as many samples as the widest layer's fan-in; the report warns otherwise)")
+    _add_quantization_options(a)
+    a.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"exposed when the score -log10(p) exceeds this (default: {DEFAULT_THRESHOLD:g}, i.e. a clean "
+                        f"model is flagged with probability below {10 ** -DEFAULT_THRESHOLD:g}; fixed before the evaluation "
+                        "in benchmarks/results/audit.md)")
     a.add_argument("--json", metavar="PATH", help="also write the audit report as JSON")
     a.add_argument("--fail-if-exposed", action="store_true", help="exit with code 3 when the verdict is exposed")
-    a.add_argument("--limit", type=int, help="use at most this many files of a folder")
-    a.add_argument("--trust-model-code", action="store_true", help=_TRUST_HELP)
+    a.add_argument("--no-progress", action="store_true", help="no progress bars")
     a.set_defaults(func=_cmd_audit)
     return parser
 

@@ -1,25 +1,113 @@
-"""audit(): the paper's activation drift turned into a verdict, without changing the model."""
+"""audit(): rounding errors vs weights placed at random in their cells, turned into a p-value and a
+verdict with the library's threshold, on real FX / PT2E preparations; the CLI's flags."""
 
 from __future__ import annotations
 
+import copy
+import json
+import logging
+
+import numpy as np
+import pytest
 import torch
+from torch import nn
 
 import qcb_ptq_plugin
+from qcb_ptq_plugin import cli
+from qcb_ptq_plugin.audit import DEFAULT_THRESHOLD
+from qcb_ptq_plugin.evalkit import attacks
 
 from .conftest import prepare_calibrated
 
 
 def test_planted_qcb_is_exposed_and_clean_model_is_not(qcb_w4, clean_cnn, digits):
-    calib = digits.calibration(128)
+    calib = digits.calibration(256)
     planted = prepare_calibrated(qcb_w4, calib, 4)
     before = {k: v.clone() for k, v in planted.state_dict().items()}
     report = qcb_ptq_plugin.audit(planted, qcb_w4, calib)
-    assert report.exposed and report.score > report.threshold
+    assert report.threshold == DEFAULT_THRESHOLD
+    assert report.exposed and report.score > report.threshold and report.p_value < 10 ** -DEFAULT_THRESHOLD
     assert all(torch.equal(v, before[k]) for k, v in planted.state_dict().items())  # audit changes nothing
-    assert report.top_channels and report.top_channels[0]["excess"] >= report.top_channels[-1]["excess"]
-    assert "EXPOSED" in report.table()
+    assert [c["z"] for c in report.top_channels] == sorted((c["z"] for c in report.top_channels), reverse=True)
+    assert "EXPOSED" in report.table() and "cannot see an attacker who aligns" in report.table()
+    assert {u["name"] for u in report.units} == {"features.0", "features.4", "features.8", "fc"}
+    # the repaired weights sit at the edges of their 4-bit cells: far above the 30% of the null
+    assert max(u["edge_share"] for u in report.units) > 0.5
+    # LAC's out-of-sample figures, for the model and for its weights jittered inside their cells
+    assert all(0 < u["lac_oos"] < 1 and 0 < u["lac_oos_null"] for u in report.units)
 
-    for bits in (8, 4):
-        clean = qcb_ptq_plugin.audit(prepare_calibrated(clean_cnn, calib, bits), clean_cnn, calib)
-        assert not clean.exposed, (bits, clean.score)
-        assert clean.score < report.score
+    for bits, backend in ((8, "x86"), (4, "x86"), (8, "qnnpack"), (4, "qnnpack")):  # per-channel and per-tensor
+        mapping = attacks.qnnpack_qconfig_mapping(bits) if backend == "qnnpack" else None
+        clean = qcb_ptq_plugin.audit(prepare_calibrated(clean_cnn, calib, bits, mapping), clean_cnn, calib)
+        assert not clean.exposed, (bits, backend, clean.score)
+        assert clean.p_value > report.p_value
+
+
+def test_calibration_smaller_than_fan_in_is_warned(clean_cnn, digits, caplog):
+    """features.8 (fan-in 16 x 3 x 3 = 144) sees a 2x2 map: 32 images give each half 64 positions."""
+    small = digits.calibration(32)
+    with caplog.at_level(logging.WARNING, logger="qcb_ptq_plugin"):
+        report = qcb_ptq_plugin.audit(prepare_calibrated(clean_cnn, small), clean_cnn, small)
+    assert any(w.startswith("features.8:") and "fan-in of 144" in w for w in report.warnings)
+    assert "fan-in of 144" in caplog.text and "fan-in of 144" in report.table()
+    enough = digits.calibration(256)
+    assert not any("fan-in" in w for w in qcb_ptq_plugin.audit(prepare_calibrated(clean_cnn, enough), clean_cnn,
+                                                               enough).warnings)
+
+
+class _Reflect(nn.Module):
+    """A reflect-padded conv: x86 quantizes it, the audit cannot model it."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect")
+        self.fc = nn.Linear(256, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.up(x)).flatten(1))
+
+
+def test_unsupported_layers_are_listed_not_dropped(digits):
+    torch.manual_seed(0)
+    model, calib = _Reflect().eval(), digits.calibration(64)
+    report = qcb_ptq_plugin.audit(prepare_calibrated(model, calib), model, calib)
+    assert [u["name"] for u in report.unsupported] == ["up"] and [u["name"] for u in report.units] == ["fc"]
+    assert "NOT audited" in report.table() and "up (Conv2d)" in report.table()
+
+
+def _pt2(model, x, path):
+    torch.export.save(torch.export.export(copy.deepcopy(model), (x[:2],),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    return str(path)
+
+
+def test_cli_flags_and_fail_if_exposed(qcb_w4, clean_cnn, digits, tmp_path, capsys):
+    calib = tmp_path / "calib.npy"
+    np.save(calib, digits.calibration(256, seed=1).numpy())
+    common = ["--calib", str(calib), "--bits", "4", "--batch-size", "32", "--no-progress", "--fail-if-exposed"]
+    out = tmp_path / "audit.json"
+    assert cli.main(["audit", _pt2(qcb_w4, digits.x_test, tmp_path / "qcb.pt2"), *common, "--json", str(out)]) == 3
+    saved = json.loads(out.read_text())
+    assert saved["exposed"] and saved["threshold"] == DEFAULT_THRESHOLD and "EXPOSED" in capsys.readouterr().out
+    clean = _pt2(clean_cnn, digits.x_test, tmp_path / "clean.pt2")
+    assert cli.main(["audit", clean, *common]) == 0
+    assert cli.main(["audit", clean, *common, "--grid", "xnnpack"]) == 0  # PT2E on the absmax/127 grid
+    # an explicit threshold below any score flags it; without --fail-if-exposed the exit code stays 0
+    assert cli.main(["audit", clean, *common, "--threshold", "-1"]) == 3
+    assert cli.main(["audit", clean, "--calib", str(calib), "--threshold", "-1", "--no-progress"]) == 0
+    torch.save(clean_cnn, tmp_path / "clean.pt")
+    assert cli.main(["audit", str(tmp_path / "clean.pt"), "--trust-model-code", *common, "--grid", "xnnpack"]) == 2
+    assert "--grid xnnpack needs the PT2E flow" in capsys.readouterr().err
+
+
+def test_cli_audit_options_share_purify_and_the_library_threshold(capsys):
+    sub = cli.build_parser()._subparsers._group_actions[0].choices
+    audit_opts = {a.dest: a for a in sub["audit"]._actions}
+    purify_opts = {a.dest: a for a in sub["purify"]._actions}
+    for dest in ("bits", "grid", "batch_size", "flow", "limit", "trust_model_code"):
+        assert audit_opts[dest].default == purify_opts[dest].default and audit_opts[dest].help
+    assert audit_opts["threshold"].default == DEFAULT_THRESHOLD
+    assert "no_progress" in audit_opts and "fail_if_exposed" in audit_opts
+    with pytest.raises(SystemExit):
+        cli.main(["audit", "--help"])
+    assert f"default: {DEFAULT_THRESHOLD:g}" in capsys.readouterr().out
