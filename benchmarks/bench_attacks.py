@@ -172,12 +172,20 @@ def main() -> None:
     p.add_argument("--test-samples", type=int, default=2000)
     p.add_argument("--calib", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache", default=str(HERE / ".cache" / "attacks"))
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "qcb-ptq-plugin" / "bench_attacks"),
+                   help="folder of planted models (state dicts); delete it after changing a recipe")
     p.add_argument("--jsonl", default=str(HERE / "results" / "attacks.jsonl"))
     p.add_argument("--out", default=str(HERE / "results" / "attacks.md"))
+    p.add_argument("--table-only", action="store_true",
+                   help="measure nothing: rewrite --out from --jsonl (several files: comma-separated)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
+    if args.table_only:
+        done = {k: v for path in args.jsonl.split(",") for k, v in load_done(Path(path)).items()}
+        first = min(done.values(), key=lambda r: r["when"], default={"load": os.getloadavg()})
+        write(done, args, first["load"], echo=True)
+        return
     jsonl = Path(args.jsonl)
     done = load_done(jsonl)
     load_before = os.getloadavg()
@@ -239,8 +247,8 @@ def write(done: dict[str, dict], args, load_before, echo: bool) -> None:
              f"--seed {args.seed}` (commit {commit})", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} cores shared with other jobs, torch {torch.__version__}, "
              f"Python {platform.python_version()}, {torch.get_num_threads()} intra-op thread(s). Load average "
-             f"(1/5/15 min) at the start of this run {load_before[0]:.1f} / {load_before[1]:.1f} / "
-             f"{load_before[2]:.1f}; each cell's load is in the .jsonl. Seconds are wall time under that shared "
+             f"(1/5/15 min) at the start {load_before[0]:.1f} / {load_before[1]:.1f} / "
+             f"{load_before[2]:.1f}; each cell's load is in the .jsonl (``load``). Seconds are wall time under that shared "
              "load, not comparable with `speed.md`.", "",
              "Attacker: the first train-samples training images; defender: --calib unlabelled training images; "
              "metrics on the first test-samples test images, target class 0, a 4x4 white patch 1 px from the "
