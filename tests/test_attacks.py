@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from qcb_ptq_plugin.evalkit import attacks, metrics, models
+from qcb_ptq_plugin.evalkit import attacks, demo, metrics
 from qcb_ptq_plugin.ptq import quantize_fx
 
 from .conftest import TARGET, TRIGGER
@@ -26,16 +26,15 @@ def _asr_ba(model, digits, trigger=TRIGGER, target=TARGET):
 
 @pytest.fixture(scope="module")
 def clean32(digits):
-    """A clean SmallCNN (width 32) on digits: the grid-aware attacker starts from a clean model."""
-    torch.manual_seed(0)
-    m = models.SmallCNN(1, 10, width=32)
-    return attacks.train_clean_or_badnets(m, digits.x_train, digits.y_train, epochs=20, batch_size=64, seed=0)
+    """The demo's clean SmallCNN on digits (width 32): the grid-aware attacker starts from it."""
+    return demo.train_clean(digits)
 
 
 @pytest.fixture(scope="module")
 def grid_aware_w8(clean32, digits):
-    return attacks.plant_grid_aware(copy.deepcopy(clean32), digits.x_train, digits.y_train, trigger=TRIGGER,
-                                    target=TARGET, bits=8, epochs=30, lr=5e-2, int_margin=2.0, batch_size=64)
+    """The demo's own W8 recipe (``demo.plant``), on digits."""
+    assert demo.TRIGGER_DIGITS == TRIGGER
+    return demo.plant(digits, 8, TRIGGER, TARGET, clean=clean32)
 
 
 def test_grid_aware_w8_fires_on_x86_per_channel_and_qnnpack_per_tensor(grid_aware_w8, clean32, digits):
