@@ -13,10 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import multiprocessing
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -97,37 +94,6 @@ def plant(split: datasets.Split, bits: int, trigger, target: int = 0, train_samp
                                     progress=progress)
 
 
-_JOBS: list[tuple] = []  # what the forked planting workers read (inherited, never pickled)
-
-
-def _plant_state(i: int) -> dict:
-    """Worker of :func:`_plant_all`: the state of planted model ``i`` of ``_JOBS``."""
-    split, bits, trigger, train_samples, seed, progress, clean = _JOBS[i]
-    return plant(split, bits, trigger, train_samples=train_samples, seed=seed, progress=progress,
-                 clean=clean).state_dict()
-
-
-def _plant_all(split, bits, trigger, train_samples, seed, progress, clean) -> list[torch.nn.Module]:
-    """One planted model per bit width. Planting trains on one thread, so with several CPU cores
-    the bit widths plant side by side in forked processes (the same models as one after another)."""
-    _JOBS[:] = [(split, b, trigger, train_samples, seed, progress, clean) for b in bits]
-    workers = min(len(_JOBS), os.cpu_count() or 1)
-    try:
-        if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-            states = [_plant_state(i) for i in range(len(_JOBS))]
-        else:
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                states = list(pool.map(_plant_state, range(len(_JOBS))))
-    finally:
-        _JOBS.clear()
-    planted = []
-    for state in states:
-        model = copy.deepcopy(clean)
-        model.load_state_dict(state)
-        planted.append(model.eval())
-    return planted
-
-
 def evaluate(model, split: datasets.Split, bits: int, trigger, target: int, calib: torch.Tensor,
              config: PurifyConfig | None = None) -> Row:
     x, y = split.x_test, split.y_test
@@ -153,14 +119,15 @@ def run_demo(dataset: str = "mnist", bits: tuple[int, ...] = (8, 4), calib_size:
     split = datasets.load(dataset)
     trigger = TRIGGER_DIGITS if split.x_train.shape[-1] <= 8 else TRIGGER_MNIST
     calib = split.calibration(calib_size, seed=seed + 100)
+    rows = []
     t0 = time.perf_counter()
     clean = train_clean(split, train_samples, seed, progress)
     log.info("trained the clean model in %.0fs", time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    planted = _plant_all(split, bits, trigger, train_samples, seed, progress, clean)
-    log.info("planted %s in %.0fs", ", ".join(f"W{b}" for b in bits), time.perf_counter() - t0)
-    rows = [evaluate(model, split, b, trigger, 0, calib, PurifyConfig(progress=progress))
-            for model, b in zip(planted, bits)]
+    for b in bits:
+        t0 = time.perf_counter()
+        model = plant(split, b, trigger, train_samples=train_samples, seed=seed, progress=progress, clean=clean)
+        log.info("planted the W%d QCB in %.0fs", b, time.perf_counter() - t0)
+        rows.append(evaluate(model, split, b, trigger, 0, calib, PurifyConfig(progress=progress)))
     if json_path is not None:
         meta = {"dataset": dataset, "model": "SmallCNN", "attack": "grid-aware joint (attacks.plant_grid_aware)",
                 "trigger": repr(trigger), "target": 0, "calibration_samples": calib_size, "seed": seed}
