@@ -60,7 +60,7 @@ class _Recipe:
 
 
 _RECIPES = {  # dataset kind -> recipe; "small" = digits (tests), "mnist" = 28x28 sets
-    "small": _Recipe(32, 20, 30),
+    "small": _Recipe(32, 20, 20, polish_epochs=5, int_margin=1.0),
     "mnist": _Recipe(16, 2, 3, lr=1e-1),
 }
 
@@ -113,7 +113,7 @@ def evaluate(model, split: datasets.Split, bits: int, trigger, target: int, cali
                100 * metrics.der(nd_asr / 100, pu_asr / 100, nd_ba / 100, pu_ba / 100), seconds)
 
 
-def run_demo(dataset: str = "mnist", bits: tuple[int, ...] = (8, 4), calib_size: int = 512,
+def run_demo(dataset: str = "digits", bits: tuple[int, ...] = (8, 4), calib_size: int = 512,
              train_samples: int | None = 20000, seed: int = 0, progress: bool = True,
              json_path: str | Path | None = None) -> list[Row]:
     split = datasets.load(dataset)

