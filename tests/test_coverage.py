@@ -216,3 +216,14 @@ def test_convtranspose_and_conv3d_are_purified_units(digits, net, pda_units):
     for u in report.units:
         assert u.error_after <= u.error_before + 1e-12, u.name
     assert {u.name for u in report.units if u.pda == "applied"} == pda_units, [(u.name, u.pda) for u in report.units]
+
+
+def test_blocked_gram_equals_one_bmm():
+    """Wide layers' H = cols colsᵀ is built from the blocks on and above the diagonal, mirrored."""
+    from qcb_ptq_plugin.units import _gram
+
+    torch.manual_seed(0)
+    cols = torch.randn(2, 1100, 300, dtype=torch.float64)  # K = 1100: blocks of 512, 512, 76
+    h = _gram(cols)
+    torch.testing.assert_close(h, torch.bmm(cols, cols.transpose(1, 2)), rtol=1e-12, atol=1e-9)
+    assert torch.equal(h, h.transpose(1, 2))
