@@ -4,7 +4,8 @@
     python benchmarks/bench_adaptive.py            # digits, W4A8, λ in {0, 1}, 3 seeds (~4 min)
 
 Writes benchmarks/results/adaptive.md. BA / ASR in % on the digits test split, INT models are
-real torch.ao FX conversions; the audit score is that of qcb_ptq_plugin.audit (threshold 16).
+real torch.ao FX conversions; the audit score is that of qcb_ptq_plugin.audit (-log10 p; exposed above
+audit.DEFAULT_THRESHOLD).
 """
 
 from __future__ import annotations
