@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from qcb_ptq_plugin._pass import flush_denormals
 from qcb_ptq_plugin.adapters._common import bn_fold_factor, execution_order, following_bn
 from qcb_ptq_plugin.grid import WeightGrid
+from qcb_ptq_plugin.methods.lac import _RoundSTE  # round forward, identity backward
 from qcb_ptq_plugin.ptq import fx_qconfig_mapping, quantized_engine
 
 log = logging.getLogger(__name__)
@@ -581,18 +582,6 @@ def plant_comp_artifact(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, t
 
 # ---------------------------------------------------------------------------------------------
 # Grid-aware joint attacker: the one that plants 8-bit QCBs on small offline data
-
-
-class _RoundSTE(torch.autograd.Function):
-    """round() forward, identity backward (straight-through estimator)."""
-
-    @staticmethod
-    def forward(ctx, t):
-        return torch.round(t)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
 
 
 @dataclass
