@@ -157,5 +157,5 @@ class PurifyConfig(MethodConfig):
         the calibrated observers at convert; weight scales stay as calibrated, as released.
         """
         base = dict(solver=Solver.ADAM, adam_steps=10000, lr=1e-3, adam_batch_size=32, act_lr=4e-5,
-                    gamma=1e-3, pda_steps=500, pda_step_size=1e-3, gram_positions=None)
+                    gamma=1e-3, pda_steps=500, pda_step_size=1e-3)
         return cls(**{**base, **overrides})

@@ -31,7 +31,7 @@ class UnitResult:
     Attributes:
         codes: the chosen integers, shaped like the unit's weight.
         gram: statistics of the unit's inputs the report measures errors on (before = round
-            to nearest, after = ``codes``).
+            to nearest, after = ``codes``); may stay empty where ``errors`` is given.
         pda: "applied", "applied (<variant>)" (e.g. BatchNorm1d batch statistics) or "skipped: <reason>".
         pda_seconds, solve_seconds: where the unit's time went.
         act_scale: a learned scale for ``unit.out_quant`` (written to the simulator before the

@@ -371,8 +371,9 @@ def lac_pda(unit: Unit, data: UnitData, cfg: PurifyConfig) -> UnitResult:
             t_pda = time.perf_counter()
             i_q, a, b = _pda(i_q, unit, cfg, measure_last=log.isEnabledFor(logging.INFO))
             pda_first, pda_last, pda_s = pda_first + a, pda_last + b, pda_s + time.perf_counter() - t_pda
-        gram.add_batch(unit, i_q, target, cfg.gram_positions, gen)
-        if cfg.solver is Solver.ADAM:
+        if cfg.solver is Solver.GRAM:
+            gram.add_batch(unit, i_q, target, cfg.gram_positions, gen)
+        else:  # adam scores and reports its own objective on the cached inputs: no Gram needed
             cache_in.append(i_q)
             cache_tgt.append(target)
     if skip is None:
