@@ -121,10 +121,8 @@ class LayerOp:
             cols = x.reshape(-1, x.shape[-1])  # (N, K)
             return (cols if keep is None else cols.index_select(0, keep)).T.unsqueeze(0)  # (1, K, N)
         if self.kind in ("conv1d", "conv2d"):
-            cols = F.unfold(self._as2d(x), self.kernel, self.dilation, self.padding, self.stride)  # (B, Cin*kh*kw, L)
-        else:
-            cols = self._unfold(x)
-        return self._positions_last(cols, keep)
+            return self._patches(self._as2d(x), keep)
+        return self._positions_last(self._unfold(x), keep)
 
     def outputs(self, y: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Layer outputs in the same layout: (G, O/G, N) (``keep`` as in :meth:`columns`)."""
@@ -132,6 +130,23 @@ class LayerOp:
             y = y.reshape(-1, y.shape[-1])
             return (y if keep is None else y.index_select(0, keep)).T.unsqueeze(0)
         return self._positions_last(y.flatten(2), keep)  # (B, O, L)
+
+    def _patches(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """2-D conv input patches at output positions ``keep`` (all if None), as (G, K, n): one
+        gather from the padded channels-last input, already in the layout the Gram multiplies
+        (faster than ``F.unfold`` and a permuting copy, and it never builds unkept columns)."""
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.padding, self.dilation
+        c, h, w = x.shape[1:]
+        ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        per_sample = ow * ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1)
+        if keep is None:
+            keep = torch.arange(x.shape[0] * per_sample, device=x.device)
+        b, pos = keep // per_sample, keep % per_sample
+        rows = (pos // ow * sh)[:, None] + torch.arange(kh, device=x.device) * dh  # (n, kh)
+        cols = (pos % ow * sw)[:, None] + torch.arange(kw, device=x.device) * dw  # (n, kw)
+        padded = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
+        patches = padded[b[:, None, None], rows[:, :, None], cols[:, None, :]]  # (n, kh, kw, C)
+        return patches.permute(3, 1, 2, 0).reshape(self.groups, c * kh * kw // self.groups, len(keep))
 
     def _positions_last(self, t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """(B, C, L) -> (G, C/G, B*L), or only the positions ``keep`` of the B*L (one gather)."""

@@ -141,6 +141,8 @@ def test_ort_quantized_node_without_float_twin_is_named(digits, tmp_path):
     lambda: nn.Conv3d(4, 6, (3, 2, 3), stride=(2, 1, 2), padding=(1, 0, 2), dilation=(1, 2, 1), groups=2),
     lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
     lambda: nn.Conv1d(3, 4, 3, dilation=2),
+    lambda: nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+    lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2),
     lambda: nn.Linear(7, 5),
 ])
 def test_columns_match_the_layer(make):

@@ -130,10 +130,16 @@ def _solve_gram(g: Gram, w_o: torch.Tensor, grid: WeightGrid, cfg: PurifyConfig)
     def permuted(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:  # columns of (G, R, K) reordered by p
         return torch.gather(t, 2, p[:, None, :].expand(t.shape))
 
-    L = _cholesky(torch.stack([H[i][perm[i]][:, perm[i]] for i in range(G)]))  # chol(P Hd Pᵀ)
-    # Ridge optimum towards the float weight: W* = (C + λ W_o) Hd⁻¹
-    rhs = permuted(g.C.float() + lam[:, None, None] * w_o.float(), perm).transpose(1, 2)  # (G, K, Og)
-    w_star_p = torch.cholesky_solve(rhs, L).transpose(1, 2).contiguous()  # (G, Og, K), act-order
+    # GPTQ wants U = chol((P Hd Pᵀ)⁻¹), upper. With the factor of the reversed matrix,
+    # J P Hd Pᵀ J = L Lᵀ (J reverses), P Hd Pᵀ = R Rᵀ with R = J L J upper, so U = R⁻¹: one
+    # factorisation and one triangular inverse instead of factor, inverse, factor.
+    rev = perm.flip(1)
+    R = _cholesky(torch.stack([H[i][rev[i]][:, rev[i]] for i in range(G)])).flip(1, 2)
+    U = torch.linalg.solve_triangular(R, torch.eye(K, dtype=R.dtype, device=R.device).expand_as(R), upper=True)
+    del R
+    # Ridge optimum towards the float weight: W* = (C + λ W_o) Hd⁻¹, with Hd⁻¹ = Pᵀ Uᵀ U P
+    rhs = permuted(g.C.float() + lam[:, None, None] * w_o.float(), perm)  # (G, Og, K)
+    w_star_p = torch.bmm(torch.bmm(rhs, U.transpose(1, 2)), U)  # (G, Og, K), act-order
     del rhs
 
     if grid.per_group:  # a scale per element: (G, Og, K)
@@ -143,8 +149,7 @@ def _solve_gram(g: Gram, w_o: torch.Tensor, grid: WeightGrid, cfg: PurifyConfig)
         s = grid.scale.float().view(G, Og, 1) if grid.per_channel else grid.scale.float().expand(G, Og, 1)
         z = grid.zero_point.view(G, Og, 1) if grid.per_channel else grid.zero_point.expand(G, Og, 1)
         s_p, z_p = s, z
-    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # chol((P Hd Pᵀ)⁻¹), upper
-    q = permuted(_gptq(w_star_p.clone(), U, s_p, z_p, grid), inv)
+    q = permuted(_gptq(w_star_p, U, s_p, z_p, grid), inv)
     return _coordinate_descent(q, permuted(w_star_p, inv), H, s, z, grid, cfg.cd_passes)
 
 
@@ -167,50 +172,58 @@ def _gptq(W: torch.Tensor, U: torch.Tensor, s, z, grid: WeightGrid, block: int =
 
     ``W`` (G, Og, K) and ``U`` = chol(H⁻¹) (upper) are in the column order to quantize in (the
     caller's act-order); ``s``, ``z``: (G, Og, 1) per channel or (G, Og, K) per group, same order.
-    ``W`` is overwritten."""
+    The loop runs on the transposed weight, so each column it reads and updates is contiguous.
+    """
     G, Og, K = W.shape
-    Q = torch.empty_like(W, dtype=torch.int64)
+    per_group = s.shape[-1] != 1
+    Wt = W.transpose(1, 2).contiguous()  # (G, K, Og)
+    st, zt = s.transpose(1, 2).contiguous(), z.transpose(1, 2).float().contiguous()  # (G, 1 or K, Og)
+    inv_d = U.diagonal(dim1=1, dim2=2).reciprocal().unsqueeze(-1)  # (G, K, 1)
+    Qt = torch.empty_like(Wt)
     for i0 in range(0, K, block):
         i1 = min(i0 + block, K)
-        E = torch.empty(G, Og, i1 - i0, dtype=W.dtype, device=W.device)
+        E = torch.empty(G, i1 - i0, Og, dtype=W.dtype, device=W.device)  # scaled errors of the block
         for i in range(i0, i1):
-            col = W[:, :, i : i + 1]
-            si, zi = (s, z) if s.shape[-1] == 1 else (s[:, :, i : i + 1], z[:, :, i : i + 1])
-            q = (torch.round(col / si) + zi).clamp(grid.qmin, grid.qmax)
-            Q[:, :, i] = q[..., 0].long()
-            err = (col - si * (q - zi)) / U[:, i, i].view(G, 1, 1)  # (G, Og, 1)
-            W[:, :, i:i1] -= err * U[:, i : i + 1, i:i1]
-            E[:, :, i - i0] = err[..., 0]
-        W[:, :, i1:] -= torch.bmm(E, U[:, i0:i1, i1:])
-    return Q
+            col = Wt[:, i]  # (G, Og)
+            si, zi = (st[:, i], zt[:, i]) if per_group else (st[:, 0], zt[:, 0])
+            q = torch.round(col / si).add_(zi).clamp_(grid.qmin, grid.qmax)
+            Qt[:, i] = q
+            err = torch.sub(col, (q - zi).mul_(si), out=E[:, i - i0]).mul_(inv_d[:, i])
+            if i + 1 < i1:
+                Wt[:, i + 1 : i1] -= U[:, i, i + 1 : i1, None] * err[:, None, :]
+        if i1 < K:
+            Wt[:, i1:] -= torch.bmm(U[:, i0:i1, i1:].transpose(1, 2), E)
+    return Qt.transpose(1, 2).long()
 
 
 def _coordinate_descent(q, w_star, H, s, z, grid: WeightGrid, passes: int) -> torch.Tensor:
     """Exact per-integer minimisation of (W - W*) H (W - W*)ᵀ; each move never increases it.
 
     grad = R H with R = W(q) - W*; moving q[o, k] by dq changes row o of grad by s_o dq H[k].
-    Only rows that moved are updated, so a pass costs O(K·(O + moves·K)).
+    Only rows that moved are updated, so a pass costs O(K·(O + moves·K)). Codes are kept as
+    floats, transposed so the column each step visits is contiguous.
     """
-    q = q.clone()
-    grad = torch.bmm(s * (q - z).float() - w_star, H)  # (G, Og, K)
-    step = 1.0 / (H.diagonal(dim1=1, dim2=2)[:, None, :] * s)  # (G, Og, K): dq per unit of grad
+    per_group = s.shape[-1] != 1
+    grad = torch.bmm(s * (q.float() - z.float()) - w_star, H)  # (G, Og, K)
+    step = (1.0 / (H.diagonal(dim1=1, dim2=2)[:, None, :] * s)).transpose(1, 2).contiguous()  # (G, K, Og)
+    qt = q.float().transpose(1, 2).contiguous()  # (G, K, Og)
     for _ in range(passes):
         moved = 0
-        for k in range(q.shape[-1]):
-            dq = -torch.round(grad[:, :, k] * step[:, :, k])  # (G, Og)
-            new = (q[:, :, k] + dq.long()).clamp(grid.qmin, grid.qmax)
-            dq = new - q[:, :, k]
+        for k in range(qt.shape[1]):
+            cur = qt[:, k]
+            new = (cur - torch.round(grad[:, :, k] * step[:, k])).clamp_(grid.qmin, grid.qmax)
+            dq = new - cur
             idx = dq.nonzero()
             if not len(idx):
                 continue
             moved += len(idx)
-            q[:, :, k] = new
+            cur.copy_(new)
             gi, oi = idx[:, 0], idx[:, 1]
-            s_k = s[gi, oi, 0 if s.shape[-1] == 1 else k]  # per channel or per group
-            grad[gi, oi] += (s_k[:, None] * dq[gi, oi, None].float()) * H[gi, k]  # rows that moved only
+            s_k = s[gi, oi, k if per_group else 0]
+            grad[gi, oi] += (s_k * dq[gi, oi])[:, None] * H[gi, k]  # rows that moved only
         if moved == 0:
             break
-    return q
+    return qt.transpose(1, 2).long()
 
 
 # ---------------------------------------------------------------------------------------------
