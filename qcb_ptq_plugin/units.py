@@ -276,12 +276,14 @@ class Gram:
         return self.t_ch.sum().item()
 
     def add(self, cols: torch.Tensor, tgt: torch.Tensor) -> None:  # (G, K, N), (G, O/G, N)
-        h = _gram(cols).double()
-        c = torch.bmm(tgt, cols.transpose(1, 2)).double()
+        h, c = _gram(cols), torch.bmm(tgt, cols.transpose(1, 2))
         t = tgt.double().pow(2).sum(-1)  # (G, O/G)
-        self.H = h if self.H is None else self.H.add_(h)
-        self.C = c if self.C is None else self.C.add_(c)
-        self.t_ch = t if self.t_ch is None else self.t_ch.add_(t)
+        if self.H is None:
+            self.H, self.C, self.t_ch = h.double(), c.double(), t
+        else:  # float64 sums of float32 batch products, cast on the fly
+            self.H.add_(h)
+            self.C.add_(c)
+            self.t_ch.add_(t)
         self.n += cols.shape[-1]
 
     def add_batch(self, unit: Unit, i_q: torch.Tensor, target: torch.Tensor, positions: int | None = None,

@@ -134,7 +134,7 @@ def _solve_gram(g: Gram, w_o: torch.Tensor, grid: WeightGrid, cfg: PurifyConfig)
     # J P Hd Pᵀ J = L Lᵀ (J reverses), P Hd Pᵀ = R Rᵀ with R = J L J upper, so U = R⁻¹: one
     # factorisation and one triangular inverse instead of factor, inverse, factor.
     rev = perm.flip(1)
-    R = _cholesky(torch.stack([H[i][rev[i]][:, rev[i]] for i in range(G)])).flip(1, 2)
+    R = _cholesky(torch.stack([H[i][rev[i, :, None], rev[i]] for i in range(G)])).flip(1, 2)
     U = torch.linalg.solve_triangular(R, torch.eye(K, dtype=R.dtype, device=R.device).expand_as(R), upper=True)
     del R
     # Ridge optimum towards the float weight: W* = (C + λ W_o) Hd⁻¹, with Hd⁻¹ = Pᵀ Uᵀ U P
