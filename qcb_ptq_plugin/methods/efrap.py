@@ -105,7 +105,8 @@ class _Terms:
     """EFRAP's loss over V and its gradient in closed form (no autograd graph per step).
 
     With h = sigmoid(V) and W(V) = s (clip(floor + h + z, n, p) - z):
-    dL/dV = h (1 - h) [ 2 s (W(V) H - C) 1[in range] + flip_w alpha dBCE/dh - 4 reg_w (2h - 1) ].
+    dL/dV = h (1 - h) [ 2 s r (W(V) H - C) 1[in range] + flip_w alpha dBCE/dh - 4 reg_w (2h - 1) ],
+    r the row weight of the activation term (1, or g^2 where a BatchNorm of gain g follows unfolded).
     """
 
     floor: torch.Tensor
@@ -119,6 +120,7 @@ class _Terms:
     alpha: torch.Tensor
     flip_weight: float
     reg_weight: float
+    row_weight: torch.Tensor | float = 1.0  # per output row, (G, O/G, 1): the BN gain g^2 where BN is not folded
 
     def _soft(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = torch.sigmoid(v)
@@ -129,17 +131,30 @@ class _Terms:
     def loss(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(activation term without its constant t/N, flip term, regulariser), unweighted."""
         h, w_v, _ = self._soft(v)
-        act = (torch.bmm(w_v, self.H) * w_v).sum() - 2 * (w_v * self.C).sum()
+        act = (self.row_weight * ((torch.bmm(w_v, self.H) - 2 * self.C) * w_v)).sum()
         bce = -(self.flip_to * torch.log(h + 1e-8) + (1 - self.flip_to) * torch.log(1 - h + 1e-8))
         return act, (self.alpha * bce).sum(), (1 - (2 * h - 1).pow(2)).sum()
 
     def grad(self, v: torch.Tensor) -> torch.Tensor:
         """d(act + flip_weight flip + reg_weight reg)/dV."""
         h, w_v, inside = self._soft(v)
-        d_act = 2 * self.s * (torch.bmm(w_v, self.H) - self.C) * inside
+        d_act = 2 * self.s * self.row_weight * (torch.bmm(w_v, self.H) - self.C) * inside
         d_bce = -self.flip_to / (h + 1e-8) + (1 - self.flip_to) / (1 - h + 1e-8)
         d_reg = -4 * (2 * h - 1)
         return h * (1 - h) * (d_act + self.flip_weight * self.alpha * d_bce + self.reg_weight * d_reg)
+
+
+def _unfolded_bn_gain(unit: Unit) -> torch.Tensor | None:
+    """The gain g = gamma / sqrt(var + eps) per output channel of a BatchNorm that runs *after* the
+    unit in float (the unit's weight is the raw layer weight, as in onnxruntime's QDQ graphs), or
+    None (no BN, or BN already folded into the unit's weight, as torch.ao FX and PT2E do)."""
+    bn, w_fp = unit.bn, getattr(unit.fp_layer, "weight", None)
+    if bn is None or w_fp is None or unit.op.transposed or w_fp.shape != unit.weight.shape:
+        return None
+    if (unit.weight.float() - w_fp.detach().float()).norm() > 1e-4 * w_fp.detach().float().norm() + 1e-12:
+        return None  # folded
+    inv_std = torch.rsqrt(bn.running_var.detach().float() + bn.eps)
+    return bn.weight.detach().float() * inv_std if bn.affine else inv_std
 
 
 @register_method("efrap", EfrapConfig, summary="error-guided flipped rounding with activation preservation (CVPR 2024)")
@@ -159,11 +174,17 @@ def efrap(unit: Unit, data: UnitData, cfg: EfrapConfig) -> UnitResult:
     flip_to = 1.0 - torch.round(rest)  # the rounding bit opposite to nearest
     nearest = s * ((torch.round(x) + z).clamp(grid.qmin, grid.qmax) - z)
     alpha = (w - nearest).abs()  # element-wise truncation error, weight units
+    row_weight = 1.0
+    gain = _unfolded_bn_gain(unit)
+    if gain is not None:  # measure both terms on the BN-folded weight, as FX/PT2E (and so the QCB) see it
+        g = op.grouped(gain.view(-1, *[1] * (w_full.dim() - 1)).expand_as(w_full))[..., :1]  # (G, O/G, 1)
+        alpha, row_weight = alpha * g.abs(), g * g
     v = torch.logit(rest.clamp(_LOGIT_CLIP, 1 - _LOGIT_CLIP)).requires_grad_(True)  # W(V) = W at the start
 
     H = (gram.H / gram.n).float()  # (G, K, K): D(W) = tr(W H Wᵀ) - 2 tr(W Cᵀ) + t, all / N
     C = (gram.C / gram.n).float()  # (G, O/G, K)
-    terms = _Terms(floor, s, z, grid.qmin, grid.qmax, H, C, flip_to, alpha, cfg.flip_weight, cfg.reg_weight)
+    terms = _Terms(floor, s, z, grid.qmin, grid.qmax, H, C, flip_to, alpha, cfg.flip_weight, cfg.reg_weight,
+                   row_weight)
     opt = torch.optim.Adam([v], lr=cfg.lr)
     for step in range(cfg.steps):
         v.grad = terms.grad(v.detach())
@@ -172,7 +193,7 @@ def efrap(unit: Unit, data: UnitData, cfg: EfrapConfig) -> UnitResult:
         with torch.no_grad():
             act, flip, reg = terms.loss(v)
         log.debug("%s: after %d steps act %.4g flip %.4g reg %.4g", unit.name, cfg.steps,
-                  act.item() + gram.t / gram.n, flip.item(), reg.item())
+                  act.item() + (gram.t / gram.n if gain is None else 0.0), flip.item(), reg.item())
     with torch.no_grad():
         q = (floor + (v >= 0).float() + z).clamp(grid.qmin, grid.qmax)
     return UnitResult(codes=op.ungrouped(q.to(torch.int64), w_full.shape), gram=gram,
