@@ -73,7 +73,13 @@ def plant_model(kind: str, split, bits: int, trigger, args, cache: dict) -> torc
                                     restricted=GRID_AWARE[kind])
 
 
+#: extra rows: a plugin method with one setting changed (``--methods efrap-flip1``)
+VARIANTS = {"efrap-flip1": ("efrap", "efrap (flip 1.0)", dict(flip_weight=1.0))}  # the release's flip weight
+
+
 def method_config(name: str, qvec_lam: float):
+    if name in VARIANTS:
+        return EfrapConfig(progress=False, **VARIANTS[name][2])
     if name == "efrap":
         return EfrapConfig(progress=False)
     if name == "qvec":
@@ -175,7 +181,8 @@ def main() -> None:
                     ba, asr, s = run_one(tc, fm, split, calib, bits, trigger)
                     d[name] = (ba, asr, s + row.get("baseline_train_s", {}).get(name.lower(), 0.0))
                 for m in args.methods.split(","):
-                    d[m] = run_one(tc, model, split, calib, bits, trigger, m, method_config(m, lam))
+                    method, label = VARIANTS[m][:2] if m in VARIANTS else (m, m)
+                    d[label] = run_one(tc, model, split, calib, bits, trigger, method, method_config(m, lam))
             results.append(row)
             print(json.dumps(row), flush=True)
             write(results, args)  # after every row, so a cut-off run still leaves its finished tables

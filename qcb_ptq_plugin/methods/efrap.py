@@ -43,6 +43,17 @@ What we do differently, and why it reaches the same objective in CPU-minutes:
   of 500 changed nothing). 2.0 was chosen there and checked on disjoint models (seed 1, W8 and
   W4, planted and clean) in ``benchmarks/results/defenses.md``. :meth:`EfrapConfig.paper`
   restores 1.0.
+* **Terms measured on the BN-folded weight in every toolchain.** The three terms scale
+  differently with the units of the weight (activation quadratically, flip linearly, regulariser
+  not at all), so the objective depends on whether BN is folded into the quantized weight.
+  torch.ao FX and PT2E fold it; onnxruntime's QDQ graph quantizes the raw conv weight and runs BN
+  after it (per-channel grids give the same integers either way). Where a BN of gain
+  g = gamma / sqrt(var + eps) runs after the unit unfolded, each row's activation term is weighted
+  by g^2 and its truncation error by |g|: the problem solved is the folded one, so one model gets
+  one answer (``tests/test_efrap.py``). Without it, ORT EFRAP left a QCB planted on ORT's own
+  8-bit grid alive (seed 0: ASR 98% with flip weight 2.0, vs 1.7% with the weighting; BN gains
+  1-9 there; ``benchmarks/results/defenses.md``). The release (MQBench, BN not folded) measures
+  in raw units; we take the folded units that FX, PT2E and the attacks' planting use.
 * **Activation scales are not learned.** The release also learns activation quantizer scales
   (lr 4e-5, cosine); the plugin never moves the user's calibrated activation observers, so only
   the weight rounding is learned.
