@@ -54,3 +54,53 @@ def test_efrap_gives_the_same_integers_with_bn_folded_or_after_the_layer():
     flips = (folded != rtn_folded).float().mean().item()
     assert 0.05 < flips < 0.95  # EFRAP flips some of the roundings, not none or all
     assert (folded != after).float().mean().item() <= 0.005
+
+
+def test_onnxruntime_units_with_bn_after_them_are_weighted_by_its_gain(tmp_path):
+    """Through the real ORT flow: a graph exported with its BatchNormalization nodes (as
+    bench_defenses does, for PDA) gives conv units on the raw weight with the BN after them, and
+    EFRAP reads that BN's gain; the default eval export folds BN into Conv, and there is none."""
+    import warnings
+
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from qcb_ptq_plugin.adapters import ort
+    from qcb_ptq_plugin.evalkit import models
+    from qcb_ptq_plugin.methods.efrap import _unfolded_bn_gain
+
+    gen = torch.Generator().manual_seed(0)
+    model = models.SmallCNN(1, 10, width=4).eval()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for bn in bns:  # trained-looking statistics (distinct values: the exporter shares equal constants)
+            bn.weight.uniform_(0.5, 2.0, generator=gen)
+            bn.bias.uniform_(-0.5, 0.5, generator=gen)
+            bn.running_mean.uniform_(-1.0, 1.0, generator=gen)
+            bn.running_var.uniform_(0.05, 0.5, generator=gen)
+    x = torch.rand(16, 1, 8, 8, generator=gen)
+
+    class Reader:
+        def __init__(self):
+            self.it = iter([{"input": x[i:i + 8].numpy()} for i in (0, 8)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    gains = []
+    for keep_bn in (True, False):
+        fp32, q8 = tmp_path / f"fp{keep_bn}.onnx", tmp_path / f"q{keep_bn}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mode = dict(training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False) if keep_bn else {}
+            torch.onnx.export(model, (x[:1],), str(fp32), dynamo=False, opset_version=21, input_names=["input"],
+                              output_names=["output"], dynamic_axes={"input": {0: "b"}}, **mode)
+            quantize_static(str(fp32), str(q8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        plan = ort.plan(onnx.load(str(fp32)), onnx.load(str(q8)), -127, 127)
+        gains.append([_unfolded_bn_gain(u) for u in plan.units if u.op.kind != "linear"])
+    with_bn, folded = gains
+    assert len(with_bn) == len(bns) == 3 and all(g is not None for g in with_bn)
+    for g, bn in zip(with_bn, bns):
+        assert torch.allclose(g, bn.weight / (bn.running_var + bn.eps).sqrt())
+    assert len(folded) == 3 and all(g is None for g in folded)

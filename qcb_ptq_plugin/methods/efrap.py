@@ -41,13 +41,16 @@ What we do differently, and why it reaches the same objective in CPU-minutes:
   96.88, plain x86 INT8 ASR 100) flip weight 0.3 / 1.0 / 1.5 / 2.0 / 3.0 / 10 gave BA 99.3 /
   98.9 / 98.2 / 96.9 / 88.0 / 82.4 with ASR 86.3 / 45.4 / 11.2 / 1.7 / 0 / 0 (2000 steps instead
   of 500 changed nothing). 2.0 was chosen there and checked on disjoint models (seed 1, W8 and
-  W4, planted and clean) in ``benchmarks/results/defenses.md``. :meth:`EfrapConfig.paper`
-  restores 1.0.
+  W4, planted and clean) in ``benchmarks/results/defenses.md``; on seed 2's W8 QCBs it removes
+  the backdoor (ASR 0) but costs 2.7 (FX) / 3.1 (ORT) points of BA, more than the issue's 1, while
+  1.0 leaves ASR 18. :meth:`EfrapConfig.paper` restores 1.0.
 * **Terms measured on the BN-folded weight in every toolchain.** The three terms scale
   differently with the units of the weight (activation quadratically, flip linearly, regulariser
   not at all), so the objective depends on whether BN is folded into the quantized weight.
-  torch.ao FX and PT2E fold it; onnxruntime's QDQ graph quantizes the raw conv weight and runs BN
-  after it (per-channel grids give the same integers either way). Where a BN of gain
+  torch.ao FX and PT2E fold it; onnxruntime quantizes the raw conv weight of an ONNX graph that
+  keeps its BatchNormalization nodes (an export with ``TrainingMode.PRESERVE``, as
+  ``bench_defenses`` uses for PDA; the default eval export folds BN into Conv) and runs BN after
+  it (per-channel grids give the same integers either way). Where a BN of gain
   g = gamma / sqrt(var + eps) runs after the unit unfolded, each row's activation term is weighted
   by g^2 and its truncation error by |g|: the problem solved is the folded one, so one model gets
   one answer (``tests/test_efrap.py``). Without it, ORT EFRAP left a QCB planted on ORT's own
