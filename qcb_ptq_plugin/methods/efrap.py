@@ -191,7 +191,7 @@ def efrap(unit: Unit, data: UnitData, cfg: EfrapConfig) -> UnitResult:
     row_weight = 1.0
     gain = _unfolded_bn_gain(unit)
     if gain is not None:  # measure both terms on the BN-folded weight, as FX/PT2E (and so the QCB) see it
-        g = op.grouped(gain.view(-1, *[1] * (w_full.dim() - 1)).expand_as(w_full))[..., :1]  # (G, O/G, 1)
+        g = op.grouped(gain.to(w_full).view(-1, *[1] * (w_full.dim() - 1)).expand_as(w_full))[..., :1]  # (G, O/G, 1)
         alpha, row_weight = alpha * g.abs(), g * g
     v = torch.logit(rest.clamp(_LOGIT_CLIP, 1 - _LOGIT_CLIP)).requires_grad_(True)  # W(V) = W at the start
 
