@@ -47,11 +47,18 @@ W8_NOT_DORMANT = {"pqbackdoor", "qu-anti-zation"}
 TUNED_ON = {("pqbackdoor", 4, "smallcnn16", "digits", 0)}
 
 
+#: grid-aware attack kinds -> the weight grid they target (``restricted`` of plant_grid_aware)
+GRID_AWARE = {"grid-aware": False,  # torch x86 / fbgemm: absmax / (qmax + 0.5) on -qmax-1..qmax
+              "grid-aware-ort": True}  # onnxruntime (and NNCF): absmax / qmax on -qmax..qmax
+
+
 def plant_model(kind: str, split, bits: int, trigger, args, cache: dict) -> torch.nn.Module:
-    """``bench_qcb.plant`` kinds, plus "grid-aware": a clean ``--grid-width`` SmallCNN turned into a
-    dormant QCB on the torch x86 ``bits``-bit grid by :func:`evalkit.attacks.plant_grid_aware`
-    (recipe of tests/test_attacks.py: 30 epochs at W8 with equal row absmax, 15 at W4 per row)."""
-    if kind != "grid-aware":
+    """``bench_qcb.plant`` kinds, plus "grid-aware" / "grid-aware-ort": a clean ``--grid-width``
+    SmallCNN turned into a dormant QCB on the torch x86 (resp. onnxruntime) ``bits``-bit weight grid
+    by :func:`evalkit.attacks.plant_grid_aware` (recipe of tests/test_attacks.py: 30 epochs at W8
+    with equal row absmax, 15 at W4 per row; the ORT kind passes ``restricted=True``). Both
+    grid-aware kinds start from the same clean model."""
+    if kind not in GRID_AWARE:
         return plant(kind, split, bits, trigger, args.train_samples, args.seed)
     x, y = split.x_train[: args.train_samples], split.y_train[: args.train_samples]
     if "clean" not in cache:
@@ -62,10 +69,17 @@ def plant_model(kind: str, split, bits: int, trigger, args, cache: dict) -> torc
             epochs=20 if small else 4, batch_size=64, seed=args.seed)
     return attacks.plant_grid_aware(copy.deepcopy(cache["clean"]), x, y, trigger=trigger, target=0, bits=bits,
                                     epochs=30 if bits == 8 else 15, lr=5e-2, int_margin=2.0,
-                                    equal_absmax=bits == 8, batch_size=64, seed=args.seed)
+                                    equal_absmax=bits == 8, batch_size=64, seed=args.seed,
+                                    restricted=GRID_AWARE[kind])
+
+
+#: extra rows: a plugin method with one setting changed (``--methods efrap-flip1``)
+VARIANTS = {"efrap-flip1": ("efrap", "efrap (flip 1.0)", dict(flip_weight=1.0))}  # the release's flip weight
 
 
 def method_config(name: str, qvec_lam: float):
+    if name in VARIANTS:
+        return EfrapConfig(progress=False, **VARIANTS[name][2])
     if name == "efrap":
         return EfrapConfig(progress=False)
     if name == "qvec":
@@ -167,14 +181,15 @@ def main() -> None:
                     ba, asr, s = run_one(tc, fm, split, calib, bits, trigger)
                     d[name] = (ba, asr, s + row.get("baseline_train_s", {}).get(name.lower(), 0.0))
                 for m in args.methods.split(","):
-                    d[m] = run_one(tc, model, split, calib, bits, trigger, m, method_config(m, lam))
+                    method, label = VARIANTS[m][:2] if m in VARIANTS else (m, m)
+                    d[label] = run_one(tc, model, split, calib, bits, trigger, method, method_config(m, lam))
             results.append(row)
             print(json.dumps(row), flush=True)
             write(results, args)  # after every row, so a cut-off run still leaves its finished tables
 
 
 def _arch(kind: str, args) -> str:
-    return f"smallcnn{args.grid_width if kind == 'grid-aware' else 16}"
+    return f"smallcnn{args.grid_width if kind in GRID_AWARE else 16}"
 
 
 def bars(r: dict) -> list[str]:
@@ -212,7 +227,9 @@ def write(results, args) -> None:
     lines = header("Every QCB defense side by side", "bench_defenses.py", args) + [
              "Models: grid-aware = a clean SmallCNN (width `--grid-width`) turned into a dormant QCB on the torch "
              "x86 grid of that bit width by `evalkit.attacks.plant_grid_aware` (the 8-bit QCB fires after torch.ao "
-             "x86 INT8 PTQ; it does not target onnxruntime's absmax/127 grid); pqbackdoor / clean = SmallCNN "
+             "x86 INT8 PTQ; it does not target onnxruntime's absmax/127 grid); grid-aware-ort = the same clean model "
+             "planted on onnxruntime's grid instead (`restricted=True`: absmax/127 on -127..127 at W8, absmax/7 on "
+             "-7..7 at W4); pqbackdoor / clean = SmallCNN "
              "(width 16) from `bench_qcb.plant` (W8 attacks there target the torch x86 and ORT 8-bit grids at once). "
              "Defender: `--calib` unlabeled training images; FT / FP also get `--labelled` of the training set with "
              "labels. Metrics on the test set by the real INT8 torch model (fbgemm) or the real onnxruntime "

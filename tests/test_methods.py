@@ -139,7 +139,8 @@ def test_efrap_closed_form_gradient_is_autograd():
     H, C = x @ x.transpose(1, 2) / 40, torch.randn(G, O, K, generator=g)
     rest = w / s - torch.floor(w / s)
     t = _Terms(torch.floor(w / s), s, torch.zeros_like(s), -4, 3, H, C, 1 - torch.round(rest),
-               (w - s * torch.round(w / s).clamp(-4, 3)).abs(), 1.0, 0.01)
+               (w - s * torch.round(w / s).clamp(-4, 3)).abs(), 1.0, 0.01,
+               torch.rand(G, O, 1, generator=g) * 4)  # row weights: the gain^2 of a BN after the layer
     v = torch.randn(G, O, K, generator=g).requires_grad_(True)
     act, flip, reg = t.loss(v)
     (auto,) = torch.autograd.grad(act + flip + 0.01 * reg, v)

@@ -1,0 +1,106 @@
+"""EFRAP solves one problem per model, wherever the toolchain keeps the BatchNorm.
+
+torch.ao FX and PT2E fold BN into the conv weight before quantizing it; onnxruntime's QDQ graph
+quantizes the raw conv weight and runs BN after it in float. Per-channel grids give the same
+integers either way (the scale follows the row), but EFRAP weighs an activation error against a
+truncation error in the units of the weight it sees: in raw units channel o's activation term
+shrinks by g_o^2 and its flip term by |g_o| (g = gamma / sqrt(var + eps)), so the balance moves
+per channel by g_o. The method measures both terms on the folded weight; this test checks that
+the folded and the raw view of one layer get the same integers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qcb_ptq_plugin.grid import WeightGrid
+from qcb_ptq_plugin.methods.efrap import EfrapConfig, efrap
+from qcb_ptq_plugin.units import Unit, UnitData, float_bn, float_layer
+
+
+def _bn(out: int, gen: torch.Generator) -> nn.Module:
+    gain = torch.exp(torch.empty(out).uniform_(-2.3, 2.3, generator=gen))  # g from 0.1 to 10
+    var = torch.rand(out, generator=gen) + 0.5
+    return float_bn(gain * (var + 1e-5).sqrt(), torch.randn(out, generator=gen), torch.randn(out, generator=gen),
+                    var, eps=1e-5, spatial_dims=2)
+
+
+def _codes(weight, bias, fp_layer, bn, batches, bits):
+    grid = WeightGrid.for_bits(weight, bits, restricted=True)  # per-channel absmax / qmax, as ORT
+    unit = Unit("conv", None, fp_layer, weight, bias, grid, write=lambda _: None, bn=bn)
+    data = UnitData(unit, lambda _u, b: b, batches)
+    return efrap(unit, data, EfrapConfig(progress=False, steps=300)).codes, grid.quantize(weight)
+
+
+def test_efrap_gives_the_same_integers_with_bn_folded_or_after_the_layer():
+    gen = torch.Generator().manual_seed(0)
+    out, cin, bits = 16, 8, 4
+    w = torch.randn(out, cin, 3, 3, generator=gen) * 0.2
+    b = torch.randn(out, generator=gen) * 0.1
+    bn = _bn(out, gen)
+    gain = bn.weight / (bn.running_var + bn.eps).sqrt()
+    raw = float_layer(w, b, padding=1)
+    batches = []
+    for _ in range(4):
+        i_fp = torch.relu(torch.randn(32, cin, 6, 6, generator=gen))
+        i_q = i_fp + 0.05 * torch.randn(i_fp.shape, generator=gen)  # the quantized model's input drifts a little
+        batches.append((i_q, i_fp))
+    w_fold = w * gain.view(-1, 1, 1, 1)
+    b_fold = (b - bn.running_mean) * gain + bn.bias
+    folded, rtn_folded = _codes(w_fold, b_fold, raw, bn, batches, bits)  # FX / PT2E: BN folded into W
+    after, rtn_after = _codes(w, b, raw, bn, batches, bits)  # onnxruntime: raw W, BN after it
+    assert torch.equal(rtn_folded, rtn_after)  # the grids agree: any difference below is EFRAP's
+    flips = (folded != rtn_folded).float().mean().item()
+    assert 0.05 < flips < 0.95  # EFRAP flips some of the roundings, not none or all
+    assert (folded != after).float().mean().item() <= 0.005
+
+
+def test_onnxruntime_units_with_bn_after_them_are_weighted_by_its_gain(tmp_path):
+    """Through the real ORT flow: a graph exported with its BatchNormalization nodes (as
+    bench_defenses does, for PDA) gives conv units on the raw weight with the BN after them, and
+    EFRAP reads that BN's gain; the default eval export folds BN into Conv, and there is none."""
+    import warnings
+
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from qcb_ptq_plugin.adapters import ort
+    from qcb_ptq_plugin.evalkit import models
+    from qcb_ptq_plugin.methods.efrap import _unfolded_bn_gain
+
+    gen = torch.Generator().manual_seed(0)
+    model = models.SmallCNN(1, 10, width=4).eval()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for bn in bns:  # trained-looking statistics (distinct values: the exporter shares equal constants)
+            bn.weight.uniform_(0.5, 2.0, generator=gen)
+            bn.bias.uniform_(-0.5, 0.5, generator=gen)
+            bn.running_mean.uniform_(-1.0, 1.0, generator=gen)
+            bn.running_var.uniform_(0.05, 0.5, generator=gen)
+    x = torch.rand(16, 1, 8, 8, generator=gen)
+
+    class Reader:
+        def __init__(self):
+            self.it = iter([{"input": x[i:i + 8].numpy()} for i in (0, 8)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    gains = []
+    for keep_bn in (True, False):
+        fp32, q8 = tmp_path / f"fp{keep_bn}.onnx", tmp_path / f"q{keep_bn}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mode = dict(training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False) if keep_bn else {}
+            torch.onnx.export(model, (x[:1],), str(fp32), dynamo=False, opset_version=21, input_names=["input"],
+                              output_names=["output"], dynamic_axes={"input": {0: "b"}}, **mode)
+            quantize_static(str(fp32), str(q8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        plan = ort.plan(onnx.load(str(fp32)), onnx.load(str(q8)), -127, 127)
+        gains.append([_unfolded_bn_gain(u) for u in plan.units if u.op.kind != "linear"])
+    with_bn, folded = gains
+    assert len(with_bn) == len(bns) == 3 and all(g is not None for g in with_bn)
+    for g, bn in zip(with_bn, bns):
+        assert torch.allclose(g, bn.weight / (bn.running_var + bn.eps).sqrt())
+    assert len(folded) == 3 and all(g is None for g in folded)
