@@ -356,5 +356,5 @@ def float_bn(weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, var: 
     bn = (nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm1d)(len(mean), eps=eps)
     with torch.no_grad():
         for t, v in zip((bn.weight, bn.bias, bn.running_mean, bn.running_var), (weight, bias, mean, var)):
-            t.copy_(torch.as_tensor(v, dtype=torch.float32))
+            t.copy_(v.float() if torch.is_tensor(v) else torch.tensor(v, dtype=torch.float32))  # copies read-only arrays
     return bn.eval().requires_grad_(False)

@@ -104,3 +104,31 @@ def test_onnxruntime_units_with_bn_after_them_are_weighted_by_its_gain(tmp_path)
     for g, bn in zip(with_bn, bns):
         assert torch.allclose(g, bn.weight / (bn.running_var + bn.eps).sqrt())
     assert len(folded) == 3 and all(g is None for g in folded)
+
+
+def test_ort_plan_finds_a_bn_whose_statistics_the_exporter_shares(tmp_path):
+    """An untrained BN (mean 0 = bias 0, var 1 = weight 1) is exported with Identity copies of
+    equal constants; the plan still reads the BN after each conv (PDA and EFRAP need it)."""
+    import warnings
+
+    import onnx
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from qcb_ptq_plugin.adapters import ort
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3)).eval()
+    x = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    fp32, q8 = tmp_path / "fp.onnx", tmp_path / "q.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x[:1],), str(fp32), dynamo=False, opset_version=21, input_names=["input"],
+                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+        feeds = iter([{"input": x[:1].numpy()}])
+        quantize_static(str(fp32), str(q8), type("R", (), {"get_next": lambda self: next(feeds, None)})(),
+                        quant_format=QuantFormat.QDQ, per_channel=True)
+    fp = onnx.load(str(fp32))
+    assert any(n.op_type == "Identity" for n in fp.graph.node)  # the exporter shared equal constants
+    conv = [u for u in ort.plan(fp, onnx.load(str(q8)), -127, 127).units if u.op.kind != "linear"]
+    assert len(conv) == 1 and conv[0].bn is not None
+    assert torch.equal(conv[0].bn.running_var, torch.ones(4))

@@ -47,15 +47,20 @@ class OrtModel:
 
 
 def constant_values(model) -> dict[str, np.ndarray]:
-    """Initializers and Constant-node outputs of a graph, by tensor name."""
+    """Initializers, Constant-node outputs and Identity copies of either, by tensor name.
+
+    (torch.onnx stores a tensor equal to an earlier one, e.g. an untrained BN's zero running
+    mean beside its zero bias, as an Identity of it.)"""
     from onnx import numpy_helper
 
     vals = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for n in model.graph.node:
+    for n in model.graph.node:  # topological order: an Identity's input is resolved before it
         if n.op_type == "Constant":
             for a in n.attribute:
                 if a.name == "value":
                     vals[n.output[0]] = numpy_helper.to_array(a.t)
+        elif n.op_type == "Identity" and n.input[0] in vals:
+            vals[n.output[0]] = vals[n.input[0]]
     return vals
 
 
