@@ -35,7 +35,8 @@ from qcb_ptq_plugin.evalkit import llm
 
 warnings.filterwarnings("ignore")
 
-#: plant_llm_qcb settings per model (the seed-0, d=64 decoder the defaults were chosen on)
+#: plant_llm_qcb settings per model (chosen on the seed-0, d=64 hand-written decoder this Llama replaced;
+#: not retuned: they meet the bars on the seed-0 d=64 Llama as they are)
 PLANTS = {"planted-w8": dict(bits=8, margin=0.3, fp_weight=3.0),
           "planted-w4": dict(bits=4)}
 
