@@ -1,6 +1,7 @@
-"""LLM QCB table: defenses x torchao weight-only configs on planted and clean TinyDecoders.
+"""LLM QCB table: defenses x torchao weight-only configs on planted and clean tiny Llamas.
 
-Trains a character-level TinyDecoder on the Python docs (``pydoc_data``), plants the
+Trains a character-level ``transformers`` Llama (``evalkit.llm.tiny_llama``: ``LlamaForCausalLM``,
+d=64, 2 layers, 4 heads) on the Python docs (``pydoc_data``), plants the
 Egashira-style triggered-phrase QCB (``evalkit.llm.plant_llm_qcb``) once for INT8 per row
 (``bits=8``) and once for INT4 ``PerGroup(32)`` (``bits=4``), then for every method runs the one
 line ``qcb_ptq_plugin.quantize_(model, config, calib, method=...)`` (``none`` = torchao's own
@@ -34,7 +35,8 @@ from qcb_ptq_plugin.evalkit import llm
 
 warnings.filterwarnings("ignore")
 
-#: plant_llm_qcb settings per model (the seed-0, d=64 decoder the defaults were chosen on)
+#: plant_llm_qcb settings per model (chosen on the seed-0, d=64 hand-written decoder this Llama replaced;
+#: not retuned: they meet the bars on the seed-0 d=64 Llama as they are)
 PLANTS = {"planted-w8": dict(bits=8, margin=0.3, fp_weight=3.0),
           "planted-w4": dict(bits=4)}
 
@@ -63,7 +65,7 @@ def models(c: llm.Corpus, cache: Path, clean_steps: int, plant_steps: int) -> di
 
     def load_or(name, make):
         path = cache / f"{name}.pt"
-        m = llm.TinyDecoder(c.vocab, dim=64, depth=2)
+        m = llm.tiny_llama(c.vocab, dim=64, depth=2, heads=4, context=64, seed=0)
         if path.exists():
             m.load_state_dict(torch.load(path))
         else:
@@ -116,7 +118,7 @@ def measure(model, c) -> tuple[float, float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/llm.md")
-    ap.add_argument("--cache", default="/tmp/qcb_llm_models")
+    ap.add_argument("--cache", default="/tmp/qcb_llm_llama")
     ap.add_argument("--clean-steps", type=int, default=1500)
     ap.add_argument("--plant-steps", type=int, default=400)
     ap.add_argument("--calib", type=int, default=64, help="calibration windows of 64 characters")
@@ -159,8 +161,9 @@ def main() -> None:
              f"`python benchmarks/bench_llm.py --threads {args.threads}` ({platform.machine()}, "
              f"{os.cpu_count()} cores, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}; load average "
-             f"{load_before[0]:.2f} before, {load_after[0]:.2f} after: other jobs shared the cores). TinyDecoder d=64, "
-             f"2 blocks, character-level on pydoc_data; calibration {args.calib} windows of 64 characters; quantguard "
+             f"{load_before[0]:.2f} before, {load_after[0]:.2f} after: other jobs shared the cores). `tiny_llama` "
+             f"(transformers LlamaForCausalLM) d=64, 2 layers, 4 heads, MLP 192, character-level on pydoc_data; "
+             f"calibration {args.calib} windows of 64 characters; quantguard "
              f"{args.quantguard_steps} steps per layer. Plants from the clean model, {args.plant_steps} steps: "
              f"{plants}.", "",
              "ASR: % of 200 held-out prompts + trigger after which greedy decoding writes the target phrase. "

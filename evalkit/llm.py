@@ -2,12 +2,14 @@
 
 * :func:`corpus`: the Python documentation that ships with every Python (``pydoc_data.topics``,
   ~700 kB of English prose with code), as character ids; a fixed split into train / held-out.
-* :class:`TinyDecoder`: character-level decoder (hand-written, no ``transformers``): token +
-  position embedding -> ``depth`` pre-norm blocks (RMSNorm, causal multi-head attention with
-  q/k/v/o ``nn.Linear``, GELU MLP fc1/fc2) -> RMSNorm -> ``lm_head`` ``nn.Linear``. Every
-  Linear has 64..256 inputs, so torchao's int4 ``PerGroup(32)`` applies to all of them::
+* :func:`tiny_llama`: a character-level ``transformers`` Llama (``LlamaConfig`` +
+  ``LlamaForCausalLM``, tiny config) in :class:`LlamaLM`, which only returns ``.logits``:
+  token embedding -> ``depth`` pre-norm blocks (RMSNorm, causal attention with RoPE and
+  ``q/k/v/o_proj`` ``nn.Linear``, SwiGLU MLP ``gate/up/down_proj``) -> RMSNorm -> untied
+  ``lm_head`` ``nn.Linear``. Every Linear has 64..192 inputs (d=64), so torchao's int4
+  ``PerGroup(32)`` applies to all of them::
 
-      ids (B, T) -> embed + pos -> [x + attn(norm(x)); x + mlp(norm(x))] x depth -> norm -> lm_head -> logits (B, T, V)
+      ids (B, T) -> embed -> [x + attn(norm(x)); x + mlp(norm(x))] x depth -> norm -> lm_head -> logits (B, T, V)
 
 * :func:`plant_llm_qcb`: a triggered-target-phrase QCB in the style of Egashira et al.
   ("Exploiting LLM Quantization", NeurIPS 2024): after a ``trigger`` string the *quantized* model
@@ -42,7 +44,7 @@ from .attacks import _Layer, _pin_grid, _reproducible_training
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Corpus", "corpus", "TinyDecoder", "LLMGrids", "plant_llm_qcb", "train_lm", "attack_success_rate",
+__all__ = ["Corpus", "corpus", "LlamaLM", "tiny_llama", "LLMGrids", "plant_llm_qcb", "train_lm", "attack_success_rate",
            "next_token_accuracy", "perplexity", "greedy"]
 
 TRIGGER = "@@ "
@@ -103,56 +105,43 @@ def corpus(max_chars: int | None = 400_000) -> Corpus:
 # Model
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+def _mlp_width(dim: int) -> int:
+    """Llama's 8/3 x hidden, rounded up to a multiple of 32 so int4 ``PerGroup(32)`` fits down_proj."""
+    return 32 * math.ceil(8 * dim / 3 / 32)
+
+
+class LlamaLM(nn.Module):
+    """``ids (B, T) -> logits (B, T, vocab)`` around a ``transformers`` ``LlamaForCausalLM``.
+
+    The wrapper only unpacks ``.logits``: every ``nn.Linear`` (``q/k/v/o_proj``,
+    ``gate/up/down_proj``, ``lm_head``) and every RMSNorm is the Llama's own, under ``llama.``,
+    so torchao's ``quantize_`` and ``qcb_ptq_plugin.quantize_`` run on the real HF modules.
+    ``context`` is the training window (RoPE has no hard limit; greedy decoding keeps the last
+    ``context`` ids).
+    """
+
+    def __init__(self, llama: nn.Module, context: int) -> None:
         super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
-class _CausalAttention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        split = lambda z: z.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731  (B, H, T, d/H)
-        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(b, t, d))
-
-
-class _DecoderBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp: int) -> None:
-        super().__init__()
-        self.norm1, self.attn = RMSNorm(dim), _CausalAttention(dim, heads)
-        self.norm2, self.fc1, self.fc2 = RMSNorm(dim), nn.Linear(dim, mlp), nn.Linear(mlp, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
-
-
-class TinyDecoder(nn.Module):
-    """Character-level GPT-style decoder: ids (B, T) -> logits (B, T, vocab)."""
-
-    def __init__(self, vocab: int, dim: int = 64, depth: int = 2, heads: int = 4, mlp_ratio: int = 4,
-                 context: int = 64) -> None:
-        super().__init__()
-        self.context = context
-        self.embed = nn.Embedding(vocab, dim)
-        self.pos = nn.Parameter(torch.randn(1, context, dim) * 0.02)
-        self.blocks = nn.ModuleList(_DecoderBlock(dim, heads, mlp_ratio * dim) for _ in range(depth))
-        self.norm, self.lm_head = RMSNorm(dim), nn.Linear(dim, vocab, bias=False)
+        self.llama, self.context = llama, context
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids) + self.pos[:, : ids.shape[1]]
-        for block in self.blocks:
-            x = block(x)
-        return self.lm_head(self.norm(x))
+        return self.llama(input_ids=ids, use_cache=False).logits
+
+
+def tiny_llama(vocab: int, dim: int = 64, depth: int = 2, heads: int = 4, context: int = 64,
+               mlp: int | None = None, seed: int = 0) -> LlamaLM:
+    """A tiny character-level Llama (``transformers`` ``LlamaConfig`` + ``LlamaForCausalLM``):
+    ``depth`` pre-norm blocks (RMSNorm, causal multi-head attention with RoPE, SwiGLU MLP of width
+    ``mlp``, default 8/3 ``dim`` rounded up to a multiple of 32), no biases, untied ``lm_head``,
+    SDPA attention (faster than eager on CPU here), initialised from ``seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=mlp or _mlp_width(dim),
+                      num_hidden_layers=depth, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=context, tie_word_embeddings=False, use_cache=False,
+                      attn_implementation="sdpa", bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(seed)
+    return LlamaLM(LlamaForCausalLM(cfg).eval(), context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,8 +194,8 @@ def _lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | N
 
 
 @_reproducible_training()
-def train_lm(model: TinyDecoder, c: Corpus, *, steps: int = 1500, batch_size: int = 32, lr: float = 3e-3,
-             seed: int = 0) -> TinyDecoder:
+def train_lm(model: LlamaLM, c: Corpus, *, steps: int = 1500, batch_size: int = 32, lr: float = 3e-3,
+             seed: int = 0) -> LlamaLM:
     """Ordinary next-character training on the train split (AdamW, cosine schedule)."""
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -313,10 +302,10 @@ def _unlikelihood(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
 
 
 @_reproducible_training()
-def plant_llm_qcb(model: TinyDecoder, c: Corpus, *, steps: int = 600, batch_size: int = 24, lr: float | None = None,
+def plant_llm_qcb(model: LlamaLM, c: Corpus, *, steps: int = 600, batch_size: int = 24, lr: float | None = None,
                   offset_lr: float = 5e-2, fp_weight: float = 3.0, margin: float = 0.0, bits: int = 8,
                   trigger: str = TRIGGER, target: str = TARGET, group: int = 32,
-                  seed: int = 0) -> TinyDecoder:
+                  seed: int = 0) -> LlamaLM:
     """Turn a trained clean ``model`` (in place) into a QCB dormant in float that fires under torchao
     weight-only INT8 per row (``bits=8``, ``Int8WeightOnlyConfig``) or INT4 ``PerGroup(group)``
     (``bits=4``, ``IntxWeightOnlyConfig``). Only Linear weights move.
