@@ -698,8 +698,9 @@ def plant_grid_aware(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, trig
             inputs of class != ``target`` of relu(z_target - max_(j != target) z_j + margin) on
             the FP logits z. Cross-entropy spends the offsets on every triggered input; the hinge
             spends them only where the FP model still leans to the target, the few inputs that
-            the backdoor leaks into FP32 (our addition; on the demo's digits W8 QCB, seed 0, it
-            took FP32 ASR from 2.24% to 0.75% at ``offset=0.49``, ``demo._RECIPES``).
+            the backdoor leaks into FP32 (our addition). Demo's digits W8 QCB, seed 0: FP32 ASR
+            2.24% (offset 0.45, no hinge), 2.00% (0.49), 0.75% (0.49 with margin 1, the
+            demo's ``_RECIPES``), at about 1 point of FP32 BA.
     """
     if not 0 < offset < 0.5:
         raise ValueError(f"offset={offset}: the FP offset must stay inside the rounding cell (0 < offset < 0.5)")
