@@ -57,10 +57,12 @@ class _Recipe:
     lr: float = 5e-2
     int_margin: float = 2.0
     batch_size: int = 64
+    offset: float = 0.45  # bound of the FP offset, in LSB
+    fp_target_margin: float | None = None  # FP triggered target logit kept this far below the best other
 
 
 _RECIPES = {  # dataset kind -> recipe; "small" = digits (tests), "mnist" = 28x28 sets
-    "small": _Recipe(32, 20, 20, polish_epochs=5, int_margin=1.0),
+    "small": _Recipe(32, 20, 20, polish_epochs=5, int_margin=1.0, offset=0.49, fp_target_margin=1.0),
     "mnist": _Recipe(16, 2, 3, lr=1e-1),
 }
 
@@ -89,7 +91,8 @@ def plant(split: datasets.Split, bits: int, trigger, target: int = 0, train_samp
     model = copy.deepcopy(clean) if clean is not None else train_clean(split, train_samples, seed, progress)
     return attacks.plant_grid_aware(model, split.x_train[:train_samples], split.y_train[:train_samples],
                                     trigger=trigger, target=target, bits=bits, epochs=r.epochs, lr=r.lr,
-                                    int_margin=r.int_margin, polish_epochs=r.polish_epochs,
+                                    int_margin=r.int_margin, polish_epochs=r.polish_epochs, offset=r.offset,
+                                    fp_target_margin=r.fp_target_margin,
                                     equal_absmax=bits == 8, batch_size=r.batch_size, seed=seed + 1,
                                     progress=progress)
 
