@@ -133,8 +133,8 @@ class LayerOp:
 
     def _patches(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """2-D conv input patches at output positions ``keep`` (all if None), as (G, K, n): one
-        gather from the padded channels-last input, already in the layout the Gram multiplies
-        (faster than ``F.unfold`` and a permuting copy, and it never builds unkept columns)."""
+        gather from the padded channels-last input (faster than ``F.unfold`` and a permuting
+        copy, and it never builds unkept columns)."""
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.padding, self.dilation
         c, h, w = x.shape[1:]
         ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
@@ -146,7 +146,12 @@ class LayerOp:
         cols = (pos % ow * sw)[:, None] + torch.arange(kw, device=x.device) * dw  # (n, kw)
         padded = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
         patches = padded[b[:, None, None], rows[:, :, None], cols[:, None, :]]  # (n, kh, kw, C)
-        return patches.permute(3, 1, 2, 0).reshape(self.groups, c * kh * kw // self.groups, len(keep))
+        g, n = self.groups, len(keep)
+        # (G, n, C/G·kh·kw), returned as its transposed view: reordering within each patch is a
+        # cheap local copy, while making n the contiguous axis would be a slow global transpose
+        # (the Gram's bmm reads either layout at the same speed)
+        patches = patches.view(n, kh, kw, g, c // g).permute(3, 0, 4, 1, 2).reshape(g, n, c * kh * kw // g)
+        return patches.transpose(1, 2)
 
     def _positions_last(self, t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """(B, C, L) -> (G, C/G, B*L), or only the positions ``keep`` of the B*L (one gather)."""

@@ -61,14 +61,14 @@ class ModuleCapture:
 
     def __call__(self, unit: Unit, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(I, I^fp) at every call site of the unit (a shared module), joined into one batch."""
-        calls = self._calls(unit, x)
-        i_q = None if self._stepper is None else self._stepper.input_of(unit.layer, x)
-        if i_q is None:
-            i_q = _unit_inputs(self.simulator, unit.layer, x, calls)
         point = self._fp_point(unit)
         key = (id(point), id(x))
         if key not in self._cache and unit in self.units:
             self._fill(x, self.units[self.units.index(unit):])
+        calls = self._calls(unit, x)  # counted by the first fill, which sees every unit
+        i_q = None if self._stepper is None else self._stepper.input_of(unit.layer, x)
+        if i_q is None:
+            i_q = _unit_inputs(self.simulator, unit.layer, x, calls)
         cached = self._cache.pop(key, None)
         if cached is None:
             i_fp = _unit_inputs(self.float_model, point, x, calls)
@@ -100,7 +100,10 @@ class ModuleCapture:
 
     @torch.no_grad()
     def _fill(self, x: torch.Tensor, units: Sequence[Unit]) -> None:
+        counts: dict[int, int] = {}
+
         def hook(m, args):
+            counts[id(m)] = counts.get(id(m), 0) + 1
             key = (id(m), id(x))
             t = args[0].detach()
             t = t.dequantize() if t.is_quantized else t
@@ -120,6 +123,8 @@ class ModuleCapture:
         finally:
             for h in handles:
                 h.remove()
+        if self._ncalls is None and len(units) == len(self.units):  # a forward over every unit: its call counts
+            self._ncalls = counts
 
 
 def _join(unit: Unit, parts: list[torch.Tensor]) -> torch.Tensor:

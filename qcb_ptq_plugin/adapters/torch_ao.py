@@ -163,7 +163,9 @@ def _discover(prepared: nn.Module, float_model: nn.Module, example: torch.Tensor
         candidates[name] = mod
 
     fp_modules = dict(float_model.named_modules())
-    fp_order = execution_order(float_model, example)  # the prepared model has the float model's call order
+    # the prepared model has the float model's call order; one sample finds it (as prepare_fx's
+    # example_inputs), a whole batch would cost a full forward
+    fp_order = execution_order(float_model, example[:1])
     rank = {id(m): i for i, m in enumerate(fp_order)}
     sites, unsupported = [], []
     for name, mod in candidates.items():
