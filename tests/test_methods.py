@@ -172,3 +172,19 @@ def test_method_configs_refuse_bad_values(clean_cnn, digits):
     with pytest.raises(TypeError, match="takes a EfrapConfig"):
         qcb_ptq_plugin.purify(prepare_calibrated(clean_cnn, calib), clean_cnn, calib, QVecConfig(), method="efrap")
     assert EfrapConfig.paper().steps == 10000 and EfrapConfig.paper().lr == 1e-3
+
+
+def test_upper_inverse_by_halves_matches_a_triangular_solve():
+    """The blocked inverse GPTQ's factor comes from: exact (to float32) on odd sizes above and
+    below the leaf, batched, and upper triangular."""
+    from qcb_ptq_plugin.methods.lac import _upper_inverse
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (5, 37, 700):
+        R = torch.randn(3, n, n, generator=gen).triu() / n ** 0.5
+        R.diagonal(dim1=1, dim2=2).copy_(torch.rand(3, n, generator=gen) + 1.0)
+        U = _upper_inverse(R, leaf=16)
+        ref = torch.linalg.solve_triangular(R, torch.eye(n).expand_as(R), upper=True)
+        assert torch.equal(U, U.triu())
+        assert torch.allclose(U, ref, atol=1e-5, rtol=1e-4)
+        assert torch.allclose(R @ U, torch.eye(n).expand_as(R), atol=1e-4)
