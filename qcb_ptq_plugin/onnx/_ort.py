@@ -25,6 +25,8 @@ def session(model, threads: int | None = None):
 
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.x64quantprecision", "1")
+    # no spinning after a run: the pass computes in torch between runs, on the same cores
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
