@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from torch import nn
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 import qcb_ptq_plugin
@@ -75,3 +76,28 @@ def test_pt2e_without_prepare_is_named(clean_cnn, digits):
     exported = torch.export.export(copy.deepcopy(clean_cnn), (digits.x_test[:4],)).module()
     with pytest.raises(ValueError, match="no torchao observers: call prepare_pt2e"):
         qcb_ptq_plugin.purify(exported, clean_cnn, digits.x_test[:4])
+
+
+class _PairwiseMLP(nn.Module):
+    """A model that only runs on batches of more than one sample (it centres over the batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.fc1, self.fc2 = torch.ao.quantization.QuantStub(), nn.Linear(64, 32), nn.Linear(32, 10)
+        self.dequant = torch.ao.quantization.DeQuantStub()
+
+    def forward(self, x):
+        if len(x) < 2:
+            raise ValueError("needs at least two samples")
+        x = x.flatten(1)
+        return self.dequant(self.fc2(torch.relu(self.fc1(self.quant(x - x.mean(0))))))
+
+
+def test_execution_order_falls_back_to_the_batch_when_one_sample_does_not_run(digits):
+    """The call order is read from one sample where that runs, else from the calibration batch."""
+    model = _PairwiseMLP().eval()
+    calib = digits.calibration(64)
+    converted, report = quantize_eager(model, calib, bits=8, purify_config=CFG)
+    assert [u.name.split(".")[-1] for u in report.units] == ["fc1", "fc2"]
+    ints = int_weights(converted)
+    assert all(torch.equal(ints[n], q) for n, q in report.codes.items())

@@ -164,8 +164,11 @@ def _discover(prepared: nn.Module, float_model: nn.Module, example: torch.Tensor
 
     fp_modules = dict(float_model.named_modules())
     # the prepared model has the float model's call order; one sample finds it (as prepare_fx's
-    # example_inputs), a whole batch would cost a full forward
-    fp_order = execution_order(float_model, example[:1])
+    # example_inputs) without a whole batch's forward; the batch where one sample does not run
+    try:
+        fp_order = execution_order(float_model, example[:1])
+    except Exception:  # e.g. a batch that is not sample-first
+        fp_order = execution_order(float_model, example)
     rank = {id(m): i for i, m in enumerate(fp_order)}
     sites, unsupported = [], []
     for name, mod in candidates.items():
