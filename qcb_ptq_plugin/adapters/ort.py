@@ -41,23 +41,23 @@ _WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "Gather", 
 
 def plan(fp: onnx.ModelProto, qmodel: onnx.ModelProto, qmin: int, qmax: int) -> Plan:
     """Units of ``qmodel`` (written in place by commit) matched to the FP32 model ``fp``."""
-    sites, unsupported = _discover(fp, qmodel, qmin, qmax)
+    q_vals = constant_values(qmodel)  # read once: discovery and the input range both need it
+    sites, unsupported = _discover(fp, qmodel, q_vals, qmin, qmax)
     capture = _OnnxCapture(qmodel, fp, {s.name: (s.q_input, s.fp_input) for s in sites})
     units = [Unit(name=s.name, layer=s.init, fp_layer=s.fp_layer, weight=s.fp_layer.weight.detach().clone(),
                   bias=None if s.fp_layer.bias is None else s.fp_layer.bias.detach().clone(), grid=s.grid,
                   write=functools.partial(_write, s.init, s.grid, capture, s.name), bn=s.bn) for s in sites]
     return Plan(units=units, capture=capture, commit=functools.partial(_commit, units), unsupported=unsupported,
-                input_range=_input_range(qmodel))
+                input_range=_input_range(qmodel, q_vals))
 
 
-def _input_range(qmodel: onnx.ModelProto) -> tuple[float, float] | None:
+def _input_range(qmodel: onnx.ModelProto, vals: dict[str, np.ndarray]) -> tuple[float, float] | None:
     """The range calibration recorded at a single-input model's input: the grid of the QuantizeLinear
     reading it, [(qmin - zp) s, (qmax - zp) s]. None where there is no such node or several inputs."""
     inits = {i.name for i in qmodel.graph.initializer}
     inputs = [i.name for i in qmodel.graph.input if i.name not in inits]
     if len(inputs) != 1:
         return None
-    vals = constant_values(qmodel)
     for n in qmodel.graph.node:
         if n.op_type == "QuantizeLinear" and n.input[0] == inputs[0] and len(n.input) > 2:
             s, zp = vals.get(n.input[1]), vals.get(n.input[2])
@@ -135,10 +135,10 @@ class _Site:
     init: _Initializer
 
 
-def _discover(fp, qmodel, qmin: int, qmax: int) -> tuple[list[_Site], list[Unsupported]]:
+def _discover(fp, qmodel, q_vals: dict[str, np.ndarray], qmin: int, qmax: int) -> tuple[list[_Site], list[Unsupported]]:
     """Units for each node whose weight is ORT's integer initializer; nodes with such a weight we
     cannot purify (no float twin, another op type, a flavour the methods cannot model) named."""
-    fp_vals, q_vals = constant_values(fp), constant_values(qmodel)
+    fp_vals = constant_values(fp)
     fp_nodes = {n.name: n for n in fp.graph.node if n.name}
     q_producer = {o: n for n in qmodel.graph.node for o in n.output}
     q_inits = {i.name: i for i in qmodel.graph.initializer}

@@ -140,17 +140,18 @@ def _solve_gram(g: Gram, w_o: torch.Tensor, grid: WeightGrid, cfg: PurifyConfig)
     # Ridge optimum towards the float weight: W* = (C + λ W_o) Hd⁻¹, with Hd⁻¹ = Pᵀ Uᵀ U P
     rhs = permuted(g.C.float() + lam[:, None, None] * w_o.float(), perm)  # (G, Og, K)
     w_star_p = torch.bmm(torch.bmm(rhs, U.transpose(1, 2)), U)  # (G, Og, K), act-order
+    w_star = permuted(w_star_p, inv)  # the same in the weight's column order
     del rhs
 
     if grid.per_group:  # a scale per element: (G, Og, K)
-        s, z = (t.reshape(G, Og, K) for t in grid.expand(permuted(w_star_p, inv).reshape(G * Og, K)))
+        s, z = (t.reshape(G, Og, K) for t in grid.expand(w_star.reshape(G * Og, K)))
         s_p, z_p = permuted(s, perm), permuted(z, perm)
     else:
         s = grid.scale.float().view(G, Og, 1) if grid.per_channel else grid.scale.float().expand(G, Og, 1)
         z = grid.zero_point.view(G, Og, 1) if grid.per_channel else grid.zero_point.expand(G, Og, 1)
         s_p, z_p = s, z
     q = permuted(_gptq(w_star_p, U, s_p, z_p, grid), inv)
-    return _coordinate_descent(q, permuted(w_star_p, inv), H, s, z, grid, cfg.cd_passes)
+    return _coordinate_descent(q, w_star, H, s, z, grid, cfg.cd_passes)
 
 
 def _upper_inverse(R: torch.Tensor, leaf: int = 512) -> torch.Tensor:
