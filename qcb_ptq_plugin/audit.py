@@ -54,7 +54,7 @@ from ._pass import check_coverage, flush_denormals
 from .api import prepare_plan
 from .config import PurifyConfig
 from .methods.lac import _solve_gram
-from .units import Gram, Unit, UnitData
+from .units import Gram, Unit, UnitData, _gram
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class _Half:
         self.n = 0
 
     def add(self, cols: torch.Tensor, cols_fp: torch.Tensor) -> None:  # (G, K, N) each
-        h, f, g = (torch.bmm(a, b.transpose(1, 2)).double() for a, b in ((cols, cols), (cols_fp, cols), (cols_fp, cols_fp)))
+        h, f, g = _gram(cols).double(), torch.bmm(cols_fp, cols.transpose(1, 2)).double(), _gram(cols_fp).double()
         self.H, self.F, self.G = (h, f, g) if self.H is None else (self.H + h, self.F + f, self.G + g)
         self.n += cols.shape[-1]
 
