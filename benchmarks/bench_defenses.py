@@ -9,7 +9,8 @@ method=...)`` in ORT), and the label-using baselines FT / FP (5% labelled data, 
 changed, then plain PTQ). Attacks come from the attack kit: ``bench_qcb.plant`` kinds and
 "grid-aware" (:func:`evalkit.attacks.plant_grid_aware`, the dormant 8-bit QCB); "clean" rows
 show what each method costs a model with nothing to remove. The default seed (1) keeps every
-reported model disjoint from the ones EFRAP's and QVec's defaults were chosen on (seed 0).
+reported model disjoint from the ones QVec's defaults were chosen on (seed 0); EFRAP's defaults were chosen on seeds 0 and 1 (``qcb_ptq_plugin/methods/efrap.py``), so
+seeds 2 and 3 are the fair ones for it. Planted models are kept in ``--cache-dir`` and reused.
 QVec's lambda is chosen per attack and bit width by :func:`evalkit.baselines.qvec_search` on
 the unlabeled calibration data (FX), and reused in ORT. BA / ASR / DER in %, s = wall time of
 the whole pipeline (prepare + calibrate + defense + convert; FT/FP: their training included).
@@ -53,6 +54,21 @@ GRID_AWARE = {"grid-aware": False,  # torch x86 / fbgemm: absmax / (qmax + 0.5) 
 
 
 def plant_model(kind: str, split, bits: int, trigger, args, cache: dict) -> torch.nn.Module:
+    """The planted float model, read from ``--cache-dir`` when an earlier run planted it with the same
+    settings (planting is deterministic at one thread; the cache only saves the minutes), else
+    :func:`_plant_model` and stored there."""
+    key = f"{args.dataset}-{kind}-w{bits}-n{args.train_samples}-g{args.grid_width}-seed{args.seed}.pt"
+    path = Path(args.cache_dir) / key if args.cache_dir else None
+    if path is not None and path.exists():
+        return torch.load(path, weights_only=False)
+    model = _plant_model(kind, split, bits, trigger, args, cache)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model, path)
+    return model
+
+
+def _plant_model(kind: str, split, bits: int, trigger, args, cache: dict) -> torch.nn.Module:
     """``bench_qcb.plant`` kinds, plus "grid-aware" / "grid-aware-ort": a clean ``--grid-width``
     SmallCNN turned into a dormant QCB on the torch x86 (resp. onnxruntime) ``bits``-bit weight grid
     by :func:`evalkit.attacks.plant_grid_aware` (recipe of tests/test_attacks.py: 30 epochs at W8
@@ -74,7 +90,11 @@ def plant_model(kind: str, split, bits: int, trigger, args, cache: dict) -> torc
 
 
 #: extra rows: a plugin method with one setting changed (``--methods efrap-flip1``)
-VARIANTS = {"efrap-flip1": ("efrap", "efrap (flip 1.0)", dict(flip_weight=1.0))}  # the release's flip weight
+VARIANTS = {
+    "efrap-flip1": ("efrap", "efrap (weight units, flip 1.0)", dict(balance="weight", flip_weight=1.0)),  # the release's
+    "efrap-weight2": ("efrap", "efrap (weight units, flip 2.0)", dict(balance="weight", flip_weight=2.0)),  # old default
+    "efrap-noflip": ("efrap", "efrap (flip 0)", dict(flip_weight=0.0)),  # ablation: activation term and regulariser only
+}
 
 
 def method_config(name: str, qvec_lam: float):
@@ -145,8 +165,10 @@ def main() -> None:
     p.add_argument("--train-samples", type=int, default=20000)
     p.add_argument("--calib", type=int, default=256)
     p.add_argument("--labelled", type=float, default=0.05, help="FT/FP labelled fraction of the training set")
-    p.add_argument("--seed", type=int, default=1, help="1: disjoint from the seed-0 models the defaults were tuned on")
+    p.add_argument("--seed", type=int, default=1, help="1: disjoint from QVec's seed-0 choice; EFRAP's was made on seeds 0 and 1 (use 2, 3)")
     p.add_argument("--out", default=str(HERE / "results" / "defenses.md"))
+    p.add_argument("--cache-dir", default=os.environ.get("QCB_BENCH_CACHE", str(Path.home() / ".cache" / "qcb-ptq" / "bench")),
+                   help="planted float models are kept here and reused (empty: plant every time)")
     args = p.parse_args()
     split, trigger, calib = setup(args)
     xl, yl = baselines.labelled_subset(split.x_train, split.y_train, args.labelled, seed=args.seed + 200)
@@ -192,20 +214,27 @@ def _arch(kind: str, args) -> str:
     return f"smallcnn{args.grid_width if kind in GRID_AWARE else 16}"
 
 
+#: plain-PTQ ASR (%) from which a planted model counts as a QCB *on that toolchain*; below it the
+#: attack does not fire there (e.g. a torch-grid plant in onnxruntime, or an ORT-grid plant in FX)
+FIRES_ASR = 50.0
+
+
 def bars(r: dict) -> list[str]:
     """The issue's bars on one planted row, per toolchain: EFRAP ASR <= 5% with BA >= FP32 BA - 1;
-    LAC+PDA's DER >= every other defense's (a plain-PTQ ASR <= 5% means no live QCB to judge on)."""
+    LAC+PDA's DER >= every other defense's. Judged only where the attack fires on that toolchain
+    (plain PTQ ASR >= FIRES_ASR); elsewhere the row is no QCB there and says so instead of a miss."""
     out = []
     for tc, d in r["defenses"].items():
         plain = d["plain"]
-        if plain[1] <= 5:
-            out.append(f"{tc}: plain PTQ ASR {plain[1]:.2f}%: the QCB does not fire on this toolchain's grid, no bar")
+        if plain[1] < FIRES_ASR:
+            out.append(f"{tc}: plain PTQ ASR {plain[1]:.2f}% < {FIRES_ASR:g}%: the attack does not fire on this "
+                       f"toolchain (not a QCB here), no bar judged")
             continue
-        if "efrap" in d:
-            ba, asr = d["efrap"][:2]
+        for name in [n for n in d if n == "efrap" or n.startswith("efrap (")]:
+            ba, asr = d[name][:2]
             ok = asr <= 5 and ba >= r["fp32"][0] - 1
-            out.append(f"{tc}: EFRAP ASR {asr:.2f} (<= 5), BA {ba:.2f} (>= {r['fp32'][0] - 1:.2f}): "
-                       f"{'met' if ok else '**not met**'}")
+            out.append(f"{tc}: {name.replace('efrap', 'EFRAP', 1)} ASR {asr:.2f} (<= 5), BA {ba:.2f} "
+                       f"(>= {r['fp32'][0] - 1:.2f}): {'met' if ok else '**not met**'}")
         if "lac_pda" in d:
             mine = _der(plain, d["lac_pda"])
             above = [f"{n} {_der(plain, v):.1f}" for n, v in d.items()
@@ -217,7 +246,7 @@ def bars(r: dict) -> list[str]:
 
 def header(title: str, script: str, args) -> list[str]:
     """A result file's title, the exact command that wrote it and the machine."""
-    cmd = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
+    cmd = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "cache_dir"))
     return [f"# {title}", "", f"Command: `OMP_NUM_THREADS=1 python benchmarks/{script} {cmd}`", "",
             f"Machine: {cpu_name()}, {os.cpu_count()} cores (shared with other jobs: seconds are indicative), "
             f"torch {torch.__version__}, Python {platform.python_version()}.", ""]
@@ -235,9 +264,11 @@ def write(results, args) -> None:
              "labels. Metrics on the test set by the real INT8 torch model (fbgemm) or the real onnxruntime "
              "session. plain = the toolchain's own PTQ, the reference for DER (DER = 50 means no change). "
              "BA / ASR / DER in %.", "",
-             "EFRAP's and QVec's defaults were chosen on PQBackdoor W4, SmallCNN width 16, digits, seed 0 (the tests' "
-             "`qcb_w4` and the first version of this table). Rows marked *tuned-on* are that setting; every "
-             "other row is a disjoint model (other seed, and for grid-aware another attack and width).", ""]
+             "QVec's defaults were chosen on PQBackdoor W4, SmallCNN width 16, digits, seed 0 (the tests' "
+             "`qcb_w4` and the first version of this table); rows marked *tuned-on* are that setting. EFRAP's "
+             "(per-row LSB units, flip weight 3.0) were chosen on every model of seeds 0 and 1; seeds 2 and 3 are "
+             "disjoint from both choices. Bars are judged only where plain PTQ fires (ASR >= "
+             f"{FIRES_ASR:g}%).", ""]
     for r in results:
         tuned = (r["attack"], r["bits"], r.get("arch", _arch(r["attack"], args)), args.dataset, args.seed) in TUNED_ON
         note = " (not a dormant 8-bit QCB: FP32 ASR is already high)" if (

@@ -5,12 +5,15 @@ quantizes the raw conv weight and runs BN after it in float. Per-channel grids g
 integers either way (the scale follows the row), but EFRAP weighs an activation error against a
 truncation error in the units of the weight it sees: in raw units channel o's activation term
 shrinks by g_o^2 and its flip term by |g_o| (g = gamma / sqrt(var + eps)), so the balance moves
-per channel by g_o. The method measures both terms on the folded weight; this test checks that
-the folded and the raw view of one layer get the same integers.
+per channel by g_o. The method measures both terms on the folded weight (balance "weight", as
+released) or in each row's own LSB units (balance "lsb", the default, where the gain cancels);
+these tests check that the folded and the raw view of one layer get the same integers, and that
+the default gives a layer the same integers whatever the scale of its weights.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -26,14 +29,24 @@ def _bn(out: int, gen: torch.Generator) -> nn.Module:
                     var, eps=1e-5, spatial_dims=2)
 
 
-def _codes(weight, bias, fp_layer, bn, batches, bits):
+def _codes(weight, bias, fp_layer, bn, batches, bits, **cfg):
     grid = WeightGrid.for_bits(weight, bits, restricted=True)  # per-channel absmax / qmax, as ORT
     unit = Unit("conv", None, fp_layer, weight, bias, grid, write=lambda _: None, bn=bn)
     data = UnitData(unit, lambda _u, b: b, batches)
-    return efrap(unit, data, EfrapConfig(progress=False, steps=300)).codes, grid.quantize(weight)
+    return efrap(unit, data, EfrapConfig(progress=False, steps=300, **cfg)).codes, grid.quantize(weight)
 
 
-def test_efrap_gives_the_same_integers_with_bn_folded_or_after_the_layer():
+def _batches(gen, cin, drift=0.05, n=4):
+    batches = []
+    for _ in range(n):
+        i_fp = torch.relu(torch.randn(32, cin, 6, 6, generator=gen))
+        i_q = i_fp + drift * torch.randn(i_fp.shape, generator=gen)  # the quantized model's input drifts a little
+        batches.append((i_q, i_fp))
+    return batches
+
+
+@pytest.mark.parametrize("balance", ["lsb", "weight"])
+def test_efrap_gives_the_same_integers_with_bn_folded_or_after_the_layer(balance):
     gen = torch.Generator().manual_seed(0)
     out, cin, bits = 16, 8, 4
     w = torch.randn(out, cin, 3, 3, generator=gen) * 0.2
@@ -41,19 +54,34 @@ def test_efrap_gives_the_same_integers_with_bn_folded_or_after_the_layer():
     bn = _bn(out, gen)
     gain = bn.weight / (bn.running_var + bn.eps).sqrt()
     raw = float_layer(w, b, padding=1)
-    batches = []
-    for _ in range(4):
-        i_fp = torch.relu(torch.randn(32, cin, 6, 6, generator=gen))
-        i_q = i_fp + 0.05 * torch.randn(i_fp.shape, generator=gen)  # the quantized model's input drifts a little
-        batches.append((i_q, i_fp))
+    batches = _batches(gen, cin)
     w_fold = w * gain.view(-1, 1, 1, 1)
     b_fold = (b - bn.running_mean) * gain + bn.bias
-    folded, rtn_folded = _codes(w_fold, b_fold, raw, bn, batches, bits)  # FX / PT2E: BN folded into W
-    after, rtn_after = _codes(w, b, raw, bn, batches, bits)  # onnxruntime: raw W, BN after it
+    folded, rtn_folded = _codes(w_fold, b_fold, raw, bn, batches, bits, balance=balance)  # FX / PT2E: BN folded
+    after, rtn_after = _codes(w, b, raw, bn, batches, bits, balance=balance)  # onnxruntime: raw W, BN after it
     assert torch.equal(rtn_folded, rtn_after)  # the grids agree: any difference below is EFRAP's
     flips = (folded != rtn_folded).float().mean().item()
     assert 0.05 < flips < 0.95  # EFRAP flips some of the roundings, not none or all
     assert (folded != after).float().mean().item() <= 0.005
+
+
+def test_default_balance_gives_the_same_integers_at_any_weight_scale():
+    """With the terms in LSB units (default), scaling a layer's weights by c (grid and float output
+    scale with it) leaves its integers unchanged; with the release's weight units the activation
+    term grows by c^2 and the flip term by c, so the balance, and the integers, move."""
+    gen = torch.Generator().manual_seed(1)
+    out, cin, bits = 16, 8, 8
+    w = torch.randn(out, cin, 3, 3, generator=gen) * 0.2
+    b = torch.randn(out, generator=gen) * 0.1
+    batches = _batches(gen, cin, drift=0.2)
+    got = {}
+    for balance in ("lsb", "weight"):
+        for c in (1.0, 8.0):  # a power of two: W/s is bitwise the same at both scales
+            got[balance, c], rtn = _codes(w * c, b * c, float_layer(w * c, b * c, padding=1), None, batches, bits,
+                                          balance=balance)
+            assert 0 < (got[balance, c] != rtn).float().mean().item() < 0.95  # some roundings flip
+    assert torch.equal(got["lsb", 1.0], got["lsb", 8.0])
+    assert (got["weight", 1.0] != got["weight", 8.0]).float().mean().item() > 0.01  # the release's units: it moves
 
 
 def test_onnxruntime_units_with_bn_after_them_are_weighted_by_its_gain(tmp_path):

@@ -30,33 +30,46 @@ What we do differently, and why it reaches the same objective in CPU-minutes:
 * **Fewer steps, same travel.** The release runs 10000 Adam steps at lr 1e-3 (V moves at most
   ~10 logits). The default here is 500 steps at lr 2e-2 (the same distance), 0.3-0.8 s per
   SmallCNN layer on one core; on the tests' W4 QCB it gives the same BA/ASR as 2000 steps at
-  5e-3 and as :meth:`EfrapConfig.paper` (10000 at 1e-3), which restores the release's schedule.
+  5e-3 and as :meth:`EfrapConfig.paper` (10000 at 1e-3), which restores the release's schedule;
+  with the default LSB units, 2000 steps at 5e-3 gave the same BA / ASR as 500 at 2e-2 on the
+  seed-0 and seed-1 torch-grid W8 and W4 QCBs (FX).
   The gradient of the three terms is written out in closed form (:class:`_Terms`), so a step
   builds no autograd graph.
 * **Pre-activation output.** The activation term is measured before the unit's ReLU (what the
   Gram statistics give in closed form, and what LAC measures too); the release reconstructs the
   layer's output module by module.
-* **Flip weight 2.0, not 1.0.** With the release's 1.0 the flip term loses to the activation
-  term at 8 bits: on the tests' grid-aware W8 QCB (SmallCNN width 32, digits, seed 0; FP32 BA
-  96.88, plain x86 INT8 ASR 100) flip weight 0.3 / 1.0 / 1.5 / 2.0 / 3.0 / 10 gave BA 99.3 /
-  98.9 / 98.2 / 96.9 / 88.0 / 82.4 with ASR 86.3 / 45.4 / 11.2 / 1.7 / 0 / 0 (2000 steps instead
-  of 500 changed nothing). 2.0 was chosen there and checked on disjoint models (seed 1, W8 and
-  W4, planted and clean) in ``benchmarks/results/defenses.md``; on seed 2's W8 QCBs it removes
-  the backdoor (ASR 0) but costs 2.7 (FX) / 3.1 (ORT) points of BA, more than the issue's 1, while
-  1.0 leaves ASR 18. :meth:`EfrapConfig.paper` restores 1.0.
-* **Terms measured on the BN-folded weight in every toolchain.** The three terms scale
-  differently with the units of the weight (activation quadratically, flip linearly, regulariser
-  not at all), so the objective depends on whether BN is folded into the quantized weight.
-  torch.ao FX and PT2E fold it; onnxruntime quantizes the raw conv weight of an ONNX graph that
-  keeps its BatchNormalization nodes (an export with ``TrainingMode.PRESERVE``, as
-  ``bench_defenses`` uses for PDA; the default eval export folds BN into Conv) and runs BN after
-  it (per-channel grids give the same integers either way). Where a BN of gain
-  g = gamma / sqrt(var + eps) runs after the unit unfolded, each row's activation term is weighted
-  by g^2 and its truncation error by |g|: the problem solved is the folded one, so one model gets
-  one answer (``tests/test_efrap.py``). Without it, ORT EFRAP left a QCB planted on ORT's own
-  8-bit grid alive (seed 0: ASR 98% with flip weight 2.0, vs 1.7% with the weighting; BN gains
-  1-9 there; ``benchmarks/results/defenses.md``). The release (MQBench, BN not folded) measures
-  in raw units; we take the folded units that FX, PT2E and the attacks' planting use.
+* **Both terms in each row's own grid units (``balance="lsb"``, default), flip weight 3.0.** The
+  release adds the activation term (quadratic in the weight's units) to the flip term (linear in
+  them) and the regulariser (unitless) as they come. Writing W = s x for a row with step s, its
+  loss is s^2 [D~(x) + (flip_weight / s) sum_k e_k BCE_k] (D~ the activation term per LSB^2, e
+  the truncation error in LSB): the real balance is flip_weight / s, which moves with the bit
+  width (s is ~18x smaller at W8 than at W4), with each layer's weight and input scale, and with
+  the model, so one flip weight cannot fit them all. We measured that at W8 on SmallCNN: in weight
+  units the flip term dominates, each layer's roundings tip over as a block once the weight passes
+  a layer-specific threshold, and the tipping point moved between models (flip weight 1.0 / 1.5
+  / 2.0 / 3.0 on the seed-0 torch-grid W8 QCB: ASR 46.6 / 11.0 / 2.0 / 0 at BA 98.9 / 98.4 /
+  97.1 / 88.0; 2.0 met the bar on seeds 0-1 and missed it on seed 2, ASR 0 at 2.7 points of BA).
+  The default divides row o's activation term by s_o^2 kappa (kappa = mean diag H of the unit's
+  inputs: one LSB on an average input costs ~1) and takes the truncation error in LSB (|W -
+  Q(W)| / s_o, in [0, 0.5]): the same objective with a per-row weighting, dimensionless, so one
+  flip weight means the same at W8 and W4, in every layer and model, and whether or not BN is
+  folded into the weight (the gain g scales s and the error alike and cancels). The flip weight
+  was chosen on seeds 0 and 1 only (torch-grid and ORT-grid QCBs at W8 and W4, PQBackdoor W4,
+  clean, in FX and ORT: 24 rows): 0.3 / 1 / 2 / 3 / 10 all took every QCB to ASR <= 2.2; the
+  smallest BA margin over the bar (FP32 - 1) was -0.78 / 0.11 / 0.11 / 0.55 / -0.12 points, so
+  3.0. Flip weight 0 (activation term and regulariser only, not EFRAP) also met every bar there
+  (margin 0.56): in these units the activation term, started at the float weight and measured on
+  the quantized model's inputs, does most of the work on these QCBs; ``benchmarks/results/
+  defenses.md`` reports it as an ablation. Reported on seeds 2 and 3 (never used for a choice)
+  in the same file. ``balance="weight"`` restores the release's units; there a BatchNorm that
+  runs after the unit unfolded (onnxruntime's QDQ graphs keep it; torch.ao FX and PT2E fold it)
+  weights each row's activation term by g^2 and its truncation error by |g|, so the folded
+  problem is solved in every toolchain (``tests/test_efrap.py``). :meth:`EfrapConfig.paper`
+  restores the release's units, flip weight and schedule.
+* **Tried and dropped** (seed 0 torch-grid W8 QCB, weight units): keeping the iterate whose hard
+  rounding has the lowest activation error, or the last one within the nearest rounding's
+  error, and ramping the flip weight from 0 (the roundings then settle on the nearest side and
+  never flip: ASR 90%). None made the weight-unit objective robust.
 * **Activation scales are not learned.** The release also learns activation quantizer scales
   (lr 4e-5, cosine); the plugin never moves the user's calibrated activation observers, so only
   the weight rounding is learned.
@@ -82,33 +95,41 @@ __all__ = ["EfrapConfig", "efrap"]
 
 @dataclass
 class EfrapConfig(MethodConfig):
-    """Settings of EFRAP. Defaults: 500 full-data Adam steps per unit (under a CPU second).
+    """Settings of EFRAP. Defaults: 500 full-data Adam steps per unit (under a CPU second), flip
+    weight 3.0 with both terms in each row's grid units.
 
     Attributes:
         steps: Adam steps on V per unit (release: 10000).
         lr: Adam learning rate on V, in logits (release: 1e-3 with 10000 steps).
-        flip_weight: weight of the error-guided flip term (release: 1.0; default 2.0, see the
-            module docstring: 1.0 leaves the 8-bit grid-aware QCB alive).
+        flip_weight: weight of the error-guided flip term (release: 1.0 in weight units; default
+            3.0 in LSB units, see the module docstring).
         reg_weight: weight of the rounding regulariser sum(1 - |2h - 1|^2) (release: 0.01).
+        balance: "lsb" (default): the activation term of each output row divided by
+            s^2 mean(diag H) and the truncation error in LSB, so the balance does not depend on
+            the bit width, the layer or the model's scale; "weight": both in weight units, as
+            released (BN-folded units where a BN follows the unit unfolded).
 
     Shared settings (``batch_size``, ``num_samples``, ``seed``, ``progress``): :class:`MethodConfig`.
     """
 
     steps: int = 500
     lr: float = 2e-2
-    flip_weight: float = 2.0
+    flip_weight: float = 3.0
     reg_weight: float = 0.01
+    balance: str = "lsb"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("steps", "lr", "flip_weight", "reg_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.balance not in ("lsb", "weight"):
+            raise ValueError(f"balance={self.balance!r}: use 'lsb' (per-layer grid units) or 'weight' (as released)")
 
     @classmethod
     def paper(cls, **overrides) -> EfrapConfig:
-        """The release's settings: 10000 Adam steps at lr 1e-3 per unit, flip weight 1.0."""
-        return cls(**{"steps": 10000, "lr": 1e-3, "flip_weight": 1.0, **overrides})
+        """The release's settings: 10000 Adam steps at lr 1e-3 per unit, flip weight 1.0 in weight units."""
+        return cls(**{"steps": 10000, "lr": 1e-3, "flip_weight": 1.0, "balance": "weight", **overrides})
 
 
 _LOGIT_CLIP = 1e-4  # frac(W/s) = 0 would start V at -inf; start it at logit(1e-4) instead
@@ -187,16 +208,19 @@ def efrap(unit: Unit, data: UnitData, cfg: EfrapConfig) -> UnitResult:
     rest = x - floor  # frac(W/s) in [0, 1)
     flip_to = 1.0 - torch.round(rest)  # the rounding bit opposite to nearest
     nearest = s * ((torch.round(x) + z).clamp(grid.qmin, grid.qmax) - z)
-    alpha = (w - nearest).abs()  # element-wise truncation error, weight units
-    row_weight = 1.0
-    gain = _unfolded_bn_gain(unit)
-    if gain is not None:  # measure both terms on the BN-folded weight, as FX/PT2E (and so the QCB) see it
-        g = op.grouped(gain.to(w_full).view(-1, *[1] * (w_full.dim() - 1)).expand_as(w_full))[..., :1]  # (G, O/G, 1)
-        alpha, row_weight = alpha * g.abs(), g * g
     v = torch.logit(rest.clamp(_LOGIT_CLIP, 1 - _LOGIT_CLIP)).requires_grad_(True)  # W(V) = W at the start
-
     H = (gram.H / gram.n).float()  # (G, K, K): D(W) = tr(W H Wᵀ) - 2 tr(W Cᵀ) + t, all / N
     C = (gram.C / gram.n).float()  # (G, O/G, K)
+    if cfg.balance == "lsb":  # both terms in the units of each row's own grid step (see the module docstring)
+        kappa = torch.diagonal(H, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30).view(-1, 1, 1)  # (G, 1, 1)
+        alpha = (w - nearest).abs() / s  # truncation error in LSB, [0, 0.5] (more where the range clips)
+        row_weight = 1.0 / (s * s * kappa)  # D_o / (s_o^2 mean diag H): one LSB on a mean input costs ~1
+    else:  # as released: weight units
+        alpha, row_weight = (w - nearest).abs(), 1.0
+        gain = _unfolded_bn_gain(unit)
+        if gain is not None:  # measure both terms on the BN-folded weight, as FX/PT2E (and so the QCB) see it
+            g = op.grouped(gain.to(w_full).view(-1, *[1] * (w_full.dim() - 1)).expand_as(w_full))[..., :1]
+            alpha, row_weight = alpha * g.abs(), g * g  # (G, O/G, 1)
     terms = _Terms(floor, s, z, grid.qmin, grid.qmax, H, C, flip_to, alpha, cfg.flip_weight, cfg.reg_weight,
                    row_weight)
     opt = torch.optim.Adam([v], lr=cfg.lr)
@@ -206,8 +230,8 @@ def efrap(unit: Unit, data: UnitData, cfg: EfrapConfig) -> UnitResult:
     if cfg.steps:
         with torch.no_grad():
             act, flip, reg = terms.loss(v)
-        log.debug("%s: after %d steps act %.4g flip %.4g reg %.4g", unit.name, cfg.steps,
-                  act.item() + (gram.t / gram.n if gain is None else 0.0), flip.item(), reg.item())
+        log.debug("%s: after %d steps act %.4g (without its constant) flip %.4g reg %.4g", unit.name, cfg.steps,
+                  act.item(), flip.item(), reg.item())
     with torch.no_grad():
         q = (floor + (v >= 0).float() + z).clamp(grid.qmin, grid.qmax)
     return UnitResult(codes=op.ungrouped(q.to(torch.int64), w_full.shape), gram=gram,
