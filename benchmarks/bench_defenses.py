@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import inspect
 import json
 import logging
 import os
@@ -55,9 +57,12 @@ GRID_AWARE = {"grid-aware": False,  # torch x86 / fbgemm: absmax / (qmax + 0.5) 
 
 def plant_model(kind: str, split, bits: int, trigger, args, cache: dict) -> torch.nn.Module:
     """The planted float model, read from ``--cache-dir`` when an earlier run planted it with the same
-    settings (planting is deterministic at one thread; the cache only saves the minutes), else
-    :func:`_plant_model` and stored there."""
-    key = f"{args.dataset}-{kind}-w{bits}-n{args.train_samples}-g{args.grid_width}-seed{args.seed}.pt"
+    settings and the same attack-kit source (the key hashes it, so an edited recipe replants; planting
+    is deterministic at one thread, the cache only saves the minutes), else :func:`_plant_model`
+    and stored there."""
+    recipe = hashlib.sha1((inspect.getsource(attacks) + inspect.getsource(models) + inspect.getsource(plant)
+                           + inspect.getsource(_plant_model) + repr(trigger)).encode()).hexdigest()[:12]
+    key = f"{args.dataset}-{kind}-w{bits}-n{args.train_samples}-g{args.grid_width}-seed{args.seed}-{recipe}.pt"
     path = Path(args.cache_dir) / key if args.cache_dir else None
     if path is not None and path.exists():
         return torch.load(path, weights_only=False)
