@@ -9,8 +9,9 @@ method=...)`` in ORT), and the label-using baselines FT / FP (5% labelled data, 
 changed, then plain PTQ). Attacks come from the attack kit: ``bench_qcb.plant`` kinds and
 "grid-aware" (:func:`evalkit.attacks.plant_grid_aware`, the dormant 8-bit QCB); "clean" rows
 show what each method costs a model with nothing to remove. The default seed (1) keeps every
-reported model disjoint from the ones QVec's defaults were chosen on (seed 0); EFRAP's defaults were chosen on seeds 0 and 1 (``qcb_ptq_plugin/methods/efrap.py``), so
-seeds 2 and 3 are the fair ones for it. Planted models are kept in ``--cache-dir`` and reused.
+reported model disjoint from the ones QVec's defaults were chosen on (seed 0); EFRAP's defaults
+were chosen on seeds 0 and 1 (``qcb_ptq_plugin/methods/efrap.py``), so seeds 2 and up are the
+fair ones for it. Planted models are kept in ``--cache-dir`` and reused.
 QVec's lambda is chosen per attack and bit width by :func:`evalkit.baselines.qvec_search` on
 the unlabeled calibration data (FX), and reused in ORT. BA / ASR / DER in %, s = wall time of
 the whole pipeline (prepare + calibrate + defense + convert; FT/FP: their training included).
