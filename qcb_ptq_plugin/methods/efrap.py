@@ -65,8 +65,9 @@ What we do differently, and why it reaches the same objective in CPU-minutes:
   rows of seeds 0-5; misses: seed 3 at W8 (FX and ORT) by one and two test images of BA.
   ``balance="weight"`` restores the release's units; there a BatchNorm that runs after the
   unit unfolded (onnxruntime's QDQ graphs keep it; torch.ao FX and PT2E fold it) weights each
-  row's activation term by g^2 and its truncation error by |g|, so the folded problem is solved in every toolchain (``tests/test_efrap.py``). :meth:`EfrapConfig.paper`
-  restores the release's units, flip weight and schedule.
+  row's activation term by g^2 and its truncation error by |g|, so the folded problem is solved
+  in every toolchain (``tests/test_efrap.py``). :meth:`EfrapConfig.paper` restores the
+  release's units, flip weight and schedule.
 * **Tried and dropped** (seed 0 torch-grid W8 QCB, weight units): keeping the iterate whose hard
   rounding has the lowest activation error, or the last one within the nearest rounding's
   error, and ramping the flip weight from 0 (the roundings then settle on the nearest side and
