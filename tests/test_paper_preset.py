@@ -105,3 +105,28 @@ def test_learned_activation_scales_reach_convert_pt2e(clean_cnn, digits):
     scales = {float(n.args[1]) for n in converted.graph.nodes
               if n.op == "call_function" and "quantize_per_tensor" in str(n.target) and isinstance(n.args[1], float)}
     assert learned <= scales
+
+
+def test_adam_starts_from_the_fast_solvers_integers(clean_cnn, digits):
+    """With no Adam step, adam_start="gram" keeps the fast solver's integers and "rtn" (the
+    release's start) keeps round to nearest: the start is wired, and scored like any iterate."""
+    from .conftest import int_weights
+
+    calib = digits.calibration(64, seed=6)
+    base = dict(pda_steps=3, progress=False)
+    configs = {"gram": q.PurifyConfig(**base), "rtn": "rtn",
+               "adam from gram": q.PurifyConfig(solver="adam", adam_steps=0, **base),
+               "adam from rtn": q.PurifyConfig(solver="adam", adam_steps=0, adam_start="rtn", **base)}
+    ints = {}
+    for name, cfg in configs.items():
+        prepared = prepare_calibrated(clean_cnn, calib, bits=4)
+        if cfg == "rtn":
+            q.purify(prepared, clean_cnn, calib, method="rtn", progress=False)
+        else:
+            q.purify(prepared, clean_cnn, calib, cfg)
+        ints[name] = int_weights(convert_fx(prepared))
+    same = lambda a, b: all(torch.equal(ints[a][k], ints[b][k]) for k in ints[a])  # noqa: E731
+    assert not same("gram", "rtn")
+    assert same("adam from gram", "gram") and same("adam from rtn", "rtn")
+    with pytest.raises(ValueError, match="adam_start"):
+        q.PurifyConfig(adam_start="zero")

@@ -307,24 +307,27 @@ class _UnitObjective:
         return (t.pow(2).sum(-1) / t.shape[-1]).flatten()
 
 
-def _solve_adam(inputs: torch.Tensor, targets: torch.Tensor, unit: Unit, cfg: PurifyConfig
+def _solve_adam(inputs: torch.Tensor, targets: torch.Tensor, unit: Unit, cfg: PurifyConfig,
+                start: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """W_q = s (clamp(round_ste(W/s + u) + z) - z); min D_a (:class:`_UnitObjective`) over the
-    offset u and, with ``cfg.act_lr`` > 0, the output quantizer's scale, with Adam.
+    offset u and, with ``cfg.act_lr`` > 0, the output quantizer's scale, with Adam, from the
+    integers ``start`` (None: round to nearest, u = 0).
 
     The offset u is in grid steps (the release's delta = s u), so ``cfg.lr`` means the same at
     every bit width; the activation scale moves with Adam at ``cfg.act_lr`` (scale units, as
     released); both learning rates are cosine-annealed to 0 (the release anneals only the
     scale's). Every ``adam_steps // 20`` steps the rounded iterate is scored
     on all cached inputs and the best one (never worse than round-to-nearest with the calibrated
-    scale, where it starts) is returned: (codes, learned scale or None, per-channel (before,
-    after, energy) of D_a).
+    scale, and than ``start``) is returned: (codes, learned scale or None, per-channel (before,
+    after, energy) of D_a; before = round to nearest).
     """
     grid = unit.grid
     obj = _UnitObjective(unit, targets)
     w_o = unit.weight.detach().float()
     s, z = grid._bcast(grid.scale, w_o), grid._bcast(grid.zero_point, w_o).float()
-    u = torch.zeros_like(w_o, requires_grad=True)
+    u = torch.zeros_like(w_o) if start is None else (start.float() - z) - w_o / s  # W/s + u lands on start - z
+    u.requires_grad_(True)
     learn_act = obj.fq is not None and cfg.act_lr > 0
     a0 = None if obj.fq is None else obj.fq.scale.detach().float().reshape(1).clone()
     a = None if a0 is None else a0.clone().requires_grad_(learn_act)
@@ -336,6 +339,10 @@ def _solve_adam(inputs: torch.Tensor, targets: torch.Tensor, unit: Unit, cfg: Pu
     best_q = grid.quantize(w_o)
     before = obj.channels(inputs, grid.dequantize(best_q), a0)
     best, best_ch, best_a, best_step = before.sum().item(), before, a0, 0
+    if start is not None:
+        ch = obj.channels(inputs, grid.dequantize(start), a0)
+        if ch.sum().item() < best:
+            best, best_ch, best_q = ch.sum().item(), ch, start
     curve = []  # the scored objective of every checkpoint: does it fall, or only the kept best?
     every = max(1, cfg.adam_steps // 20)
     for step in range(cfg.adam_steps):
@@ -392,7 +399,7 @@ def lac_pda(unit: Unit, data: UnitData, cfg: PurifyConfig) -> UnitResult:
     skip = _pda_skip_reason(unit, cfg)
     if skip and unit.bn is None and cfg.pda is not PDAMode.OFF:
         log.info("%s: PDA %s", unit.name, skip)
-    gram = Gram()
+    gram, use_gram = Gram(), cfg.solver is Solver.GRAM or cfg.adam_start == "gram"  # the fast solver, or adam's start
     gen = torch.Generator().manual_seed(cfg.seed)  # position subsampling (cfg.gram_positions)
     cache_in, cache_tgt = [], []
     pda_first = pda_last = pda_s = 0.0
@@ -403,9 +410,9 @@ def lac_pda(unit: Unit, data: UnitData, cfg: PurifyConfig) -> UnitResult:
             t_pda = time.perf_counter()
             i_q, a, b = _pda(i_q, unit, cfg, measure_last=log.isEnabledFor(logging.INFO))
             pda_first, pda_last, pda_s = pda_first + a, pda_last + b, pda_s + time.perf_counter() - t_pda
-        if cfg.solver is Solver.GRAM:
+        if use_gram:
             gram.add_batch(unit, i_q, target, cfg.gram_positions, gen)
-        else:  # adam scores and reports its own objective on the cached inputs: no Gram needed
+        if cfg.solver is Solver.ADAM:  # adam scores and reports its own objective on the cached inputs
             cache_in.append(i_q)
             cache_tgt.append(target)
     if skip is None:
@@ -413,11 +420,12 @@ def lac_pda(unit: Unit, data: UnitData, cfg: PurifyConfig) -> UnitResult:
 
     w_o = unit.weight.detach().float()
     t_solve = time.perf_counter()
-    if cfg.solver is Solver.GRAM:
+    q = None
+    if use_gram:
         q = unit.op.ungrouped(_solve_gram(gram, unit.op.grouped(w_o), unit.grid, cfg), w_o.shape)
-        act_scale = errors = None
-    else:
-        q, act_scale, errors = _solve_adam(torch.cat(cache_in), torch.cat(cache_tgt), unit, cfg)
+    act_scale = errors = None
+    if cfg.solver is Solver.ADAM:
+        q, act_scale, errors = _solve_adam(torch.cat(cache_in), torch.cat(cache_tgt), unit, cfg, start=q)
     applied = "applied" if _per_sample(unit.bn) else BN1D_APPLIED
     return UnitResult(codes=q, gram=gram, pda=applied if skip is None else skip, pda_seconds=pda_s,
                       solve_seconds=time.perf_counter() - t_solve, act_scale=act_scale, errors=errors)
