@@ -275,8 +275,9 @@ def write(done: dict[str, dict], args, load_before, echo: bool) -> None:
              "load, not comparable with `speed.md`.", "",
              "Attacker: the first train-samples training images; defender: --calib unlabelled training images; "
              "metrics on the first test-samples test images, target class 0, a 4x4 white patch 1 px from the "
-             "bottom-right corner. Cells: BA / ASR (/ DER) / s in %, s = the whole PTQ pipeline. 'does not fire' = "
-             "plain-PTQ ASR < 50% on that grid. FP32 is the float model the PTQ starts from.", "",
+             "bottom-right corner. Cells: BA / ASR (/ DER) / s in %, s = the whole PTQ pipeline. FP32 is the float "
+             "model the PTQ starts from. Notes (the issue's bars for a planted QCB): 'not dormant in FP32' = FP32 "
+             "ASR > 5%; 'does not fire' = plain-PTQ ASR < 50% on that grid, 'fires weakly' = 50-90%.", "",
              "| dataset | arch | attack | setting | grid | FP32 BA / ASR | No defense BA / ASR / s | "
              "LAC BA / ASR / DER / s | LAC+PDA BA / ASR / DER / s | note |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -292,11 +293,12 @@ def write(done: dict[str, dict], args, load_before, echo: bool) -> None:
             lines.append(head + f"error | | | {d['error'][:100]} |")
             continue
         nd = d["No defense"]
-        note = ""
-        if not isinstance(nd, dict) and kind != "clean" and nd[1] < 50:
-            note = "does not fire"
-        elif kind != "clean" and r["fp32"][1] > 20:
-            note = "not dormant in FP32"
+        notes = []
+        if kind != "clean" and r["fp32"][1] > 5:
+            notes.append("not dormant in FP32")
+        if not isinstance(nd, dict) and kind != "clean" and nd[1] < 90:
+            notes.append("does not fire" if nd[1] < 50 else "fires weakly")
+        note = "; ".join(notes)
         lines.append(head + f"{_fmt(nd)} | {_fmt(d['LAC'], nd)} | {_fmt(d['LAC+PDA'], nd)} | {note} |")
     lines += ["", f"## Missing cells ({len(missing)} of {len(wanted)})", ""]
     lines += [f"- {m}" for m in missing] or ["None."]
