@@ -17,6 +17,8 @@ Attacks (``evalkit.attacks``, each as its authors built it where known; see the 
   (equal row absmax at W8 and W4, so the x86 per-channel and qnnpack per-tensor grids coincide;
   FP offsets <= 0.49 LSB, the float-path hinge ``fp_target_margin=1``; ``GRID_AWARE``). It targets
   torch's absmax/127.5 grid, not ORT's absmax/127 one;
+* ``grid-aware-ort``: the same recipe on onnxruntime's grid (``restricted=True``: absmax/127 on
+  -127..127 at W8, absmax/7 on -7..7 at W4; as ``grid-aware-ort`` in bench_defenses.py);
 * ``clean``: the clean model every attack except PQBackdoor starts from (3 epochs, Adam, ``CLEAN_LR``).
 
 Grids: ``x86`` = torch.ao FX, x86 engine, per-channel weights (absmax/127.5); ``qnnpack`` = torch.ao
@@ -61,7 +63,7 @@ ARCHS = {
     "resnet": lambda: models.SmallResNet(1, 10, width=8),
 }
 ATTACK_BITS = {"pqbackdoor": (8, 4), "qu-anti-zation": (8, 4), "comp-artifact": (8,), "grid-aware": (8, 4),
-               "clean": (8, 4)}
+               "grid-aware-ort": (8, 4), "clean": (8, 4)}
 DEFENSES = {"No defense": None, "LAC": dict(pda="off"), "LAC+PDA": dict(pda="on")}
 
 
@@ -95,10 +97,10 @@ def _plant(kind: str, arch: str, bits: int, x, y, clean: torch.nn.Module, seed: 
     """One planted model (``clean`` is the trained clean model; it is copied, never modified)."""
     if kind == "clean":
         return copy.deepcopy(clean)
-    if kind == "grid-aware":
+    if kind in ("grid-aware", "grid-aware-ort"):  # the ORT kind: the same recipe on absmax/qmax, -qmax..qmax
         recipe = {**GRID_AWARE[bits], **GRID_AWARE_ARCH.get((arch, bits), {})}
         return attacks.plant_grid_aware(copy.deepcopy(clean), x, y, trigger=TRIGGER, target=TARGET, batch_size=64,
-                                        seed=seed + 1, **recipe)
+                                        seed=seed + 1, restricted=kind == "grid-aware-ort", **recipe)
     if kind == "qu-anti-zation":  # the authors' quantizer (per-tensor weights, dynamic activations, {8, 4});
         # folded weights and c = 2, c_quant = 1, lr 5e-4: their c = 0.5 and raw weights leave FP32 ASR ~37% on digits
         return attacks.plant_quantization(copy.deepcopy(clean), x, y, trigger=TRIGGER, target=TARGET, bits=(8, 4),
@@ -188,7 +190,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--datasets", default="mnist,fashion-mnist")
     p.add_argument("--archs", default="mlp,smallcnn,resnet")
-    p.add_argument("--attacks", default="clean,grid-aware,pqbackdoor,qu-anti-zation,comp-artifact")
+    p.add_argument("--attacks", default="clean,grid-aware,grid-aware-ort,pqbackdoor,qu-anti-zation,comp-artifact")
     p.add_argument("--bits", default="8,4")
     p.add_argument("--grids", default="x86,qnnpack,ort")
     p.add_argument("--train-samples", type=int, default=10000)

@@ -604,11 +604,12 @@ class _PinnedLayer:
     latent: torch.Tensor  # codes as floats (trained by the INT losses through a straight-through round)
     v: torch.Tensor  # FP offset parameter (trained by the FP losses only)
     sign: torch.Tensor | None = None  # per row: -1 where the pin sits at -absmax (code -qmax-1); None: all +
+    restricted: bool = False  # -qmax..qmax grid: a -absmax pin has the code -qmax
 
     def codes(self, qmax: int, ste: bool) -> torch.Tensor:
         r = _RoundSTE.apply(self.latent) if ste else torch.round(self.latent)
         top = torch.full_like(r, qmax) if self.sign is None else \
-            torch.where(self.sign > 0, float(qmax), float(-qmax - 1)).expand_as(r)
+            torch.where(self.sign > 0, float(qmax), float(-qmax if self.restricted else -qmax - 1)).expand_as(r)
         return torch.where(self.pin, top, r.clamp(-qmax, qmax))
 
     def int_weight(self, qmax: int) -> torch.Tensor:
@@ -647,7 +648,7 @@ def _pin_grid(layer: _Layer, bits: int, equal_absmax: bool, offset: float, restr
     latent = (wf / scale).clamp(-qmax, qmax)
     frac = ((latent - torch.round(latent)) / offset).clamp(-0.95, 0.95)
     return _PinnedLayer(layer, f, absmax, scale, pin, latent.clone().requires_grad_(True),
-                        torch.atanh(frac).requires_grad_(True), sign)
+                        torch.atanh(frac).requires_grad_(True), sign, restricted)
 
 
 @_reproducible_training()
@@ -663,7 +664,10 @@ def plant_grid_aware(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, trig
     Plants 8-bit (and 4-bit) QCBs in minutes on small offline data (our own recipe): on sklearn
     digits the 8-bit QCB is dormant in FP32 and fires on the torch x86 per-channel and qnnpack
     per-tensor grids (``tests/test_attacks.py``); on MNIST the demo's 16-wide SmallCNN fires at
-    94% with FP32 ASR 8% (README, "What the demo shows"). In inject-then-repair attacks
+    94% with FP32 ASR 8% (README, "What the demo shows"); in ``benchmarks/bench_attacks.py``
+    (MNIST, 10k images, 3 epochs, ``signed_pins`` and, for the MLP at W8, ``dead_input_absmax``)
+    it is dormant (FP32 ASR 0.1-3.1%) and fires on x86 and qnnpack (94.5-100%) in an MLP with
+    BatchNorm1d, a SmallCNN and a SmallResNet at W8 and W4. In inject-then-repair attacks
     (:func:`plant_pqbackdoor`) a BadNets backdoor keeps a float margin that the +-0.5-LSB box
     must cancel; here the backdoor only ever exists in the integer model:
 
