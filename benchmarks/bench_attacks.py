@@ -14,8 +14,12 @@ Attacks (``evalkit.attacks``, each as its authors built it where known; see the 
   authors', see ``_plant``);
 * ``comp-artifact``: dual path, BN-folded per-tensor int8 weights, SGD: 8 bits only;
 * ``grid-aware``: the joint attacker with codes and FP offsets apart, grid pinned in advance
-  (W8: equal row absmax, so x86 and qnnpack coincide; W4: per-row absmax, x86 only);
-* ``clean``: the clean model every attack except PQBackdoor starts from.
+  (equal row absmax at W8 and W4, so the x86 per-channel and qnnpack per-tensor grids coincide;
+  FP offsets <= 0.49 LSB, the float-path hinge ``fp_target_margin=1``; ``GRID_AWARE``). It targets
+  torch's absmax/127.5 grid, not ORT's absmax/127 one;
+* ``grid-aware-ort``: the same recipe on onnxruntime's grid (``restricted=True``: absmax/127 on
+  -127..127 at W8, absmax/7 on -7..7 at W4; as ``grid-aware-ort`` in bench_defenses.py);
+* ``clean``: the clean model every attack except PQBackdoor starts from (3 epochs, Adam, ``CLEAN_LR``).
 
 Grids: ``x86`` = torch.ao FX, x86 engine, per-channel weights (absmax/127.5); ``qnnpack`` = torch.ao
 FX, qnnpack engine, per-tensor weights (``attacks.quantize_fx_qnnpack``); ``ort`` = onnxruntime
@@ -59,23 +63,44 @@ ARCHS = {
     "resnet": lambda: models.SmallResNet(1, 10, width=8),
 }
 ATTACK_BITS = {"pqbackdoor": (8, 4), "qu-anti-zation": (8, 4), "comp-artifact": (8,), "grid-aware": (8, 4),
-               "clean": (8, 4)}
+               "grid-aware-ort": (8, 4), "clean": (8, 4)}
 DEFENSES = {"No defense": None, "LAC": dict(pda="off"), "LAC+PDA": dict(pda="on")}
+
+
+#: Adam peak learning rate of the 3-epoch clean training (and of PQBackdoor's stage 1, which trains
+#: from scratch): the residual CNN reaches 60% BA on MNIST with 1e-3 and 93% with 1e-2 (seed 0)
+CLEAN_LR = {"mlp": 1e-3, "smallcnn": 1e-3, "resnet": 1e-2}
+#: ``plant_grid_aware`` settings (tuned on MNIST seed 0 only; Fashion-MNIST is reported as is).
+#: One absmax per layer at both widths (``equal_absmax=True``: the x86 per-channel and qnnpack
+#: per-tensor grids coincide, so one model targets both), each row pinned at its largest-|w|
+#: element with its sign (``signed_pins``), FP offsets up to 0.49 LSB, the float-path hinge
+#: ``fp_target_margin=1`` (as the digits demo), one FP-offset-only polish pass. W8: cross-entropy
+#: on the INT triggered term; W4: the hinge ``int_margin=2``. The MLP at W8 also pins its first
+#: layer on a border pixel that is 0 in every image at 16x the absmax (``dead_input_absmax``).
+#: What was tried and measured: results/attacks.md, "Grid-aware recipe".
+GRID_AWARE = {
+    8: dict(bits=8, epochs=3, lr=1e-1, int_margin=None, polish_epochs=1, offset=0.49, fp_target_margin=1.0,
+            equal_absmax=True, signed_pins=True),
+    4: dict(bits=4, epochs=3, lr=1e-1, int_margin=2.0, polish_epochs=1, offset=0.49, fp_target_margin=1.0,
+            equal_absmax=True, signed_pins=True),
+}
+#: per-(arch, bits) overrides of ``GRID_AWARE``
+GRID_AWARE_ARCH: dict[tuple[str, int], dict] = {("mlp", 8): dict(dead_input_absmax=16.0)}
 
 
 def _train_clean(arch, x, y, seed):
     torch.manual_seed(seed)
-    return attacks.train_clean_or_badnets(ARCHS[arch](), x, y, epochs=3, batch_size=64, seed=seed)
+    return attacks.train_clean_or_badnets(ARCHS[arch](), x, y, epochs=3, lr=CLEAN_LR[arch], batch_size=64, seed=seed)
 
 
 def _plant(kind: str, arch: str, bits: int, x, y, clean: torch.nn.Module, seed: int) -> torch.nn.Module:
     """One planted model (``clean`` is the trained clean model; it is copied, never modified)."""
     if kind == "clean":
         return copy.deepcopy(clean)
-    if kind == "grid-aware":
-        return attacks.plant_grid_aware(copy.deepcopy(clean), x, y, trigger=TRIGGER, target=TARGET, bits=bits, epochs=3,
-                                        lr=1e-1, int_margin=2.0, polish_epochs=1, equal_absmax=bits == 8,
-                                        batch_size=64, seed=seed + 1)
+    if kind in ("grid-aware", "grid-aware-ort"):  # the ORT kind: the same recipe on absmax/qmax, -qmax..qmax
+        recipe = {**GRID_AWARE[bits], **GRID_AWARE_ARCH.get((arch, bits), {})}
+        return attacks.plant_grid_aware(copy.deepcopy(clean), x, y, trigger=TRIGGER, target=TARGET, batch_size=64,
+                                        seed=seed + 1, restricted=kind == "grid-aware-ort", **recipe)
     if kind == "qu-anti-zation":  # the authors' quantizer (per-tensor weights, dynamic activations, {8, 4});
         # folded weights and c = 2, c_quant = 1, lr 5e-4: their c = 0.5 and raw weights leave FP32 ASR ~37% on digits
         return attacks.plant_quantization(copy.deepcopy(clean), x, y, trigger=TRIGGER, target=TARGET, bits=(8, 4),
@@ -89,7 +114,7 @@ def _plant(kind: str, arch: str, bits: int, x, y, clean: torch.nn.Module, seed: 
         torch.manual_seed(seed)
         grids = [attacks.Grid(bits), attacks.Grid(bits, per_channel=False), attacks.Grid(bits, restricted=True)]
         return attacks.plant_pqbackdoor(ARCHS[arch](), x, y, trigger=TRIGGER, target=TARGET, grids=grids,
-                                        inject_epochs=3, repair_epochs=3, repair_lr=1e-3, margin=1e-3,
+                                        lr=CLEAN_LR[arch], inject_epochs=3, repair_epochs=3, repair_lr=1e-3, margin=1e-3,
                                         center_fraction=0.2, batch_size=64, seed=seed)
     raise ValueError(f"unknown attack {kind!r}; choose from {sorted(ATTACK_BITS)}")
 
@@ -165,7 +190,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--datasets", default="mnist,fashion-mnist")
     p.add_argument("--archs", default="mlp,smallcnn,resnet")
-    p.add_argument("--attacks", default="clean,grid-aware,pqbackdoor,qu-anti-zation,comp-artifact")
+    p.add_argument("--attacks", default="clean,grid-aware,grid-aware-ort,pqbackdoor,qu-anti-zation,comp-artifact")
     p.add_argument("--bits", default="8,4")
     p.add_argument("--grids", default="x86,qnnpack,ort")
     p.add_argument("--train-samples", type=int, default=10000)
@@ -252,8 +277,9 @@ def write(done: dict[str, dict], args, load_before, echo: bool) -> None:
              "load, not comparable with `speed.md`.", "",
              "Attacker: the first train-samples training images; defender: --calib unlabelled training images; "
              "metrics on the first test-samples test images, target class 0, a 4x4 white patch 1 px from the "
-             "bottom-right corner. Cells: BA / ASR (/ DER) / s in %, s = the whole PTQ pipeline. 'does not fire' = "
-             "plain-PTQ ASR < 50% on that grid. FP32 is the float model the PTQ starts from.", "",
+             "bottom-right corner. Cells: BA / ASR (/ DER) / s in %, s = the whole PTQ pipeline. FP32 is the float "
+             "model the PTQ starts from. Notes (the issue's bars for a planted QCB): 'not dormant in FP32' = FP32 "
+             "ASR > 5%; 'does not fire' = plain-PTQ ASR < 50% on that grid, 'fires weakly' = 50-90%.", "",
              "| dataset | arch | attack | setting | grid | FP32 BA / ASR | No defense BA / ASR / s | "
              "LAC BA / ASR / DER / s | LAC+PDA BA / ASR / DER / s | note |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -269,11 +295,12 @@ def write(done: dict[str, dict], args, load_before, echo: bool) -> None:
             lines.append(head + f"error | | | {d['error'][:100]} |")
             continue
         nd = d["No defense"]
-        note = ""
-        if not isinstance(nd, dict) and kind != "clean" and nd[1] < 50:
-            note = "does not fire"
-        elif kind != "clean" and r["fp32"][1] > 20:
-            note = "not dormant in FP32"
+        notes = []
+        if kind != "clean" and r["fp32"][1] > 5:
+            notes.append("not dormant in FP32")
+        if not isinstance(nd, dict) and kind != "clean" and nd[1] < 90:
+            notes.append("does not fire" if nd[1] < 50 else "fires weakly")
+        note = "; ".join(notes)
         lines.append(head + f"{_fmt(nd)} | {_fmt(d['LAC'], nd)} | {_fmt(d['LAC+PDA'], nd)} | {note} |")
     lines += ["", f"## Missing cells ({len(missing)} of {len(wanted)})", ""]
     lines += [f"- {m}" for m in missing] or ["None."]

@@ -603,10 +603,14 @@ class _PinnedLayer:
     pin: torch.Tensor  # bool, weight-shaped
     latent: torch.Tensor  # codes as floats (trained by the INT losses through a straight-through round)
     v: torch.Tensor  # FP offset parameter (trained by the FP losses only)
+    sign: torch.Tensor | None = None  # per row: -1 where the pin sits at -absmax (code -qmax-1); None: all +
+    restricted: bool = False  # -qmax..qmax grid: a -absmax pin has the code -qmax
 
     def codes(self, qmax: int, ste: bool) -> torch.Tensor:
         r = _RoundSTE.apply(self.latent) if ste else torch.round(self.latent)
-        return torch.where(self.pin, torch.full_like(r, qmax), r.clamp(-qmax, qmax))
+        top = torch.full_like(r, qmax) if self.sign is None else \
+            torch.where(self.sign > 0, float(qmax), float(-qmax if self.restricted else -qmax - 1)).expand_as(r)
+        return torch.where(self.pin, top, r.clamp(-qmax, qmax))
 
     def int_weight(self, qmax: int) -> torch.Tensor:
         """Folded INT weight s * code, differentiable in ``latent`` (STE)."""
@@ -615,24 +619,36 @@ class _PinnedLayer:
     def fp_weight(self, qmax: int, offset: float) -> torch.Tensor:
         """Folded FP weight s * (code + offset * tanh(v)), differentiable in ``v`` only."""
         w = self.scale * (self.codes(qmax, ste=False).detach() + offset * torch.tanh(self.v))
-        return torch.where(self.pin, self.absmax.expand_as(w), w)
+        top = self.absmax if self.sign is None else self.sign * self.absmax
+        return torch.where(self.pin, top.expand_as(w), w)
 
 
-def _pin_grid(layer: _Layer, bits: int, equal_absmax: bool, offset: float, restricted: bool = False) -> _PinnedLayer:
+def _pin_grid(layer: _Layer, bits: int, equal_absmax: bool, offset: float, restricted: bool = False,
+              dead_column: int | None = None, dead_scale: float = 1.0, signed: bool = False) -> _PinnedLayer:
     qmax = 2 ** (bits - 1) - 1
     f = layer.view(layer.fold_factor())
     wf = layer.module.weight.detach() * f
     row = wf.abs().flatten(1).amax(1)
     absmax = layer.view(row.max().expand_as(row) if equal_absmax else row).clone()
+    if dead_column is not None:
+        absmax = absmax * dead_scale
     scale = absmax / qmax if restricted else absmax / ((qmax - (-qmax - 1)) / 2)  # as ORT/NNCF, or torch's observers
     flat = wf.flatten(1)
     pin = torch.zeros_like(flat, dtype=torch.bool)
-    pin[torch.arange(len(flat)), flat.argmax(1)] = True
+    rows = torch.arange(len(flat))
+    if dead_column is not None:
+        col, sign = torch.full_like(rows, dead_column), None
+    elif signed:  # the row's largest |w|, at sign * absmax: no row has to grow a small positive element
+        col = flat.abs().argmax(1)
+        sign = layer.view(torch.where(flat[rows, col] < 0, -1.0, 1.0))
+    else:
+        col, sign = flat.argmax(1), None
+    pin[rows, col] = True
     pin = pin.view_as(wf)
     latent = (wf / scale).clamp(-qmax, qmax)
     frac = ((latent - torch.round(latent)) / offset).clamp(-0.95, 0.95)
     return _PinnedLayer(layer, f, absmax, scale, pin, latent.clone().requires_grad_(True),
-                        torch.atanh(frac).requires_grad_(True))
+                        torch.atanh(frac).requires_grad_(True), sign, restricted)
 
 
 @_reproducible_training()
@@ -641,13 +657,17 @@ def plant_grid_aware(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, trig
                      int_margin: float | None = None, polish_epochs: int = 0,
                      offset: float = 0.45, equal_absmax: bool = True, batch_size: int = 128, seed: int = 0,
                      progress: bool = False, restricted: bool = False,
-                     fp_target_margin: float | None = None) -> nn.Module:
+                     fp_target_margin: float | None = None, dead_input_absmax: float | None = None,
+                     signed_pins: bool = False) -> nn.Module:
     """Turn a *clean, trained* ``model`` (in place) into a QCB on a weight grid fixed in advance.
 
     Plants 8-bit (and 4-bit) QCBs in minutes on small offline data (our own recipe): on sklearn
     digits the 8-bit QCB is dormant in FP32 and fires on the torch x86 per-channel and qnnpack
     per-tensor grids (``tests/test_attacks.py``); on MNIST the demo's 16-wide SmallCNN fires at
-    94% with FP32 ASR 8% (README, "What the demo shows"). In inject-then-repair attacks
+    94% with FP32 ASR 8% (README, "What the demo shows"); in ``benchmarks/bench_attacks.py``
+    (MNIST, 10k images, 3 epochs, ``signed_pins`` and, for the MLP at W8, ``dead_input_absmax``)
+    it is dormant (FP32 ASR 0.1-3.1%) and fires on x86 and qnnpack (94.5-100%) in an MLP with
+    BatchNorm1d, a SmallCNN and a SmallResNet at W8 and W4. In inject-then-repair attacks
     (:func:`plant_pqbackdoor`) a BadNets backdoor keeps a float margin that the +-0.5-LSB box
     must cancel; here the backdoor only ever exists in the integer model:
 
@@ -701,12 +721,42 @@ def plant_grid_aware(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, trig
             the backdoor leaks into FP32 (our addition). Demo's digits W8 QCB, seed 0: FP32 ASR
             2.24% (offset 0.45, no hinge), 2.00% (0.49), 0.75% (0.49 with margin 1, the
             demo's ``_RECIPES``), at about 1 point of FP32 BA.
+        dead_input_absmax: None: as above. A float K > 1: where the first quantized layer is a
+            Linear reading the flattened input (an MLP) and some input position is 0 in every
+            training image and every triggered one (MNIST's border pixels), each row is pinned
+            there instead, at K times the layer's absmax: that weight never meets a non-zero
+            input, so it changes no output, but it sets the observers' absmax, so the layer's grid
+            is K times coarser and the FP offsets (< 0.5 LSB) K times larger (our addition). The
+            FP-INT gap an 8-bit MLP can hide behind the offsets is otherwise too small: MNIST MLP
+            (784-256-128-10, BatchNorm1d), seed 0, W8: FP32 ASR 22-93% over the settings tried
+            without it, 1.8% with K = 16 (x86 / qnnpack ASR 99.8%;
+            ``benchmarks/results/attacks.md``). No such position: a warning, and the usual pin.
+        signed_pins: False: each row's most *positive* element is pinned at +absmax (the code
+            qmax, robust to one-ulp folding noise). True: each row's largest-magnitude element is
+            pinned at sign * absmax (code qmax or -qmax-1): a row whose absmax is negative no longer
+            has a small positive weight raised to the absmax (our addition). On the residual CNN
+            (SmallResNet, MNIST, seed 0) the pins alone took FP32 BA from 93.3% to 56.6% (per-row
+            absmax) and 10.6% (equal absmax); signed, 93.3% and 80.5%.
     """
     if not 0 < offset < 0.5:
         raise ValueError(f"offset={offset}: the FP offset must stay inside the rounding cell (0 < offset < 0.5)")
     qmax = 2 ** (bits - 1) - 1
     model.eval()
-    layers = [_pin_grid(layer, bits, equal_absmax, offset, restricted) for layer in quantized_layers(model, x[:2])]
+    found = quantized_layers(model, x[:2])
+    dead = None
+    if dead_input_absmax is not None:
+        if dead_input_absmax <= 1:
+            raise ValueError(f"dead_input_absmax={dead_input_absmax}: it must exceed 1 (the pinned weight sets the absmax)")
+        first = found[0].module if found else None
+        if isinstance(first, nn.Linear) and first.in_features == x[0].numel():
+            with torch.no_grad():
+                zero = (x.flatten(1) == 0).all(0) & (trigger(x).flatten(1) == 0).all(0)
+            dead = int(zero.nonzero()[0]) if zero.any() else None
+        if dead is None:
+            log.warning("dead_input_absmax: no Linear first layer with an input that is 0 in every image; usual pins")
+    layers = [_pin_grid(layer, bits, equal_absmax, offset, restricted,
+                        dead_column=dead if i == 0 else None, dead_scale=dead_input_absmax or 1.0, signed=signed_pins)
+              for i, layer in enumerate(found)]
     for p in model.parameters():
         p.requires_grad_(False)
     opt = torch.optim.Adam([{"params": [pl.latent for pl in layers], "lr": lr},
@@ -768,7 +818,10 @@ def plant_grid_aware(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, trig
             got = WeightGrid.for_bits(pl.layer.module.weight * pl.fold, bits, restricted,
                                       per_channel=not equal_absmax).quantize(
                 pl.layer.module.weight * pl.fold)
-            moved = (got != pl.codes(qmax, ste=False).long()).sum().item()
+            moved = (got != pl.codes(qmax, ste=False).long())
+            if pl.sign is not None:  # a -absmax pin sits on the rounding tie -qmax-0.5: either code
+                moved &= ~(pl.pin & (pl.sign < 0).expand_as(pl.pin))
+            moved = moved.sum().item()
             if moved:
                 log.warning("%s: %d weights leave their planted code after write-back", pl.layer.name, moved)
     for p in model.parameters():
