@@ -63,6 +63,10 @@ def run(units: Sequence[Unit], capture: Capture, batches: Sequence, method: Meth
             t0 = time.perf_counter()
             result = method.purify_unit(unit, UnitData(unit, capture, batches), cfg)
             row, channels = _unit_report(unit, result, time.perf_counter() - t0)
+            inflated = _dead_input_range(unit, result)
+            if inflated:
+                log.warning("%s", inflated)
+                report.warnings.append(inflated)
             if write_back:
                 unit.write(unit.grid.dequantize(result.codes))  # later units see this unit purified
                 if result.act_scale is not None:
@@ -112,6 +116,40 @@ def _unit_report(unit: Unit, result: UnitResult, seconds: float) -> tuple[UnitRe
                                  "NaN/Inf")
     channels = {"before": before.clamp_min(0), "after": after.clamp_min(0), "energy": energy}
     return row, channels
+
+
+#: a grid counts as inflated where weights on dead inputs are this many times the largest live one
+RANGE_INFLATION = 1.5
+#: an input column is dead where its mean square is below this share of the layer's average one
+DEAD_INPUT = 1e-4
+
+
+def _dead_input_range(unit: Unit, result: UnitResult) -> str | None:
+    """A warning where the unit's weight grid is set by weights whose inputs are 0 on every
+    calibration sample (up to PDA's nudge): they change no output on that data, they only make the grid coarser, and
+    a coarser grid gives the float offsets a planted QCB hides in more room than purification can
+    take back (``plant_grid_aware(dead_input_absmax=...)``, benchmarks/results/attacks.md)."""
+    gram = result.gram
+    if gram is None or gram.H is None or unit.grid.group_size is not None:
+        return None
+    d = gram.H.diagonal(dim1=1, dim2=2)  # (G, K): sum of each input column's squares
+    dead = d <= DEAD_INPUT * d.mean(-1, keepdim=True)  # not == 0: PDA nudges dead inputs by up to gamma
+    if not dead.any() or dead.all():
+        return None
+    w = unit.op.grouped(unit.weight.detach().float()).abs()  # (G, O/G, K)
+    on_dead = w.masked_fill(~dead.unsqueeze(1), 0).amax(-1).flatten()
+    on_live = w.masked_fill(dead.unsqueeze(1), 0).amax(-1).flatten()
+    if unit.grid.axis is None:  # one scale for the tensor
+        on_dead, on_live = on_dead.amax(0, keepdim=True), on_live.amax(0, keepdim=True)
+    inflated = on_dead > RANGE_INFLATION * on_live
+    if not inflated.any():
+        return None
+    ratio = (on_dead / on_live.clamp_min(1e-30))[inflated].max().item()
+    return (f"{unit.name}: the weight grid of {int(inflated.sum())} of {len(inflated)} scale group(s) is set by weights "
+            f"whose inputs are (almost) 0 on every calibration sample (up to {ratio:.1f}x the largest weight on a live input). "
+            "They change no output on this data and only make the grid coarser, which leaves a planted QCB room "
+            "that purification cannot fully take back. Set those weights to 0 in a copy of the float model (its "
+            "outputs on this data do not change), then prepare, calibrate and purify that copy")
 
 
 _flush_depth = 0
