@@ -84,6 +84,12 @@ def _recipes() -> list[Recipe]:
         ("smallcnn", "digits", "adaptive", 52), ("smallcnn", "digits", "grid-aware8", 53),
         ("mlp", "mnist", "pqbackdoor", 50), ("mlp", "mnist", "grid-aware8", 51), ("mlp", "mnist", "grid-aware4", 52),
         ("transformer", "digits", "pqbackdoor", 53), ("transformer", "digits", "qu-anti-zation", 50))]
+    # added in issue 13's second round (before any fresh model was scored): QCBs of the kinds the
+    # first round missed, so the calibration half holds working ones to choose statistics on
+    cal += [Recipe(a, d, k, s, "calibration") for a, d, k, s in (
+        ("smallcnn", "digits", "qu-anti-zation", 54), ("smallcnn", "digits", "adaptive", 58),
+        ("smallcnn", "digits", "qu-anti-zation", 56), ("mlp", "mnist", "qu-anti-zation", 55),
+        ("smallcnn", "digits", "grid-aware8", 57))]
     # evaluation half: the same three architectures, other seeds (disjoint models)
     clean = [Recipe(a, d, "clean", s, "evaluation") for s in (10, 11, 12, 13, 14)
              for a, d in (("smallcnn", "digits"), ("mlp", "mnist"))]
@@ -102,7 +108,25 @@ def _recipes() -> list[Recipe]:
         ("resnet", "digits", "pqbackdoor", 70), ("mlp", "fashion-mnist", "pqbackdoor", 74),
         ("resnet", "digits", "qu-anti-zation", 71), ("mlp", "fashion-mnist", "grid-aware4", 76),
         ("resnet", "digits", "pqbackdoor", 73), ("resnet", "digits", "grid-aware8", 72))]
-    return cal + _interleave(_interleave(planted, clean), _interleave(planted_h, clean_h))
+    return cal + _interleave(_interleave(planted, clean), _interleave(planted_h, clean_h)) + _fresh()
+
+
+def _fresh() -> list[Recipe]:
+    """Issue 13, second round: models nobody had looked at when the constants of the two-sided,
+    per-channel and other-grid statistics were fixed on the calibration half (seeds 90+). They
+    include an architecture/dataset pair no other set has: the MLP (BatchNorm1d) on 8x8 digits."""
+    clean = [Recipe(a, d, "clean", s, "fresh") for a, d, s in (
+        ("mlp", "digits", 90), ("smallcnn", "digits", 90), ("mlp", "digits", 91), ("transformer", "digits", 90),
+        ("mlp", "digits", 92), ("smallcnn", "digits", 91), ("mlp", "mnist", 90), ("mlp", "digits", 93),
+        ("resnet", "digits", 90), ("smallcnn", "digits", 92), ("mlp", "mnist", 91), ("transformer", "digits", 91))]
+    planted = [Recipe(a, d, k, s, "fresh") for a, d, k, s in (
+        ("smallcnn", "digits", "qu-anti-zation", 94), ("mlp", "digits", "pqbackdoor", 110),
+        ("smallcnn", "digits", "adaptive", 96), ("smallcnn", "digits", "grid-aware8", 98),
+        ("mlp", "digits", "qu-anti-zation", 112), ("smallcnn", "digits", "qu-anti-zation", 95),
+        ("smallcnn", "digits", "pqbackdoor", 110), ("mlp", "digits", "grid-aware8", 114),
+        ("smallcnn", "digits", "adaptive", 97), ("mlp", "digits", "grid-aware4", 113),
+        ("smallcnn", "digits", "grid-aware8", 99), ("mlp", "digits", "adaptive", 116))]
+    return _interleave(planted, clean)
 
 
 RECIPES = _recipes()
@@ -125,7 +149,7 @@ def _arch(r: Recipe) -> torch.nn.Module:
     if r.arch == "resnet":
         return models.SmallResNet(1, 10, width=8)
     if r.arch == "mlp":
-        return models.MLP(784, 10, hidden=(256, 128) if r.seed % 2 else (128, 64))
+        return models.MLP(64 if r.dataset == "digits" else 784, 10, hidden=(256, 128) if r.seed % 2 else (128, 64))
     return models.TinyTransformer(seq_len=8, token_dim=8, num_classes=10, dim=32 if r.seed % 2 else 24)
 
 
@@ -135,11 +159,11 @@ def train(r: Recipe, split: datasets.Split) -> torch.nn.Module:
     n = len(split.x_train) if small else 10000
     x, y = split.x_train[:n], split.y_train[:n]
     m, trig, tgt = _arch(r), trigger(r), target(r)
-    clean_epochs = {"smallcnn": 20, "resnet": 15, "transformer": 40, "mlp": 3}[r.arch]
+    clean_epochs = {"smallcnn": 20, "resnet": 15, "transformer": 40, "mlp": 30 if small else 3}[r.arch]
     if r.kind == "clean":
         return attacks.train_clean_or_badnets(m, x, y, epochs=clean_epochs, batch_size=64, seed=r.seed)
     if r.kind == "pqbackdoor":
-        ep = 30 if r.arch == "transformer" else (5 if r.arch == "mlp" else 20)
+        ep = 30 if r.arch == "transformer" else (5 if r.arch == "mlp" and not small else 20)
         return attacks.plant_pqbackdoor(m, x, y, trigger=trig, target=tgt, grids=[attacks.Grid(4)], inject_epochs=ep,
                                         repair_epochs=ep, repair_lr=1e-3, batch_size=64, seed=r.seed)
     if r.kind in ("qu-anti-zation", "adaptive"):
@@ -208,6 +232,9 @@ def run(args) -> None:
             continue
         split = splits.setdefault(r.dataset, datasets.load(r.dataset))
         m, train_s = model_for(r, split, cache)
+        if args.train_only:
+            print(f"{r.name}: trained in {train_s:.0f}s", flush=True)
+            continue
         trig, tgt = trigger(r), target(r)
         xt, yt = split.x_test[:2000], split.y_test[:2000]
         fp = (100 * metrics.benign_accuracy(m, xt, yt), 100 * metrics.attack_success_rate(m, xt, yt, trig, tgt))
@@ -230,6 +257,7 @@ def run(args) -> None:
                    "train_s": train_s, "audit_s": time.perf_counter() - t0, "score": rep.score, "p": rep.p_value,
                    "units": rep.units, "warnings": rep.warnings}
             train_s = 0.0
+            compact(rec)
             with open(args.jsonl[0], "a") as f:
                 f.write(json.dumps(rec) + "\n")
             print(f"{r.name:40s} W{bits} {grid:11s} N={n:4d} FP {fp[0]:5.1f}/{fp[1]:5.1f} plain {plain[0]:5.1f}/"
@@ -250,14 +278,68 @@ def unit_z(u: dict, k_drift: float, k_edge: float, k_corr: float) -> tuple[float
     return zd, ze, zc
 
 
-def score(rec: dict, k_drift: float, k_edge: float, k_corr: float) -> float:
-    ps = [min(1.0, 3 * min(audit_mod._p_upper(z) for z in unit_z(u, k_drift, k_edge, k_corr))) for u in rec["units"]]
+def unit_ps(u: dict, k_drift: float, k_edge: float, k_corr: float, floors: dict | None = None,
+             used: tuple | None = None) -> dict:
+    """The p-values of one unit row's statistics: the first round's three from ``unit_z``, the second
+    round's (records that hold their raw figures) from the library's ``_second_round_z``."""
+    ps = dict(zip(("drift", "edges", "correct"), (audit_mod._p_upper(z) for z in unit_z(u, k_drift, k_edge, k_corr))))
+    if "stats" in u:
+        ps.update(audit_mod._second_round_z(u["stats"], floors, used))
+    return ps
+
+
+def score(rec: dict, k_drift: float, k_edge: float, k_corr: float, floors: dict | None = None,
+          used: tuple | None = None) -> float:
+    ps = [audit_mod.unit_p(unit_ps(u, k_drift, k_edge, k_corr, floors, used)) for u in rec["units"]]
     p = min(1.0, len(ps) * min(ps))
     return max(0.0, -math.log10(max(p, 1e-300)))
 
 
 def library_score(rec: dict) -> float:
     return score(rec, audit_mod.KAPPA_DRIFT, audit_mod.KAPPA_EDGE, audit_mod.KAPPA_CORRECT)
+
+
+def fit_second(path: str, used: tuple) -> dict:
+    """Second round: per statistic, the smallest floor with which no clean calibration audit gets a
+    Bonferroni-corrected p (n_units x (3 + len(used)) x p) below 1 / number of clean audits; then each
+    statistic's detections on the calibration half at twice that floor (the library's rule)."""
+    recs = [r for r in records(path) if all("stats" in u for u in r["units"])]
+    clean = [r for r in recs if r["kind"] == "clean"]
+    target, m = 1 / len(clean), 3 + len(used)
+    fitted = {}
+    for name in audit_mod.FLOORS:
+        def worst(fl):
+            return min(len(r["units"]) * m * audit_mod._second_round_z(u["stats"], {name: fl}, (name,)).get(name, 1.0)
+                       for r in clean for u in r["units"])
+        lo, hi = 0.0, 5.0
+        if worst(lo) >= target:
+            fitted[name] = 0.0
+            continue
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if worst(mid) >= target else (mid, hi)
+        fitted[name] = hi
+    print(f"{len(clean)} clean calibration audits; fitted floors (library: 2x):")
+    for name, fl in fitted.items():
+        print(f"  {name:12s} {fl:.4f}   library {audit_mod.FLOORS[name]}")
+    floors = {k: 2 * v for k, v in fitted.items()}
+    thr = audit_mod.DEFAULT_THRESHOLD
+    work = [r for r in recs if working(r)]
+    print(f"calibration working QCB audits: {len(work)}; per statistic at 2x the fitted floor "
+          f"(p x n_units x {m} < 1e-{thr:g}):")
+    for name in audit_mod.FLOORS:
+        def hits(rs):
+            return [r for r in rs if min(len(r["units"]) * m * audit_mod._second_round_z(u["stats"], floors, (name,))
+                                         .get(name, 1.0) for u in r["units"]) < 10 ** -thr]
+        print(f"  {name:12s} working {len(hits(work))}/{len(work)} clean {len(hits(clean))}/{len(clean)}  "
+              f"{sorted(r['model'] + ' W' + str(r['bits']) + r['grid'][4] for r in hits(work))}")
+    for label, u_ in (("first round only", ()), ("with USED", used)):
+        sc = {id(r): score(r, audit_mod.KAPPA_DRIFT, audit_mod.KAPPA_EDGE, audit_mod.KAPPA_CORRECT, floors, u_)
+              for r in recs}
+        print(f"{label}: working {sum(sc[id(r)] > thr for r in work)}/{len(work)}, clean "
+              f"{sum(sc[id(r)] > thr for r in clean)}/{len(clean)}; misses: "
+              f"{[r['model'] + ' W' + str(r['bits']) + r['grid'][4] for r in work if sc[id(r)] <= thr]}")
+    return fitted
 
 
 def working(rec: dict) -> bool:
@@ -328,6 +410,24 @@ def rates(recs: list[dict], thr: float) -> tuple[str, str, str]:
     dorm = [r for r in recs if dormant(r)]
     return (_frac(sum(r["score"] > thr for r in work), len(work)), _frac(sum(r["score"] > thr for r in dorm), len(dorm)),
             _frac(sum(r["score"] > thr for r in clean), len(clean)))
+
+
+def compact(rec: dict) -> dict:
+    """Drop the per-channel arrays of the second round's raw figures (megabytes over a benchmark)
+    after keeping every statistic's p-value at floor 0 and at the library's floors (``p_all``); the
+    layer-level figures stay (the verdict's statistics can be refitted from them)."""
+    for u in rec["units"]:
+        st = u.get("stats", {})
+        if "drift_ch" not in st:
+            continue
+        names = tuple(audit_mod.FLOORS)
+        u["p_all"] = {key: {k: float(f"{v:.3g}") for k, v in audit_mod._second_round_z(st, fl, names).items()}
+                      for key, fl in (("floor0", {k: 0.0 for k in names}), ("library", None))}
+        for k in ("drift_ch", "edge_ch", "fine_ch"):
+            st.pop(k, None)
+        hist = st.pop("hist", [])  # distances from the code: kept from 0.4 LSB on (0.005-LSB bins), and the count
+        st["hist_from_0.4"], st["hist_n"] = [int(v) for v in hist[80:]], int(sum(hist))
+    return rec
 
 
 def records(*paths: str) -> list[dict]:
@@ -422,7 +522,10 @@ def write(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--half", choices=["calibration", "evaluation"], default="evaluation")
+    ap.add_argument("--half", choices=["calibration", "evaluation", "fresh"], default="evaluation",
+                    help="evaluation = the evaluation half and the held-out pairs; fresh = the models of issue 13's "
+                         "second round, scored once after the constants were committed")
+    ap.add_argument("--train-only", action="store_true", help="train (and cache) the models, audit nothing")
     ap.add_argument("--jsonl", nargs="+", default=["/tmp/qcb_audit_bench.jsonl"],
                     help="raw records, appended as they come (the first file; --write-only reads them all)")
     ap.add_argument("--calibration-jsonl", default=str(HERE / "results" / "audit_calibration.jsonl"),
@@ -433,12 +536,14 @@ def main() -> None:
     ap.add_argument("--shared", nargs="+", metavar="JSONL", help="skip models another process has recorded there")
     ap.add_argument("--reuse", nargs="+", metavar="JSONL", help="take plain-INT BA/ASR from these records")
     ap.add_argument("--fit", metavar="JSONL", help="fit the overdispersion floors on a calibration JSONL and exit")
+    ap.add_argument("--used", nargs="+", help="with --fit: the second-round statistics to combine (default: the library's)")
     ap.add_argument("--out", help="write the result markdown from --jsonl (after the run)")
     ap.add_argument("--write-only", action="store_true", help="only write --out from --jsonl")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     if args.fit:
-        return fit(args.fit)
+        fit(args.fit)
+        return fit_second(args.fit, tuple(args.used or audit_mod.USED))
     if not args.write_only:
         run(args)
     if args.out:
