@@ -6,7 +6,12 @@
     # (copied into qcb_ptq_plugin/audit.py and committed before step 2)
     # 2. evaluation half + held-out architectures/datasets, with the library's constants
     python benchmarks/bench_audit.py --half evaluation --jsonl /tmp/audit_eval.jsonl \\
-        --out benchmarks/results/audit.md
+        --out benchmarks/results/audit_round1.md
+    # second round (issue 13): the fresh set, trained first, scored once after the constants
+    # fitted on the calibration half (--fit) were committed; the exact commands are in
+    # benchmarks/results/audit.md
+    python benchmarks/bench_audit.py --half fresh --train-only
+    python benchmarks/bench_audit.py --half fresh --jsonl benchmarks/results/audit_fresh.jsonl
 
 Every model is trained here (1 thread, ``attacks._reproducible_training``) from a recipe in
 :data:`RECIPES`; each half's recipes are listed in the result file. Each model is audited under
@@ -305,6 +310,9 @@ def fit_second(path: str, used: tuple) -> dict:
     statistic's detections on the calibration half at twice that floor (the library's rule)."""
     recs = [r for r in records(path) if all("stats" in u for u in r["units"])]
     clean = [r for r in recs if r["kind"] == "clean"]
+    if not clean:
+        print("no clean record with the second round's raw figures: nothing to fit")
+        return {}
     target, m = 1 / len(clean), 3 + len(used)
     fitted = {}
     for name in audit_mod.FLOORS:
@@ -520,6 +528,136 @@ def write(args) -> None:
     write_markdown(lines, args.out)
 
 
+def write_round2(args) -> None:
+    """The second round's result file: the fresh set first (scored once, after the constants were
+    committed), then the calibration half it was fitted on and the first round's sets re-audited
+    with the same code (looked at before: for reference), then the first round's records."""
+    fresh, cal, old_eval = (_load(p) for p in args.round2)
+    first = _load(args.calibration_jsonl) + _load(*args.jsonl)  # first-round records: first-round statistics only
+    thr = audit_mod.DEFAULT_THRESHOLD
+    seconds = sorted(r["audit_s"] for r in fresh + cal + old_eval)
+    lines = ["# Audit: detection of working QCBs vs false positives, threshold and floors fixed in advance", "",
+             "Second round of issue 13. Commands, in the order they ran (cached models; plain-INT figures of models "
+             "audited before reused with `--reuse`):", "",
+             "    python benchmarks/bench_audit.py --half fresh --train-only      # trained, not audited",
+             "    python benchmarks/bench_audit.py --half calibration --jsonl benchmarks/results/audit_calibration2.jsonl "
+             "--reuse benchmarks/results/audit_calibration.jsonl",
+             "    python benchmarks/bench_audit.py --fit benchmarks/results/audit_calibration2.jsonl",
+             "    # constants committed (b860c67), then, once:",
+             "    python benchmarks/bench_audit.py --half fresh --jsonl benchmarks/results/audit_fresh.jsonl",
+             "    python benchmarks/bench_audit.py --half evaluation --jsonl benchmarks/results/audit_evaluation2.jsonl "
+             "--reuse benchmarks/results/audit_evaluation.jsonl",
+             f"    python benchmarks/bench_audit.py {' '.join(sys.argv[1:])}", "",
+             f"Machine: {cpu_name()}, {os.cpu_count()} cores shared with other jobs, torch {torch.__version__}, 1 thread; "
+             f"load average at write time {' / '.join(f'{v:.2f}' for v in os.getloadavg())}. Audit wall time per "
+             f"model (prepare excluded): median {seconds[len(seconds) // 2]:.1f} s, max {seconds[-1]:.1f} s.", "",
+             f"Library constants, committed before the fresh set was scored: `DEFAULT_THRESHOLD = {thr}` (score = "
+             f"-log10 p), `KAPPA_DRIFT = {audit_mod.KAPPA_DRIFT}`, `KAPPA_EDGE = {audit_mod.KAPPA_EDGE}`, "
+             f"`KAPPA_CORRECT = {audit_mod.KAPPA_CORRECT}`, `EDGE = {audit_mod.EDGE}`, second-round statistics in the "
+             f"verdict `USED = {audit_mod.USED}` with floors "
+             f"{', '.join(f'{k} {audit_mod.FLOORS[k]}' for k in audit_mod.USED)}.", "",
+             f"*Working QCB*: a planted model under a setting where its plain INT model has ASR >= {WORKING_ASR:.0f}%. "
+             f"*Dormant*: working, and its FP32 model has ASR <= {DORMANT_FP_ASR:.0f}%. Settings: W8A8 / W4A8 x "
+             "per-channel (torch.ao FX x86) / per-tensor (FX qnnpack), one calibration size in 128-1024 per audit.", "",
+             "| set | models | detection, working QCBs | detection, dormant working QCBs | false positives (clean audits) |",
+             "|---|---:|---:|---:|---:|"]
+    sets = (("**fresh** (seeds 90+, never looked at before scoring; incl. MLP on 8x8 digits, a new pair)", fresh),
+            ("calibration half, second round (floors and USED chosen here)", cal),
+            ("first round's evaluation + held-out, re-audited (looked at in round 1: reference)", old_eval),
+            ("first round's records, first-round statistics only (as in round 1)",
+             [r for r in first if r["half"] != "calibration"]))
+    for name, rs in sets:
+        lines.append(f"| {name} | {len({r['model'] for r in rs})} | " + " | ".join(rates(rs, thr)) + " |")
+    lines += ["", "Fresh set, by setting:", "", "| setting | detection, working | detection, dormant | false positives |",
+              "|---|---:|---:|---:|"]
+    for bits, grid in SETTINGS:
+        sub = [r for r in fresh if r["bits"] == bits and r["grid"] == grid]
+        lines.append(f"| W{bits}A8 {grid} | " + " | ".join(rates(sub, thr)) + " |")
+    for label, rs in (("Fresh set", fresh), ("First round's evaluation + held-out, re-audited", old_eval),
+                      ("Calibration half", cal)):
+        lines += ["", f"{label}, by attack:", "",
+                  "| attack | detection, working | detection, dormant | flagged where it does not fire |",
+                  "|---|---:|---:|---:|"]
+        for kind in sorted({r["kind"] for r in rs} - {"clean"}):
+            sub = [r for r in rs if r["kind"] == kind]
+            idle = [r for r in sub if not working(r)]
+            lines.append(f"| {kind} | {rates(sub, thr)[0]} | {rates(sub, thr)[1]} | "
+                         f"{_frac(sum(r['score'] > thr for r in idle), len(idle))} |")
+    clean_all = [r for r in fresh + old_eval if r["kind"] == "clean"]
+    lines += ["", "Is p calibrated? Clean audits (fresh + re-audited evaluation/held-out) with p below alpha:", "",
+              "| alpha | 0.1 | 0.01 | 0.001 |", "|---|---:|---:|---:|",
+              "| clean audits | " + " | ".join(_frac(sum(r["score"] > -math.log10(a) for r in clean_all), len(clean_all))
+                                             for a in (0.1, 0.01, 0.001)) + " |"]
+    thin = [r for r in fresh if any("fan-in" in w for w in r["warnings"])]
+    lines += ["", f"{len(thin)} of {len(fresh)} fresh audits warned that a layer had fewer calibration positions than "
+              "its fan-in.", "", "Every fresh audit (score = -log10 p; exposed when > threshold; `other` = the most "
+              "telling of the other grid's two p-values):", "",
+              "| model | setting | N | FP32 BA / ASR | plain BA / ASR | working | max drift/null | max edge % | "
+              "other-grid p | score | verdict |", "|---|---|---:|---|---|---|---:|---:|---:|---:|---|"]
+    for r in fresh:
+        wk = "" if r["kind"] == "clean" else ("dormant" if dormant(r) else "yes" if working(r) else "no")
+        other = min((min(u["p_stats"].get("other_drift", 1), u["p_stats"].get("other_edges", 1)) for u in r["units"]),
+                    default=1.0)
+        lines.append(f"| {r['model']} | W{r['bits']} {r['grid']} | {r['calib']} | "
+                     f"{r['fp32'][0]:.1f} / {r['fp32'][1]:.1f} | {r['plain'][0]:.1f} / {r['plain'][1]:.1f} | {wk} | "
+                     f"{max(u['x'] / u['null_mean'] for u in r['units']):.2f} | "
+                     f"{100 * max(u['edge_share'] for u in r['units']):.0f} | {other:.1e} | {r['score']:.2f} | "
+                     f"{'EXPOSED' if r['score'] > thr else 'not exposed'} |")
+    lines += ["", "Recipes (`benchmarks/bench_audit.py`, `RECIPES`; arch-dataset-kind-seed):", ""]
+    for half in ("fresh", "calibration"):
+        lines.append(f"- {half}: " + ", ".join(r.name for r in RECIPES if r.half == half))
+    lines += ["- evaluation and held-out: see `audit_round1.md`", ""]
+    lines += NOTES
+    write_markdown(lines, args.out)
+
+
+NOTES = """## Notes (hand-written)
+
+**Order of work, as it happened (second round).** (1) 24 fresh recipes (seeds 90+) were added and
+trained with `--train-only`; nothing was audited. (2) Five QCBs of the kinds the first round missed
+(Qu-ANTI-zation-style smallcnn s54/s56 and mlp-mnist s55, adaptive smallcnn s58, grid-aware8 smallcnn
+s57) were added to the calibration half, and the whole half re-audited with code computing, besides the
+first round's three statistics: two-sided and per-channel drift (Bonferroni over channels), per-channel
+and fine edge shares (beyond 0.45 / 0.48 / 0.49 / 0.495 LSB, exact binomial tails), the rounding error's
+energy in the bottom 10/25/50% of H's eigenbasis, and drift and edges on the other bit width's grid. (3)
+`--fit` needed no floor for any of them (no clean calibration audit came near p = 1/56 after the
+correction). On the calibration half the working QCBs the first round missed were grid-aware8 at W4 (4
+audits) and the Qu-ANTI-zation-style and adaptive ones (s54, s55, s58 at W4 per-channel). The other
+grid's statistics caught the first four by a wide margin (score 100+); so did the fine edge share at
+0.48 LSB (a first run with a normal approximation), less directly. Nothing caught the other three: the
+closest, fine edges beyond 0.49 / 0.495 LSB, gave them -log10 p (corrected over layers only) of 0.8-3.7
+/ 0.5-3.8, against up to 1.7 / 4.1 for clean audits. So `USED` = (other_drift, other_edges), with the
+first round's floors for the same statistics; the rest stay in the report's raw `stats`. (4) Constants
+committed (b860c67), then the fresh set was audited once, and the first round's evaluation and held-out
+sets re-audited with the same code (their plain-INT figures reused). No constant changed after the fresh
+set was scored.
+
+**Bars.** False positives: 0 of 48 fresh clean audits, 0 of 152 clean audits overall (fresh + re-audited
+evaluation/held-out), no clean p below 0.1: met with room. Detection: fresh 14/15 (93%) working, 10/11
+dormant; fresh + re-audited evaluation/held-out 34/38 (89%) working, 26/30 (87%) dormant. **The 95% bar
+is not met**, and the fresh figure flatters: its working QCBs are mostly grid-aware8 (10 of 15), and
+none of its three Qu-ANTI-zation-style models reached the 90% ASR that makes a QCB "working" (W4
+per-channel ASR 72-82%; all three scored 0-0.7 there). By attack, over every set: PQBackdoor-style and
+grid-aware QCBs are all flagged at the width they target and, through the other grid, at the other one;
+Qu-ANTI-zation-style 0 of 4 working audits, adaptive 0 of 3.
+
+**What remains.** The misses are exactly the attackers that train through straight-through fake
+quantization (Qu-ANTI-zation, and the adaptive attacker built on it). On these models their weights show
+no pile-up at the cell edges (pooled over a model, the excess share beyond 0.49 LSB has z 1.2-2.3 for
+the calibration half's working ones, up to 2.3 for its clean audits), no coordinated drift and no excess
+energy in weakly excited directions. A weight statistic against a uniform-in-cell null does not see them
+here; a behavioural probe (FP vs INT outputs on perturbed benign inputs against jittered twins) would be
+the next thing to try, and is not done.
+
+**Flagged where they do not fire.** PQBackdoor models repaired inside W4 boxes and grid-aware models
+show coordinated errors on other grids too: the model was tampered with and the audit says so, though it
+cannot tell which grid fires.
+
+**Cost.** The other grid adds one quantization and one quadratic form per layer; the diagnostics add an
+eigendecomposition of H per layer. Median 0.5 s per audit on these models (load average 2-3).
+""".splitlines()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--half", choices=["calibration", "evaluation", "fresh"], default="evaluation",
@@ -536,9 +674,12 @@ def main() -> None:
     ap.add_argument("--shared", nargs="+", metavar="JSONL", help="skip models another process has recorded there")
     ap.add_argument("--reuse", nargs="+", metavar="JSONL", help="take plain-INT BA/ASR from these records")
     ap.add_argument("--fit", metavar="JSONL", help="fit the overdispersion floors on a calibration JSONL and exit")
-    ap.add_argument("--used", nargs="+", help="with --fit: the second-round statistics to combine (default: the library's)")
+    ap.add_argument("--used", nargs="+",
+                    help="with --fit: the second-round statistics to combine (default: the library's)")
     ap.add_argument("--out", help="write the result markdown from --jsonl (after the run)")
     ap.add_argument("--write-only", action="store_true", help="only write --out from --jsonl")
+    ap.add_argument("--round2", nargs=3, metavar=("FRESH", "CALIBRATION2", "EVALUATION2"),
+                    help="with --write-only: write the second round's result file from these records")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     if args.fit:
@@ -547,7 +688,7 @@ def main() -> None:
     if not args.write_only:
         run(args)
     if args.out:
-        write(args)
+        (write_round2 if args.round2 else write)(args)
 
 
 if __name__ == "__main__":

@@ -19,20 +19,35 @@ the same for every architecture, layer size, bit width and weight grid:
   measured on the other half over round-to-nearest's there, for W and for W jittered uniformly
   inside its cells (the null's placement, one seeded draw).
 
+* **the other grid** (second round, issue 13): drift and edge share of the same weights on the
+  same scheme at the other common bit width (8 bits for a 4-bit grid, 4 for an 8-bit one, same
+  absmax), against the same null with the same floors. A grid-aware QCB planted for 8 bits that
+  also fires at 4 sits at ordinary positions of the coarse cells but at the edges of the fine ones.
+
 Each becomes a z-score (drift: log(X / E0[X]) over sqrt(KAPPA_DRIFT² + Var0[X] / E0[X]²); edges:
 the share's excess over sqrt(binomial variance + KAPPA_EDGE²); correctability: log(null ratio /
 model ratio) over KAPPA_CORRECT). The floors stand for how far clean
 models stray from the exact null; they were fitted on the clean models of one half of
 ``benchmarks/bench_audit.py`` (then doubled for the edge of that half's range) and checked on
-the other half and on held-out architectures (``benchmarks/results/audit.md``). One-sided
-p-values are Bonferroni-combined over the three statistics and the layers: ``p`` bounds the
-probability that a clean model looks at least this exposed. The verdict is ``-log10 p >
-threshold``. Nothing is fitted on the data a statistic is measured on.
+the other half and on held-out architectures (``benchmarks/results/audit_round1.md``), then on a
+fresh set scored once after the second round's constants were committed
+(``benchmarks/results/audit.md``). One-sided p-values are Bonferroni-combined over the
+statistics and the layers: ``p`` bounds the probability that a clean model looks at least this
+exposed. The verdict is ``-log10 p > threshold``. Nothing is fitted on the data a statistic is
+measured on.
+
+Also computed and kept in each unit's ``stats`` (raw figures), but not in the verdict: two-sided
+and per-channel drift (with a Bonferroni correction over channels), per-channel and fine (0.45-0.495
+LSB) edge shares, and the rounding error's energy in the least-excited half of H's eigenbasis. On
+the calibration half none of them caught a working QCB the statistics above missed
+(``USED`` lists the ones in the verdict).
 
 What the audit cannot see: an attacker who knows it can align the float and integer
 activations on benign data (the LAC+PDA paper's adaptive attack) and keep the weights away from
-the cell edges; in benchmarks/results/audit.md it also missed Qu-ANTI-zation-style QCBs, whose
-rounding errors look like a clean model's on benign data. "not exposed" is evidence, not proof.
+the cell edges; in benchmarks/results/audit.md it also missed every Qu-ANTI-zation-style QCB
+(straight-through training), whose rounding errors, cell positions and correctability look like
+a clean model's on benign data, even per channel and near the cell edges. "not exposed" is
+evidence, not proof.
 """
 
 from __future__ import annotations
@@ -94,9 +109,10 @@ USED = ("other_drift", "other_edges")
 
 LIMITS = ("The audit compares round-to-nearest with weights placed at random in their rounding cells, on your "
           "benign data. It cannot see an attacker who aligns float and integer activations on benign data (the "
-          "adaptive attack) and keeps weights away from the cell edges; in our benchmark it also missed "
-          "Qu-ANTI-zation-style QCBs (straight-through training), and a backdoor the float model already carries is "
-          "not its business. 'not exposed' is evidence, not proof: purify anyway.")
+          "adaptive attack) and keeps weights away from the cell edges; in our benchmark it also missed every "
+          "Qu-ANTI-zation-style QCB (straight-through training), and a backdoor the float model already carries is "
+          "not its business. Calibration data with fewer samples (x positions) than a layer's fan-in is warned about: "
+          "the statistics lose power. 'not exposed' is evidence, not proof: purify anyway.")
 
 
 @dataclass
