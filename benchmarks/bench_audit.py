@@ -113,7 +113,7 @@ def _recipes() -> list[Recipe]:
         ("resnet", "digits", "pqbackdoor", 70), ("mlp", "fashion-mnist", "pqbackdoor", 74),
         ("resnet", "digits", "qu-anti-zation", 71), ("mlp", "fashion-mnist", "grid-aware4", 76),
         ("resnet", "digits", "pqbackdoor", 73), ("resnet", "digits", "grid-aware8", 72))]
-    return cal + _interleave(_interleave(planted, clean), _interleave(planted_h, clean_h)) + _fresh()
+    return cal + _interleave(_interleave(planted, clean), _interleave(planted_h, clean_h)) + _fresh() + _fresh2()
 
 
 def _fresh() -> list[Recipe]:
@@ -131,6 +131,23 @@ def _fresh() -> list[Recipe]:
         ("smallcnn", "digits", "pqbackdoor", 110), ("mlp", "digits", "grid-aware8", 114),
         ("smallcnn", "digits", "adaptive", 97), ("mlp", "digits", "grid-aware4", 113),
         ("smallcnn", "digits", "grid-aware8", 99), ("mlp", "digits", "adaptive", 116))]
+    return _interleave(planted, clean)
+
+
+def _fresh2() -> list[Recipe]:
+    """Issue 13, third round: models for the behavioural probe, trained after the first fresh set was
+    scored and audited once after the probe's constants were committed (seeds 130+). They include a
+    pair no other set has: the SmallCNN on Fashion-MNIST."""
+    clean = [Recipe(a, d, "clean", s, "fresh2") for a, d, s in (
+        ("smallcnn", "fashion-mnist", 130), ("smallcnn", "digits", 130), ("mlp", "digits", 130),
+        ("smallcnn", "fashion-mnist", 131), ("mlp", "mnist", 130), ("transformer", "digits", 130),
+        ("smallcnn", "digits", 131), ("resnet", "digits", 130))]
+    planted = [Recipe(a, d, k, s, "fresh2") for a, d, k, s in (
+        ("smallcnn", "digits", "qu-anti-zation", 132), ("smallcnn", "digits", "adaptive", 138),
+        ("smallcnn", "fashion-mnist", "qu-anti-zation", 142), ("smallcnn", "digits", "qu-anti-zation", 134),
+        ("smallcnn", "digits", "pqbackdoor", 144), ("mlp", "mnist", "qu-anti-zation", 146),
+        ("smallcnn", "digits", "adaptive", 140), ("smallcnn", "digits", "qu-anti-zation", 136),
+        ("smallcnn", "digits", "grid-aware8", 148))]
     return _interleave(planted, clean)
 
 
@@ -260,7 +277,7 @@ def run(args) -> None:
             rec = {"model": r.name, "arch": r.arch, "dataset": r.dataset, "kind": r.kind, "half": r.half,
                    "seed": r.seed, "bits": bits, "grid": grid, "calib": n, "fp32": fp, "plain": plain,
                    "train_s": train_s, "audit_s": time.perf_counter() - t0, "score": rep.score, "p": rep.p_value,
-                   "units": rep.units, "warnings": rep.warnings}
+                   "units": rep.units, "warnings": rep.warnings, "probe": rep.probe}
             train_s = 0.0
             compact(rec)
             with open(args.jsonl[0], "a") as f:
@@ -301,7 +318,17 @@ def score(rec: dict, k_drift: float, k_edge: float, k_corr: float, floors: dict 
 
 
 def library_score(rec: dict) -> float:
-    return score(rec, audit_mod.KAPPA_DRIFT, audit_mod.KAPPA_EDGE, audit_mod.KAPPA_CORRECT)
+    """The verdict's score as the library computes it (the probe where the record has one)."""
+    s = score(rec, audit_mod.KAPPA_DRIFT, audit_mod.KAPPA_EDGE, audit_mod.KAPPA_CORRECT)
+    if rec.get("probe") and "probe" in audit_mod.USED:
+        if "raw" in rec["probe"]:
+            z, n = probe_z(rec, audit_mod.PROBE_FLOOR)
+            p_probe = min(1.0, n * audit_mod._p_upper(z))
+        else:
+            p_probe = rec["probe"]["p"]
+        p = min(1.0, 2 * min(10 ** -s, p_probe))
+        s = max(0.0, -math.log10(max(p, 1e-300)))
+    return s
 
 
 def fit_second(path: str, used: tuple) -> dict:
@@ -348,6 +375,48 @@ def fit_second(path: str, used: tuple) -> dict:
               f"{sum(sc[id(r)] > thr for r in clean)}/{len(clean)}; misses: "
               f"{[r['model'] + ' W' + str(r['bits']) + r['grid'][4] for r in work if sc[id(r)] <= thr]}")
     return fitted
+
+
+def probe_z(rec: dict, floor: float) -> tuple[float, int]:
+    """The probe's largest z over (position, class) from its raw counts, with floor ``floor`` (as
+    ``audit._probe``: twins' mean + 1 + their variance + (floor x images)²), and the number of cells."""
+    raw = rec["probe"]["raw"]
+    f, t = torch.tensor(raw["rtn"], dtype=torch.float64), torch.tensor(raw["twins"], dtype=torch.float64)
+    m = t.mean(0)
+    z = (f - m) / (m + 1 + t.var(0) + (floor * rec["probe"]["samples"]) ** 2).sqrt()
+    return float(z.max()), z.numel()
+
+
+def fit_probe(path: str) -> float:
+    """The smallest probe floor with which no clean calibration audit gets a probe p (x cells x 2, the
+    combination with the layers' p) below 1 / number of clean audits; detections at twice that."""
+    recs = [r for r in records(path) if r.get("probe") and "raw" in r["probe"]]
+    clean = [r for r in recs if r["kind"] == "clean"]
+    if not clean:
+        print("no probe records")
+        return 0.0
+
+    def p_of(r, fl):
+        z, n = probe_z(r, fl)
+        return min(1.0, 2 * n * audit_mod._p_upper(z))
+    target = 1 / len(clean)
+    lo, hi = 0.0, 1.0
+    if min(p_of(r, lo) for r in clean) >= target:
+        hi = 0.0
+    else:
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if min(p_of(r, mid) for r in clean) >= target else (mid, hi)
+    thr = audit_mod.DEFAULT_THRESHOLD
+    work = [r for r in recs if working(r)]
+    flagged = [r for r in work if p_of(r, 2 * hi) < 10 ** -thr]
+    print(f"probe floor fitted on {len(clean)} clean calibration audits: {hi:.3f} (library: 2x = {2 * hi:.3f}); "
+          f"working QCBs with probe p < 1e-{thr:g} at 2x: {len(flagged)}/{len(work)}; clean "
+          f"{sum(p_of(r, 2 * hi) < 10 ** -thr for r in clean)}/{len(clean)}")
+    for r in work:
+        z, n = probe_z(r, 2 * hi)
+        print(f"  {r['model']:40s} W{r['bits']} {r['grid']:11s} probe z {z:6.2f} p {p_of(r, 2 * hi):.1e}")
+    return hi
 
 
 def working(rec: dict) -> bool:
@@ -424,6 +493,10 @@ def compact(rec: dict) -> dict:
     """Drop the per-channel arrays of the second round's raw figures (megabytes over a benchmark)
     after keeping every statistic's p-value at floor 0 and at the library's floors (``p_all``); the
     layer-level figures stay (the verdict's statistics can be refitted from them)."""
+    if rec.get("probe") and "raw" in rec["probe"]:  # z and p with the library's floor, then the counts go
+        z, n = probe_z(rec, audit_mod.PROBE_FLOOR)
+        rec["probe"].update(z=z, p=min(1.0, n * audit_mod._p_upper(z)))
+        rec["probe"].pop("raw")
     for u in rec["units"]:
         st = u.get("stats", {})
         if "drift_ch" not in st:
@@ -660,7 +733,7 @@ eigendecomposition of H per layer. Median 0.5 s per audit on these models (load 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--half", choices=["calibration", "evaluation", "fresh"], default="evaluation",
+    ap.add_argument("--half", choices=["calibration", "evaluation", "fresh", "fresh2"], default="evaluation",
                     help="evaluation = the evaluation half and the held-out pairs; fresh = the models of issue 13's "
                          "second round, scored once after the constants were committed")
     ap.add_argument("--train-only", action="store_true", help="train (and cache) the models, audit nothing")
@@ -684,6 +757,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     if args.fit:
         fit(args.fit)
+        fit_probe(args.fit)
         return fit_second(args.fit, tuple(args.used or audit_mod.USED))
     if not args.write_only:
         run(args)

@@ -105,7 +105,12 @@ FLOORS = {"drift_lo": 0.25, "drift_ch_hi": 0.25, "drift_ch_lo": 0.25, "edge_ch":
 #: calibration half the first round missed (the other grid's drift and edges: grid-aware QCBs
 #: planted for 8 bits that fire at 4). Two-sided and per-channel drift, per-channel and fine edges,
 #: low-excitation energy caught none the first round missed there, and cost multiplicity
-USED = ("other_drift", "other_edges")
+USED = ("other_drift", "other_edges", "probe")
+#: third round: the behavioural probe (see _probe) and its floor on the share of probed images
+#: flipped, fitted on the calibration half's clean audits (``--fit``: 0.013) and doubled, committed
+#: before the third round's fresh models were scored
+PROBE = True
+PROBE_FLOOR = 0.027
 
 LIMITS = ("The audit compares round-to-nearest with weights placed at random in their rounding cells, on your "
           "benign data. It cannot see an attacker who aligns float and integer activations on benign data (the "
@@ -136,6 +141,7 @@ class AuditReport:
     samples: int = 0
     seconds: float = 0.0
     limits: str = LIMITS
+    probe: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -157,6 +163,13 @@ class AuditReport:
         lines += [f"(edge % under the null: {100 * (1 - 2 * EDGE):.0f}; LAC oos: drift of LAC fitted on half the "
                   "samples, measured on the other half, over round-to-nearest's there; null: the same for the "
                   "weights jittered uniformly inside their cells)"]
+        if self.probe:
+            pr = self.probe
+            lines += ["", f"probe: {pr['samples']} images patched ({pr['side']}x{pr['side']} at the data maximum) at "
+                      f"{pr['cells'] // 10} positions; most telling: at {tuple(pr['position'])} the INT model sends "
+                      f"{pr['flips']:.0f} of them to class {pr['class']} where the float model does not, stochastically "
+                      f"rounded twins {pr['twin_flips']:.1f} (z {pr['z']:.1f}, p {pr['p']:.1e}, corrected over "
+                      "positions x classes)"]
         lines += ["", "most exposed channels (p per channel, not corrected for the number of channels):"]
         lines += [f"  {c['unit']}[{c['channel']}]: drift/null {c['drift_ratio']:.2f}, edge {100 * c['edge_share']:.0f}%, "
                   f"z {c['z']:.1f}, p {c['p']:.1e}" for c in self.top_channels]
@@ -209,14 +222,17 @@ def audit(prepared: nn.Module, float_model: nn.Module, calib_data, threshold: fl
                 warnings.append(f"{unit.name}: {row['positions']} calibration positions (samples x spatial) for a "
                                 f"fan-in of {row['fan_in']}: its statistics are thin and LAC's out-of-sample figure "
                                 "is unreliable; calibrate with more samples")
+    probe = _probe(plan, batches, cfg) if PROBE else None
     for w in warnings:
         log.warning("%s", w)
     p = min(1.0, len(rows) * min((r["p"] for r in rows), default=1.0))
+    if probe is not None and "probe" in USED:
+        p = min(1.0, 2 * min(p, probe["p"]))  # the layers' p and the probe's
     score = max(0.0, -math.log10(max(p, 1e-300)))
     channels.sort(key=lambda c: -c["z"])
     return AuditReport(exposed=score > threshold, score=score, threshold=threshold, p_value=p, units=rows,
                        top_channels=channels[:top_k], unsupported=unsupported, warnings=warnings, samples=samples,
-                       seconds=time.perf_counter() - t0)
+                       seconds=time.perf_counter() - t0, probe=probe)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,6 +485,68 @@ def unit_p(ps: dict) -> float:
     """A layer's p-value: Bonferroni over its statistics' p-values (each already corrected inside)."""
     ps = [p for p in ps.values() if p is not None]
     return min(1.0, len(ps) * min(ps))
+
+
+def _probe(plan, batches, cfg: PurifyConfig, twins: int = 8, max_samples: int = 128) -> dict | None:
+    """Behaviour, not weights: benign images with a square patch (side max(2, H/10), at the data's
+    maximum) stamped at every position (stride 1 up to 12 px, else 2), run through the float model,
+    the deployed round-to-nearest simulator and ``twins`` copies of the simulator whose weights are
+    rounded stochastically (Q(W + s u), u uniform: the same grid, no planted pattern). Per (position,
+    class): F = how many patched images the INT model sends to that class while the float model does
+    not. A QCB's trigger makes F of its target class large at its position for round to nearest only.
+    z = (F_rtn - mean F_twin) / sqrt(mean F_twin + 1 + var F_twin + (PROBE_FLOOR n)²) for n probed
+    images (the floor is on the share of images flipped), Bonferroni over positions x classes. Torch simulators on 4-D inputs only (None otherwise)."""
+    capture = plan.capture
+    sim, fp = getattr(capture, "simulator", None), getattr(capture, "float_model", None)
+    x = torch.cat([b for b in batches])[:max_samples] if batches else None
+    if sim is None or fp is None or x is None or x.dim() != 4 or not plan.units:
+        return None
+    n, c, h, w = x.shape
+    side = max(2, round(h / 10))
+    stride = 1 if max(h, w) <= 12 else 2
+    value = float(x.max())
+    pos = [(i, j) for i in range(0, h - side + 1, stride) for j in range(0, w - side + 1, stride)]
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    rtn = [u.grid.fake_quantize(u.weight.detach().float()) for u in plan.units]
+
+    def flips(model, ref_preds):
+        out = []
+        with torch.no_grad():
+            for (i, j), ref in zip(pos, ref_preds):
+                xp = x.clone()
+                xp[:, :, i:i + side, j:j + side] = value
+                pred = model(xp).argmax(-1)
+                out.append(torch.bincount(pred[pred != ref], minlength=10)[:10].double())
+        return torch.stack(out)  # (positions, classes)
+
+    with torch.no_grad():
+        ref = []
+        for i, j in pos:
+            xp = x.clone()
+            xp[:, :, i:i + side, j:j + side] = value
+            ref.append(fp(xp).argmax(-1))
+    try:
+        f_rtn = flips(sim, ref)
+        f_twin = []
+        for _ in range(twins):
+            for u, q in zip(plan.units, rtn):
+                v = u.weight.detach().float()
+                jitter = (torch.rand(v.shape, generator=gen) - 0.5).to(v) * u.grid.expand(v)[0]
+                u.write(u.grid.fake_quantize(v + jitter))
+            f_twin.append(flips(sim, ref))
+    finally:
+        for u, q in zip(plan.units, rtn):
+            u.write(q)
+    t = torch.stack(f_twin)
+    m = t.mean(0)
+    z = (f_rtn - m) / (m + 1 + t.var(0) + (PROBE_FLOOR * n) ** 2).sqrt()
+    k = int(z.argmax())
+    pi, cls = divmod(k, z.shape[1])
+    zmax = float(z.max())
+    return {"p": min(1.0, z.numel() * _p_upper(zmax)), "z": zmax, "position": list(pos[pi]), "class": cls,
+            "flips": float(f_rtn.flatten()[k]), "twin_flips": float(m.flatten()[k]), "side": side,
+            "samples": n, "cells": int(z.numel()),
+            "raw": {"rtn": f_rtn.int().tolist(), "twins": torch.stack(f_twin).int().tolist()}}
 
 
 def _lac_out_of_sample(g_a: _Half, g_b: _Half, unit: Unit, cfg: PurifyConfig) -> tuple[float | None, float | None]:
