@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -601,53 +602,41 @@ def write(args) -> None:
     write_markdown(lines, args.out)
 
 
-def write_round2(args) -> None:
-    """The second round's result file: the fresh set first (scored once, after the constants were
-    committed), then the calibration half it was fitted on and the first round's sets re-audited
-    with the same code (looked at before: for reference), then the first round's records."""
-    fresh, cal, old_eval = (_load(p) for p in args.round2)
-    first = _load(args.calibration_jsonl) + _load(*args.jsonl)  # first-round records: first-round statistics only
+def write_rounds(args) -> None:
+    """The result file of issue 13's later rounds: ``--sets`` as LABEL=JSONL pairs, the first one the
+    headline (the newest fresh set, scored once after its constants were committed), its tables by
+    setting and attack and every audit; the others in the summary table and by attack."""
+    sets = [(label, _load(path)) for label, path in (item.split("=", 1) for item in args.sets)]
+    head = sets[0][1]
     thr = audit_mod.DEFAULT_THRESHOLD
-    seconds = sorted(r["audit_s"] for r in fresh + cal + old_eval)
+    seconds = sorted(r["audit_s"] for r in head)
     lines = ["# Audit: detection of working QCBs vs false positives, threshold and floors fixed in advance", "",
-             "Second round of issue 13. Commands, in the order they ran (cached models; plain-INT figures of models "
-             "audited before reused with `--reuse`):", "",
-             "    python benchmarks/bench_audit.py --half fresh --train-only      # trained, not audited",
-             "    python benchmarks/bench_audit.py --half calibration --jsonl benchmarks/results/audit_calibration2.jsonl "
-             "--reuse benchmarks/results/audit_calibration.jsonl",
-             "    python benchmarks/bench_audit.py --fit benchmarks/results/audit_calibration2.jsonl",
-             "    # constants committed (b860c67), then, once:",
-             "    python benchmarks/bench_audit.py --half fresh --jsonl benchmarks/results/audit_fresh.jsonl",
-             "    python benchmarks/bench_audit.py --half evaluation --jsonl benchmarks/results/audit_evaluation2.jsonl "
-             "--reuse benchmarks/results/audit_evaluation.jsonl",
-             f"    python benchmarks/bench_audit.py {' '.join(sys.argv[1:])}", "",
-             f"Machine: {cpu_name()}, {os.cpu_count()} cores shared with other jobs, torch {torch.__version__}, 1 thread; "
-             f"load average at write time {' / '.join(f'{v:.2f}' for v in os.getloadavg())}. Audit wall time per "
-             f"model (prepare excluded): median {seconds[len(seconds) // 2]:.1f} s, max {seconds[-1]:.1f} s.", "",
-             f"Library constants, committed before the fresh set was scored: `DEFAULT_THRESHOLD = {thr}` (score = "
-             f"-log10 p), `KAPPA_DRIFT = {audit_mod.KAPPA_DRIFT}`, `KAPPA_EDGE = {audit_mod.KAPPA_EDGE}`, "
-             f"`KAPPA_CORRECT = {audit_mod.KAPPA_CORRECT}`, `EDGE = {audit_mod.EDGE}`, second-round statistics in the "
-             f"verdict `USED = {audit_mod.USED}` with floors "
-             f"{', '.join(f'{k} {audit_mod.FLOORS[k]}' for k in audit_mod.USED)}.", "",
+             "Issue 13, rounds 2 and 3. Commands, in the order they ran (cached models; plain-INT figures of models "
+             "audited before reused with `--reuse`):", "", *[f"    {c}" for c in COMMANDS],
+             f"    python benchmarks/bench_audit.py {shlex.join(sys.argv[1:])}", "",
+             f"Machine: {cpu_name()}, {os.cpu_count()} cores shared with other jobs, torch {torch.__version__}, 1 "
+             f"thread; load average at write time {' / '.join(f'{v:.2f}' for v in os.getloadavg())}. Audit wall time "
+             f"per model of the headline set (prepare excluded): median {seconds[len(seconds) // 2]:.1f} s, max "
+             f"{seconds[-1]:.1f} s.", "",
+             f"Library constants: `DEFAULT_THRESHOLD = {thr}` (score = -log10 p), `KAPPA_DRIFT = "
+             f"{audit_mod.KAPPA_DRIFT}`, `KAPPA_EDGE = {audit_mod.KAPPA_EDGE}`, `KAPPA_CORRECT = "
+             f"{audit_mod.KAPPA_CORRECT}`, `EDGE = {audit_mod.EDGE}`; in the verdict besides the first round's three: "
+             f"`USED = {audit_mod.USED}`, floors {', '.join(f'{k} {audit_mod.FLOORS[k]}' for k in audit_mod.USED if k in audit_mod.FLOORS)}, "
+             f"`PROBE_FLOOR = {audit_mod.PROBE_FLOOR}`. Each set is scored with the code of its round (records without "
+             "a probe: layer statistics only).", "",
              f"*Working QCB*: a planted model under a setting where its plain INT model has ASR >= {WORKING_ASR:.0f}%. "
              f"*Dormant*: working, and its FP32 model has ASR <= {DORMANT_FP_ASR:.0f}%. Settings: W8A8 / W4A8 x "
              "per-channel (torch.ao FX x86) / per-tensor (FX qnnpack), one calibration size in 128-1024 per audit.", "",
              "| set | models | detection, working QCBs | detection, dormant working QCBs | false positives (clean audits) |",
              "|---|---:|---:|---:|---:|"]
-    sets = (("**fresh** (seeds 90+, never looked at before scoring; incl. MLP on 8x8 digits, a new pair)", fresh),
-            ("calibration half, second round (floors and USED chosen here)", cal),
-            ("first round's evaluation + held-out, re-audited (looked at in round 1: reference)", old_eval),
-            ("first round's records, first-round statistics only (as in round 1)",
-             [r for r in first if r["half"] != "calibration"]))
-    for name, rs in sets:
-        lines.append(f"| {name} | {len({r['model'] for r in rs})} | " + " | ".join(rates(rs, thr)) + " |")
-    lines += ["", "Fresh set, by setting:", "", "| setting | detection, working | detection, dormant | false positives |",
-              "|---|---:|---:|---:|"]
+    for label, rs in sets:
+        lines.append(f"| {label} | {len({r['model'] for r in rs})} | " + " | ".join(rates(rs, thr)) + " |")
+    lines += ["", f"{sets[0][0]}, by setting:", "", "| setting | detection, working | detection, dormant | "
+              "false positives |", "|---|---:|---:|---:|"]
     for bits, grid in SETTINGS:
-        sub = [r for r in fresh if r["bits"] == bits and r["grid"] == grid]
+        sub = [r for r in head if r["bits"] == bits and r["grid"] == grid]
         lines.append(f"| W{bits}A8 {grid} | " + " | ".join(rates(sub, thr)) + " |")
-    for label, rs in (("Fresh set", fresh), ("First round's evaluation + held-out, re-audited", old_eval),
-                      ("Calibration half", cal)):
+    for label, rs in sets:
         lines += ["", f"{label}, by attack:", "",
                   "| attack | detection, working | detection, dormant | flagged where it does not fire |",
                   "|---|---:|---:|---:|"]
@@ -656,71 +645,139 @@ def write_round2(args) -> None:
             idle = [r for r in sub if not working(r)]
             lines.append(f"| {kind} | {rates(sub, thr)[0]} | {rates(sub, thr)[1]} | "
                          f"{_frac(sum(r['score'] > thr for r in idle), len(idle))} |")
-    clean_all = [r for r in fresh + old_eval if r["kind"] == "clean"]
-    lines += ["", "Is p calibrated? Clean audits (fresh + re-audited evaluation/held-out) with p below alpha:", "",
+    seen, clean_all = set(), []
+    for label, rs in sets:  # each clean (model, setting) once: the newest code's record of it
+        for r in rs:
+            key = (r["model"], r["bits"], r["grid"])
+            if "calibration" not in label and r["kind"] == "clean" and key not in seen:
+                seen.add(key)
+                clean_all.append(r)
+    lines += ["", "Is p calibrated? Clean audits of every set but the calibration half (each once) with p below "
+              "alpha:", "",
               "| alpha | 0.1 | 0.01 | 0.001 |", "|---|---:|---:|---:|",
-              "| clean audits | " + " | ".join(_frac(sum(r["score"] > -math.log10(a) for r in clean_all), len(clean_all))
-                                             for a in (0.1, 0.01, 0.001)) + " |"]
-    thin = [r for r in fresh if any("fan-in" in w for w in r["warnings"])]
-    lines += ["", f"{len(thin)} of {len(fresh)} fresh audits warned that a layer had fewer calibration positions than "
-              "its fan-in.", "", "Every fresh audit (score = -log10 p; exposed when > threshold; `other` = the most "
-              "telling of the other grid's two p-values):", "",
+              "| clean audits | " + " | ".join(_frac(sum(r["score"] > -math.log10(a) for r in clean_all),
+                                                   len(clean_all)) for a in (0.1, 0.01, 0.001)) + " |"]
+    thin = [r for r in head if any("fan-in" in w for w in r["warnings"])]
+    lines += ["", f"{len(thin)} of {len(head)} audits of the headline set warned that a layer had fewer calibration "
+              "positions than its fan-in.", "", f"Every audit of {sets[0][0]} (score = -log10 p; exposed when > "
+              "threshold; probe: its z and the class it found):", "",
               "| model | setting | N | FP32 BA / ASR | plain BA / ASR | working | max drift/null | max edge % | "
-              "other-grid p | score | verdict |", "|---|---|---:|---|---|---|---:|---:|---:|---:|---|"]
-    for r in fresh:
+              "other-grid p | probe z (class) | score | verdict |", "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in head:
         wk = "" if r["kind"] == "clean" else ("dormant" if dormant(r) else "yes" if working(r) else "no")
         other = min((min(u["p_stats"].get("other_drift", 1), u["p_stats"].get("other_edges", 1)) for u in r["units"]),
                     default=1.0)
+        pr = r.get("probe") or {}
+        probe = f"{pr['z']:.1f} ({pr['class']})" if pr else "-"
         lines.append(f"| {r['model']} | W{r['bits']} {r['grid']} | {r['calib']} | "
                      f"{r['fp32'][0]:.1f} / {r['fp32'][1]:.1f} | {r['plain'][0]:.1f} / {r['plain'][1]:.1f} | {wk} | "
                      f"{max(u['x'] / u['null_mean'] for u in r['units']):.2f} | "
-                     f"{100 * max(u['edge_share'] for u in r['units']):.0f} | {other:.1e} | {r['score']:.2f} | "
+                     f"{100 * max(u['edge_share'] for u in r['units']):.0f} | {other:.1e} | {probe} | {r['score']:.2f} | "
                      f"{'EXPOSED' if r['score'] > thr else 'not exposed'} |")
-    lines += ["", "Recipes (`benchmarks/bench_audit.py`, `RECIPES`; arch-dataset-kind-seed):", ""]
-    for half in ("fresh", "calibration"):
+    lines += ["", "Recipes (`benchmarks/bench_audit.py`, `RECIPES`; arch-dataset-kind-seed; target class = seed mod 10):", ""]
+    for half in ("fresh2", "fresh", "calibration"):
         lines.append(f"- {half}: " + ", ".join(r.name for r in RECIPES if r.half == half))
     lines += ["- evaluation and held-out: see `audit_round1.md`", ""]
     lines += NOTES
     write_markdown(lines, args.out)
 
 
+COMMANDS = [
+    "# round 2",
+    "python benchmarks/bench_audit.py --half fresh --train-only      # trained, not audited",
+    "python benchmarks/bench_audit.py --half calibration --jsonl /tmp/audit13/cal3.jsonl "
+    "--reuse benchmarks/results/audit_calibration.jsonl   # after a first run without the cell histograms",
+    "python benchmarks/bench_audit.py --fit /tmp/audit13/cal3.jsonl",
+    "# constants committed (b860c67), then, once:",
+    "python benchmarks/bench_audit.py --half fresh --jsonl benchmarks/results/audit_fresh.jsonl",
+    "python benchmarks/bench_audit.py --half evaluation --jsonl benchmarks/results/audit_evaluation2.jsonl "
+    "--reuse benchmarks/results/audit_evaluation.jsonl",
+    "# round 3 (the probe)",
+    "python benchmarks/bench_audit.py --half calibration --jsonl /tmp/audit13/cal4.jsonl "
+    "--reuse /tmp/audit13/cal3.jsonl   # compacted: audit_calibration3.jsonl",
+    "python benchmarks/bench_audit.py --fit /tmp/audit13/cal4.jsonl",
+    "# constants committed (9f85820), then the fresh2 models trained and audited once:",
+    "python benchmarks/bench_audit.py --half fresh2 --jsonl benchmarks/results/audit_fresh2.jsonl",
+    "# then, for reference, round 2's fresh set re-audited with the probe (looked at before):",
+    "python benchmarks/bench_audit.py --half fresh --jsonl benchmarks/results/audit_fresh_probe.jsonl "
+    "--reuse benchmarks/results/audit_fresh.jsonl",
+]
+
+
 NOTES = """## Notes (hand-written)
 
-**Order of work, as it happened (second round).** (1) 24 fresh recipes (seeds 90+) were added and
-trained with `--train-only`; nothing was audited. (2) Five QCBs of the kinds the first round missed
-(Qu-ANTI-zation-style smallcnn s54/s56 and mlp-mnist s55, adaptive smallcnn s58, grid-aware8 smallcnn
-s57) were added to the calibration half, and the whole half re-audited with code computing, besides the
-first round's three statistics: two-sided and per-channel drift (Bonferroni over channels), per-channel
-and fine edge shares (beyond 0.45 / 0.48 / 0.49 / 0.495 LSB, exact binomial tails), the rounding error's
-energy in the bottom 10/25/50% of H's eigenbasis, and drift and edges on the other bit width's grid. (3)
-`--fit` needed no floor for any of them (no clean calibration audit came near p = 1/56 after the
-correction). On the calibration half the working QCBs the first round missed were grid-aware8 at W4 (4
-audits) and the Qu-ANTI-zation-style and adaptive ones (s54, s55, s58 at W4 per-channel). The other
-grid's statistics caught the first four by a wide margin (score 100+); so did the fine edge share at
-0.48 LSB (a first run with a normal approximation), less directly. Nothing caught the other three: the
-closest, fine edges beyond 0.49 / 0.495 LSB, gave them -log10 p (corrected over layers only) of 0.8-3.7
-/ 0.5-3.8, against up to 1.7 / 4.1 for clean audits. So `USED` = (other_drift, other_edges), with the
-first round's floors for the same statistics; the rest stay in the report's raw `stats`. (4) Constants
-committed (b860c67), then the fresh set was audited once, and the first round's evaluation and held-out
-sets re-audited with the same code (their plain-INT figures reused). No constant changed after the fresh
-set was scored.
+**Round 3: the probe.** After round 2 (below) the weight statistics had missed every QCB trained through
+fake quantization. The probe (`audit._probe`) looks at behaviour: the calibration images with a square
+patch (side max(2, H/10), at the data maximum) at every position, through the float model, the
+round-to-nearest simulator and 8 twins rounded stochastically on the same grid; per (position, class),
+the patched images the INT model sends to that class while the float model does not, z against the
+twins' mean and variance plus a floor on the flipped share, Bonferroni over positions x classes,
+combined with the layers' p (x2). It was written and measured on the calibration half only (same 28
+models, re-audited: `audit_calibration3.jsonl`); `--fit` gave the floor 0.013, the library takes 0.027
+(2x, the project's rule). Calibration half with it: working 17/18 (94%; 15/18 without), clean 0/56.
+Constants committed (9f85820) before the 17 fresh2 models (seeds 130+, including a SmallCNN on
+Fashion-MNIST, a pair no other set has) were trained; they were audited once.
 
-**Bars.** False positives: 0 of 48 fresh clean audits, 0 of 152 clean audits overall (fresh + re-audited
-evaluation/held-out), no clean p below 0.1: met with room. Detection: fresh 14/15 (93%) working, 10/11
-dormant; fresh + re-audited evaluation/held-out 34/38 (89%) working, 26/30 (87%) dormant. **The 95% bar
-is not met**, and the fresh figure flatters: its working QCBs are mostly grid-aware8 (10 of 15), and
-none of its three Qu-ANTI-zation-style models reached the 90% ASR that makes a QCB "working" (W4
-per-channel ASR 72-82%; all three scored 0-0.7 there). By attack, over every set: PQBackdoor-style and
-grid-aware QCBs are all flagged at the width they target and, through the other grid, at the other one;
-Qu-ANTI-zation-style 0 of 4 working audits, adaptive 0 of 3.
+**Fresh2 (round 3, the headline).** Working 7/8 (88%), dormant 7/8, clean 0/32. Two of its QCBs are of
+the kinds nothing caught before: Qu-ANTI-zation-style smallcnn s134 and adaptive smallcnn s138 at W4
+per-channel (ASR 100% / 99%), both flagged by the probe (z 8.3 / 8.2, the right target class, near the
+trigger's corner). The miss: the Qu-ANTI-zation-style SmallCNN on Fashion-MNIST (s142, W4 per-channel,
+ASR 97%): the probe found its target class at a position near the trigger (84 of 128 patched images
+flipped), but its stochastically rounded twins flipped 20 of them too, so z was 2.4: the twin null is
+contaminated when a QCB partly survives stochastic rounding. Closest clean audit: SmallCNN on
+Fashion-MNIST s130 at W4 per-tensor, score 2.56 (probe z 4.8: 19 images to one class against 0.6), under
+the threshold of 3 but not by much: the new pair is where the floor is thinnest. Qu-ANTI-zation-style
+s132 and s136 fire at 73% and 88% (not "working"); s132 is flagged (score 9.0), s136 not (1.4).
 
-**What remains.** The misses are exactly the attackers that train through straight-through fake
-quantization (Qu-ANTI-zation, and the adaptive attacker built on it). On these models their weights show
-no pile-up at the cell edges (pooled over a model, the excess share beyond 0.49 LSB has z 1.2-2.3 for
-the calibration half's working ones, up to 2.3 for its clean audits), no coordinated drift and no excess
-energy in weakly excited directions. A weight statistic against a uniform-in-cell null does not see them
-here; a behavioural probe (FP vs INT outputs on perturbed benign inputs against jittered twins) would be
-the next thing to try, and is not done.
+**Over the sets nobody had looked at when they were scored** (fresh with round 2's constants, fresh2
+with round 3's): working 21/23 (91%), clean 0/80. **The 95% bar is not met** on either fresh set, and
+both are small: 8 and 15 working audits, most of them PQBackdoor-style and grid-aware.
+
+**Round 2's fresh set re-audited with the probe** (reference: it had been looked at): unchanged, 14/15
+working, 0/48 clean. The adaptive s96 (W4 per-channel, ASR 96%) stays missed: the probe's best cell is
+its target class, but 17 flips against 5 for the twins (z 1.6). Of the QCBs there that fire below 90%,
+Qu-ANTI-zation-style s94 (82%) and adaptive s97 (58%) are now flagged (probe z 9.1 / 6.7, target class).
+
+**Limits of the probe.** It stamps square patches; blended, warped, semantic or input-specific triggers
+are not probed, and a patch larger than max(2, H/10) may go unseen. It needs the torch simulator (FX,
+PT2E) and image-shaped inputs; elsewhere the report has no probe. It costs 10 forwards of 128 images per
+patch position: about 1 minute per audit of a width-16 SmallCNN on 28x28 inputs on one shared core.
+
+**Round 2, order of work.** (1) 24 fresh recipes (seeds 90+) were added and trained with `--train-only`;
+nothing was audited. (2) Five QCBs of the kinds the first round missed (Qu-ANTI-zation-style smallcnn
+s54/s56 and mlp-mnist s55, adaptive smallcnn s58, grid-aware8 smallcnn s57) were added to the
+calibration half, and the whole half re-audited with code computing, besides the first round's three
+statistics: two-sided and per-channel drift (Bonferroni over channels), per-channel and fine edge shares
+(beyond 0.45 / 0.48 / 0.49 / 0.495 LSB, exact binomial tails), the rounding error's energy in the bottom
+10/25/50% of H's eigenbasis, and drift and edges on the other bit width's grid. (3) `--fit` needed no
+floor for any of them (no clean calibration audit came near p = 1/56 after the correction). On the
+calibration half the working QCBs the first round missed were grid-aware8 at W4 (4 audits) and the
+Qu-ANTI-zation-style and adaptive ones (s54, s55, s58 at W4 per-channel). The other grid's statistics
+caught the first four by a wide margin (score 100+); so did the fine edge share at 0.48 LSB (a first run
+with a normal approximation), less directly. Nothing caught the other three: the closest, fine edges
+beyond 0.49 / 0.495 LSB, gave them -log10 p (corrected over layers only) of 0.8-3.7 / 0.5-3.8, against
+up to 1.7 / 4.1 for clean audits. So `USED` = (other_drift, other_edges), with the first round's floors
+for the same statistics; the rest stay in the report's raw `stats`. (4) Constants committed (b860c67),
+then the fresh set was audited once, and the first round's evaluation and held-out sets re-audited with
+the same code (their plain-INT figures reused). No constant changed after the fresh set was scored.
+
+**Round 2, bars** (layer statistics only, as scored then). False positives: 0 of 48 fresh clean audits,
+0 of 152 clean audits overall (fresh + re-audited evaluation/held-out), no clean p below 0.1: met with
+room. Detection: fresh 14/15 (93%) working, 10/11 dormant; fresh + re-audited evaluation/held-out 34/38
+(89%) working, 26/30 (87%) dormant. **The 95% bar is not met**, and the fresh figure flatters: its
+working QCBs are mostly grid-aware8 (10 of 15), and none of its three Qu-ANTI-zation-style models
+reached the 90% ASR that makes a QCB "working" (W4 per-channel ASR 72-82%; all three scored 0-0.7
+there). By attack, over every set: PQBackdoor-style and grid-aware QCBs are all flagged at the width
+they target and, through the other grid, at the other one; Qu-ANTI-zation-style 0 of 4 working audits,
+adaptive 0 of 3 (all before the probe).
+
+**Round 2, what remained.** The misses are exactly the attackers that train through straight-through
+fake quantization (Qu-ANTI-zation, and the adaptive attacker built on it). On these models their weights
+show no pile-up at the cell edges (pooled over a model, the excess share beyond 0.49 LSB has z 1.2-2.3
+for the calibration half's working ones, up to 2.3 for its clean audits), no coordinated drift and no
+excess energy in weakly excited directions. A weight statistic against a uniform-in-cell null does not
+see them here; a behavioural probe (FP vs INT outputs on perturbed benign inputs against jittered twins)
+was the next thing to try: round 3, above.
 
 **Flagged where they do not fire.** PQBackdoor models repaired inside W4 boxes and grid-aware models
 show coordinated errors on other grids too: the model was tampered with and the audit says so, though it
@@ -751,8 +808,8 @@ def main() -> None:
                     help="with --fit: the second-round statistics to combine (default: the library's)")
     ap.add_argument("--out", help="write the result markdown from --jsonl (after the run)")
     ap.add_argument("--write-only", action="store_true", help="only write --out from --jsonl")
-    ap.add_argument("--round2", nargs=3, metavar=("FRESH", "CALIBRATION2", "EVALUATION2"),
-                    help="with --write-only: write the second round's result file from these records")
+    ap.add_argument("--sets", nargs="+", metavar="LABEL=JSONL",
+                    help="with --write-only: write the later rounds' result file from these record sets")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     if args.fit:
@@ -762,7 +819,7 @@ def main() -> None:
     if not args.write_only:
         run(args)
     if args.out:
-        (write_round2 if args.round2 else write)(args)
+        (write_rounds if args.sets else write)(args)
 
 
 if __name__ == "__main__":

@@ -36,18 +36,26 @@ statistics and the layers: ``p`` bounds the probability that a clean model looks
 exposed. The verdict is ``-log10 p > threshold``. Nothing is fitted on the data a statistic is
 measured on.
 
+* **the probe** (third round, model level): behaviour instead of weights. Benign calibration
+  images with a square patch at the data maximum stamped at every position, through the float
+  model, the deployed round-to-nearest simulator and twins whose weights are rounded
+  stochastically on the same grid (no planted pattern survives that). Per (position, class), how
+  many patched images the INT model sends to that class while the float model does not, against
+  the twins (see :func:`_probe`). Its p and the layers' are combined (x2). It looks for
+  square-patch triggers only; blended, warped or semantic triggers are not probed.
+
 Also computed and kept in each unit's ``stats`` (raw figures), but not in the verdict: two-sided
 and per-channel drift (with a Bonferroni correction over channels), per-channel and fine (0.45-0.495
 LSB) edge shares, and the rounding error's energy in the least-excited half of H's eigenbasis. On
 the calibration half none of them caught a working QCB the statistics above missed
 (``USED`` lists the ones in the verdict).
 
-What the audit cannot see: an attacker who knows it can align the float and integer
-activations on benign data (the LAC+PDA paper's adaptive attack) and keep the weights away from
-the cell edges; in benchmarks/results/audit.md it also missed every Qu-ANTI-zation-style QCB
-(straight-through training), whose rounding errors, cell positions and correctability look like
-a clean model's on benign data, even per channel and near the cell edges. "not exposed" is
-evidence, not proof.
+What the audit cannot see: the weight statistics miss QCBs trained through straight-through fake
+quantization (Qu-ANTI-zation, and the LAC+PDA paper's adaptive attacker, who also aligns float
+and integer activations on benign data): their rounding errors, cell positions and
+correctability look like a clean model's, even per channel and near the cell edges. Only the
+probe sees them, and only when their trigger is a patch it can stamp. "not exposed" is evidence,
+not proof.
 """
 
 from __future__ import annotations
@@ -113,11 +121,12 @@ PROBE = True
 PROBE_FLOOR = 0.027
 
 LIMITS = ("The audit compares round-to-nearest with weights placed at random in their rounding cells, on your "
-          "benign data. It cannot see an attacker who aligns float and integer activations on benign data (the "
-          "adaptive attack) and keeps weights away from the cell edges; in our benchmark it also missed every "
-          "Qu-ANTI-zation-style QCB (straight-through training), and a backdoor the float model already carries is "
-          "not its business. Calibration data with fewer samples (x positions) than a layer's fan-in is warned about: "
-          "the statistics lose power. 'not exposed' is evidence, not proof: purify anyway.")
+          "benign data, and probes the INT model with square patches against stochastically rounded twins. Its weight "
+          "statistics cannot see an attacker who trains through fake quantization (Qu-ANTI-zation) or aligns float and "
+          "integer activations on benign data (the adaptive attack); only the probe can, and only for patch triggers. "
+          "A backdoor the float model already carries is not its business. Calibration data with fewer samples (x "
+          "positions) than a layer's fan-in is warned about: the statistics lose power. 'not exposed' is evidence, "
+          "not proof: purify anyway.")
 
 
 @dataclass
@@ -165,11 +174,11 @@ class AuditReport:
                   "weights jittered uniformly inside their cells)"]
         if self.probe:
             pr = self.probe
-            lines += ["", f"probe: {pr['samples']} images patched ({pr['side']}x{pr['side']} at the data maximum) at "
-                      f"{pr['cells'] // 10} positions; most telling: at {tuple(pr['position'])} the INT model sends "
-                      f"{pr['flips']:.0f} of them to class {pr['class']} where the float model does not, stochastically "
-                      f"rounded twins {pr['twin_flips']:.1f} (z {pr['z']:.1f}, p {pr['p']:.1e}, corrected over "
-                      "positions x classes)"]
+            lines += ["", f"probe: {pr['samples']} images patched ({pr['side']}x{pr['side']} at the data maximum) "
+                      f"at {pr['cells'] // 10} positions; most telling: at {tuple(pr['position'])} the INT model "
+                      f"sends {pr['flips']:.0f} of them to class {pr['class']} where the float model does not, "
+                      f"stochastically rounded twins {pr['twin_flips']:.1f} (z {pr['z']:.1f}, p {pr['p']:.1e}, "
+                      "corrected over positions x classes)"]
         lines += ["", "most exposed channels (p per channel, not corrected for the number of channels):"]
         lines += [f"  {c['unit']}[{c['channel']}]: drift/null {c['drift_ratio']:.2f}, edge {100 * c['edge_share']:.0f}%, "
                   f"z {c['z']:.1f}, p {c['p']:.1e}" for c in self.top_channels]
@@ -495,7 +504,8 @@ def _probe(plan, batches, cfg: PurifyConfig, twins: int = 8, max_samples: int = 
     class): F = how many patched images the INT model sends to that class while the float model does
     not. A QCB's trigger makes F of its target class large at its position for round to nearest only.
     z = (F_rtn - mean F_twin) / sqrt(mean F_twin + 1 + var F_twin + (PROBE_FLOOR n)²) for n probed
-    images (the floor is on the share of images flipped), Bonferroni over positions x classes. Torch simulators on 4-D inputs only (None otherwise)."""
+    images (the floor is on the share of images flipped), Bonferroni over positions x classes. Torch
+    simulators on 4-D inputs only (None otherwise)."""
     capture = plan.capture
     sim, fp = getattr(capture, "simulator", None), getattr(capture, "float_model", None)
     x = torch.cat([b for b in batches])[:max_samples] if batches else None

@@ -30,17 +30,25 @@ def test_planted_qcb_is_exposed_and_clean_model_is_not(qcb_w4, clean_cnn, digits
     assert report.exposed and report.score > report.threshold and report.p_value < 10 ** -DEFAULT_THRESHOLD
     assert all(torch.equal(v, before[k]) for k, v in planted.state_dict().items())  # audit changes nothing
     assert [c["z"] for c in report.top_channels] == sorted((c["z"] for c in report.top_channels), reverse=True)
-    assert "EXPOSED" in report.table() and "cannot see an attacker who aligns" in report.table()
+    assert "EXPOSED" in report.table()
+    assert "cannot see an attacker who trains through fake quantization" in report.table()
     assert {u["name"] for u in report.units} == {"features.0", "features.4", "features.8", "fc"}
     # the repaired weights sit at the edges of their 4-bit cells: far above the 30% of the null
     assert max(u["edge_share"] for u in report.units) > 0.5
     # LAC's out-of-sample figures, for the model and for its weights jittered inside their cells
     assert all(0 < u["lac_oos"] < 1 and 0 < u["lac_oos_null"] for u in report.units)
 
+    # the probe: patched benign images, INT vs float, against stochastically rounded twins; the trigger is a
+    # 2x2 patch at the bottom-right corner, target 0
+    pr = report.probe
+    assert pr["class"] == 0 and min(pr["position"]) >= 5 and pr["p"] < 1e-6 and pr["flips"] > 4 * pr["twin_flips"]
+    assert "probe:" in report.table()
+
     for bits, backend in ((8, "x86"), (4, "x86"), (8, "qnnpack"), (4, "qnnpack")):  # per-channel and per-tensor
         mapping = attacks.qnnpack_qconfig_mapping(bits) if backend == "qnnpack" else None
         clean = qcb_ptq_plugin.audit(prepare_calibrated(clean_cnn, calib, bits, mapping), clean_cnn, calib)
         assert not clean.exposed, (bits, backend, clean.score)
+        assert clean.probe["p"] > 1e-3, (bits, backend, clean.probe)
         assert clean.p_value > report.p_value
 
 
