@@ -39,9 +39,9 @@ measured on.
 * **the probe** (third round, model level): behaviour instead of weights. Benign calibration
   images with a square patch at the data maximum stamped at every position, through the float
   model, the deployed round-to-nearest simulator and twins whose weights are rounded
-  stochastically on the same grid (no planted pattern survives that). Per (position, class), how
-  many patched images the INT model sends to that class while the float model does not, against
-  the twins (see :func:`_probe`). Its p and the layers' are combined (x2). It looks for
+  stochastically on the same grid (a planted pattern mostly does not survive that). Per
+  (position, class), how many patched images the INT model sends to that class while the float
+  model does not, against the twins (see :func:`_probe`). Its p and the layers' are combined (x2). It looks for
   square-patch triggers only; blended, warped or semantic triggers are not probed.
 
 Also computed and kept in each unit's ``stats`` (raw figures), but not in the verdict: two-sided
