@@ -6,7 +6,12 @@
     # (copied into qcb_ptq_plugin/audit.py and committed before step 2)
     # 2. evaluation half + held-out architectures/datasets, with the library's constants
     python benchmarks/bench_audit.py --half evaluation --jsonl /tmp/audit_eval.jsonl \\
-        --out benchmarks/results/audit.md
+        --out benchmarks/results/audit_round1.md
+    # second round (issue 13): the fresh set, trained first, scored once after the constants
+    # fitted on the calibration half (--fit) were committed; the exact commands are in
+    # benchmarks/results/audit.md
+    python benchmarks/bench_audit.py --half fresh --train-only
+    python benchmarks/bench_audit.py --half fresh --jsonl benchmarks/results/audit_fresh.jsonl
 
 Every model is trained here (1 thread, ``attacks._reproducible_training``) from a recipe in
 :data:`RECIPES`; each half's recipes are listed in the result file. Each model is audited under
@@ -22,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -84,6 +90,12 @@ def _recipes() -> list[Recipe]:
         ("smallcnn", "digits", "adaptive", 52), ("smallcnn", "digits", "grid-aware8", 53),
         ("mlp", "mnist", "pqbackdoor", 50), ("mlp", "mnist", "grid-aware8", 51), ("mlp", "mnist", "grid-aware4", 52),
         ("transformer", "digits", "pqbackdoor", 53), ("transformer", "digits", "qu-anti-zation", 50))]
+    # added in issue 13's second round (before any fresh model was scored): QCBs of the kinds the
+    # first round missed, so the calibration half holds working ones to choose statistics on
+    cal += [Recipe(a, d, k, s, "calibration") for a, d, k, s in (
+        ("smallcnn", "digits", "qu-anti-zation", 54), ("smallcnn", "digits", "adaptive", 58),
+        ("smallcnn", "digits", "qu-anti-zation", 56), ("mlp", "mnist", "qu-anti-zation", 55),
+        ("smallcnn", "digits", "grid-aware8", 57))]
     # evaluation half: the same three architectures, other seeds (disjoint models)
     clean = [Recipe(a, d, "clean", s, "evaluation") for s in (10, 11, 12, 13, 14)
              for a, d in (("smallcnn", "digits"), ("mlp", "mnist"))]
@@ -102,7 +114,42 @@ def _recipes() -> list[Recipe]:
         ("resnet", "digits", "pqbackdoor", 70), ("mlp", "fashion-mnist", "pqbackdoor", 74),
         ("resnet", "digits", "qu-anti-zation", 71), ("mlp", "fashion-mnist", "grid-aware4", 76),
         ("resnet", "digits", "pqbackdoor", 73), ("resnet", "digits", "grid-aware8", 72))]
-    return cal + _interleave(_interleave(planted, clean), _interleave(planted_h, clean_h))
+    return cal + _interleave(_interleave(planted, clean), _interleave(planted_h, clean_h)) + _fresh() + _fresh2()
+
+
+def _fresh() -> list[Recipe]:
+    """Issue 13, second round: models nobody had looked at when the constants of the two-sided,
+    per-channel and other-grid statistics were fixed on the calibration half (seeds 90+). They
+    include an architecture/dataset pair no other set has: the MLP (BatchNorm1d) on 8x8 digits."""
+    clean = [Recipe(a, d, "clean", s, "fresh") for a, d, s in (
+        ("mlp", "digits", 90), ("smallcnn", "digits", 90), ("mlp", "digits", 91), ("transformer", "digits", 90),
+        ("mlp", "digits", 92), ("smallcnn", "digits", 91), ("mlp", "mnist", 90), ("mlp", "digits", 93),
+        ("resnet", "digits", 90), ("smallcnn", "digits", 92), ("mlp", "mnist", 91), ("transformer", "digits", 91))]
+    planted = [Recipe(a, d, k, s, "fresh") for a, d, k, s in (
+        ("smallcnn", "digits", "qu-anti-zation", 94), ("mlp", "digits", "pqbackdoor", 110),
+        ("smallcnn", "digits", "adaptive", 96), ("smallcnn", "digits", "grid-aware8", 98),
+        ("mlp", "digits", "qu-anti-zation", 112), ("smallcnn", "digits", "qu-anti-zation", 95),
+        ("smallcnn", "digits", "pqbackdoor", 110), ("mlp", "digits", "grid-aware8", 114),
+        ("smallcnn", "digits", "adaptive", 97), ("mlp", "digits", "grid-aware4", 113),
+        ("smallcnn", "digits", "grid-aware8", 99), ("mlp", "digits", "adaptive", 116))]
+    return _interleave(planted, clean)
+
+
+def _fresh2() -> list[Recipe]:
+    """Issue 13, third round: models for the behavioural probe, trained after the first fresh set was
+    scored and audited once after the probe's constants were committed (seeds 130+). They include a
+    pair no other set has: the SmallCNN on Fashion-MNIST."""
+    clean = [Recipe(a, d, "clean", s, "fresh2") for a, d, s in (
+        ("smallcnn", "fashion-mnist", 130), ("smallcnn", "digits", 130), ("mlp", "digits", 130),
+        ("smallcnn", "fashion-mnist", 131), ("mlp", "mnist", 130), ("transformer", "digits", 130),
+        ("smallcnn", "digits", 131), ("resnet", "digits", 130))]
+    planted = [Recipe(a, d, k, s, "fresh2") for a, d, k, s in (
+        ("smallcnn", "digits", "qu-anti-zation", 132), ("smallcnn", "digits", "adaptive", 138),
+        ("smallcnn", "fashion-mnist", "qu-anti-zation", 142), ("smallcnn", "digits", "qu-anti-zation", 134),
+        ("smallcnn", "digits", "pqbackdoor", 144), ("mlp", "mnist", "qu-anti-zation", 146),
+        ("smallcnn", "digits", "adaptive", 140), ("smallcnn", "digits", "qu-anti-zation", 136),
+        ("smallcnn", "digits", "grid-aware8", 148))]
+    return _interleave(planted, clean)
 
 
 RECIPES = _recipes()
@@ -125,7 +172,7 @@ def _arch(r: Recipe) -> torch.nn.Module:
     if r.arch == "resnet":
         return models.SmallResNet(1, 10, width=8)
     if r.arch == "mlp":
-        return models.MLP(784, 10, hidden=(256, 128) if r.seed % 2 else (128, 64))
+        return models.MLP(64 if r.dataset == "digits" else 784, 10, hidden=(256, 128) if r.seed % 2 else (128, 64))
     return models.TinyTransformer(seq_len=8, token_dim=8, num_classes=10, dim=32 if r.seed % 2 else 24)
 
 
@@ -135,11 +182,11 @@ def train(r: Recipe, split: datasets.Split) -> torch.nn.Module:
     n = len(split.x_train) if small else 10000
     x, y = split.x_train[:n], split.y_train[:n]
     m, trig, tgt = _arch(r), trigger(r), target(r)
-    clean_epochs = {"smallcnn": 20, "resnet": 15, "transformer": 40, "mlp": 3}[r.arch]
+    clean_epochs = {"smallcnn": 20, "resnet": 15, "transformer": 40, "mlp": 30 if small else 3}[r.arch]
     if r.kind == "clean":
         return attacks.train_clean_or_badnets(m, x, y, epochs=clean_epochs, batch_size=64, seed=r.seed)
     if r.kind == "pqbackdoor":
-        ep = 30 if r.arch == "transformer" else (5 if r.arch == "mlp" else 20)
+        ep = 30 if r.arch == "transformer" else (5 if r.arch == "mlp" and not small else 20)
         return attacks.plant_pqbackdoor(m, x, y, trigger=trig, target=tgt, grids=[attacks.Grid(4)], inject_epochs=ep,
                                         repair_epochs=ep, repair_lr=1e-3, batch_size=64, seed=r.seed)
     if r.kind in ("qu-anti-zation", "adaptive"):
@@ -208,6 +255,9 @@ def run(args) -> None:
             continue
         split = splits.setdefault(r.dataset, datasets.load(r.dataset))
         m, train_s = model_for(r, split, cache)
+        if args.train_only:
+            print(f"{r.name}: trained in {train_s:.0f}s", flush=True)
+            continue
         trig, tgt = trigger(r), target(r)
         xt, yt = split.x_test[:2000], split.y_test[:2000]
         fp = (100 * metrics.benign_accuracy(m, xt, yt), 100 * metrics.attack_success_rate(m, xt, yt, trig, tgt))
@@ -228,8 +278,9 @@ def run(args) -> None:
             rec = {"model": r.name, "arch": r.arch, "dataset": r.dataset, "kind": r.kind, "half": r.half,
                    "seed": r.seed, "bits": bits, "grid": grid, "calib": n, "fp32": fp, "plain": plain,
                    "train_s": train_s, "audit_s": time.perf_counter() - t0, "score": rep.score, "p": rep.p_value,
-                   "units": rep.units, "warnings": rep.warnings}
+                   "units": rep.units, "warnings": rep.warnings, "probe": rep.probe}
             train_s = 0.0
+            compact(rec)
             with open(args.jsonl[0], "a") as f:
                 f.write(json.dumps(rec) + "\n")
             print(f"{r.name:40s} W{bits} {grid:11s} N={n:4d} FP {fp[0]:5.1f}/{fp[1]:5.1f} plain {plain[0]:5.1f}/"
@@ -250,14 +301,123 @@ def unit_z(u: dict, k_drift: float, k_edge: float, k_corr: float) -> tuple[float
     return zd, ze, zc
 
 
-def score(rec: dict, k_drift: float, k_edge: float, k_corr: float) -> float:
-    ps = [min(1.0, 3 * min(audit_mod._p_upper(z) for z in unit_z(u, k_drift, k_edge, k_corr))) for u in rec["units"]]
+def unit_ps(u: dict, k_drift: float, k_edge: float, k_corr: float, floors: dict | None = None,
+             used: tuple | None = None) -> dict:
+    """The p-values of one unit row's statistics: the first round's three from ``unit_z``, the second
+    round's (records that hold their raw figures) from the library's ``_second_round_z``."""
+    ps = dict(zip(("drift", "edges", "correct"), (audit_mod._p_upper(z) for z in unit_z(u, k_drift, k_edge, k_corr))))
+    if "stats" in u:
+        ps.update(audit_mod._second_round_z(u["stats"], floors, used))
+    return ps
+
+
+def score(rec: dict, k_drift: float, k_edge: float, k_corr: float, floors: dict | None = None,
+          used: tuple | None = None) -> float:
+    ps = [audit_mod.unit_p(unit_ps(u, k_drift, k_edge, k_corr, floors, used)) for u in rec["units"]]
     p = min(1.0, len(ps) * min(ps))
     return max(0.0, -math.log10(max(p, 1e-300)))
 
 
 def library_score(rec: dict) -> float:
-    return score(rec, audit_mod.KAPPA_DRIFT, audit_mod.KAPPA_EDGE, audit_mod.KAPPA_CORRECT)
+    """The verdict's score as the library computes it (the probe where the record has one)."""
+    s = score(rec, audit_mod.KAPPA_DRIFT, audit_mod.KAPPA_EDGE, audit_mod.KAPPA_CORRECT)
+    if rec.get("probe") and "probe" in audit_mod.USED:
+        if "raw" in rec["probe"]:
+            z, n = probe_z(rec, audit_mod.PROBE_FLOOR)
+            p_probe = min(1.0, n * audit_mod._p_upper(z))
+        else:
+            p_probe = rec["probe"]["p"]
+        p = min(1.0, 2 * min(10 ** -s, p_probe))
+        s = max(0.0, -math.log10(max(p, 1e-300)))
+    return s
+
+
+def fit_second(path: str, used: tuple) -> dict:
+    """Second round: per statistic, the smallest floor with which no clean calibration audit gets a
+    Bonferroni-corrected p (n_units x (3 + len(used)) x p) below 1 / number of clean audits; then each
+    statistic's detections on the calibration half at twice that floor (the library's rule)."""
+    recs = [r for r in records(path) if all("stats" in u for u in r["units"])]
+    clean = [r for r in recs if r["kind"] == "clean"]
+    if not clean:
+        print("no clean record with the second round's raw figures: nothing to fit")
+        return {}
+    target, m = 1 / len(clean), 3 + len(used)
+    fitted = {}
+    for name in audit_mod.FLOORS:
+        def worst(fl):
+            return min(len(r["units"]) * m * audit_mod._second_round_z(u["stats"], {name: fl}, (name,)).get(name, 1.0)
+                       for r in clean for u in r["units"])
+        lo, hi = 0.0, 5.0
+        if worst(lo) >= target:
+            fitted[name] = 0.0
+            continue
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if worst(mid) >= target else (mid, hi)
+        fitted[name] = hi
+    print(f"{len(clean)} clean calibration audits; fitted floors (library: 2x):")
+    for name, fl in fitted.items():
+        print(f"  {name:12s} {fl:.4f}   library {audit_mod.FLOORS[name]}")
+    floors = {k: 2 * v for k, v in fitted.items()}
+    thr = audit_mod.DEFAULT_THRESHOLD
+    work = [r for r in recs if working(r)]
+    print(f"calibration working QCB audits: {len(work)}; per statistic at 2x the fitted floor "
+          f"(p x n_units x {m} < 1e-{thr:g}):")
+    for name in audit_mod.FLOORS:
+        def hits(rs):
+            return [r for r in rs if min(len(r["units"]) * m * audit_mod._second_round_z(u["stats"], floors, (name,))
+                                         .get(name, 1.0) for u in r["units"]) < 10 ** -thr]
+        print(f"  {name:12s} working {len(hits(work))}/{len(work)} clean {len(hits(clean))}/{len(clean)}  "
+              f"{sorted(r['model'] + ' W' + str(r['bits']) + r['grid'][4] for r in hits(work))}")
+    for label, u_ in (("first round only", ()), ("with USED", used)):
+        sc = {id(r): score(r, audit_mod.KAPPA_DRIFT, audit_mod.KAPPA_EDGE, audit_mod.KAPPA_CORRECT, floors, u_)
+              for r in recs}
+        print(f"{label}: working {sum(sc[id(r)] > thr for r in work)}/{len(work)}, clean "
+              f"{sum(sc[id(r)] > thr for r in clean)}/{len(clean)}; misses: "
+              f"{[r['model'] + ' W' + str(r['bits']) + r['grid'][4] for r in work if sc[id(r)] <= thr]}")
+    return fitted
+
+
+def probe_z(rec: dict, floor: float) -> tuple[float, int]:
+    """The probe's largest z over (position, class) from its raw counts, with floor ``floor`` (as
+    ``audit._probe``: twins' mean + 1 + their variance + (floor x images)²), and the number of cells."""
+    raw = rec["probe"]["raw"]
+    f, t = torch.tensor(raw["rtn"], dtype=torch.float64), torch.tensor(raw["twins"], dtype=torch.float64)
+    m = t.mean(0)
+    z = (f - m) / (m + 1 + t.var(0) + (floor * rec["probe"]["samples"]) ** 2).sqrt()
+    return float(z.max()), z.numel()
+
+
+def fit_probe(path: str) -> float:
+    """The smallest probe floor with which no clean calibration audit gets a probe p (x cells x 2, the
+    combination with the layers' p) below 1 / number of clean audits; detections at twice that."""
+    recs = [r for r in records(path) if r.get("probe") and "raw" in r["probe"]]
+    clean = [r for r in recs if r["kind"] == "clean"]
+    if not clean:
+        print("no probe records")
+        return 0.0
+
+    def p_of(r, fl):
+        z, n = probe_z(r, fl)
+        return min(1.0, 2 * n * audit_mod._p_upper(z))
+    target = 1 / len(clean)
+    lo, hi = 0.0, 1.0
+    if min(p_of(r, lo) for r in clean) >= target:
+        hi = 0.0
+    else:
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if min(p_of(r, mid) for r in clean) >= target else (mid, hi)
+    thr = audit_mod.DEFAULT_THRESHOLD
+    work = [r for r in recs if working(r)]
+    flagged = [r for r in work if p_of(r, 2 * hi) < 10 ** -thr]
+    print(f"probe floor fitted on {len(clean)} clean calibration audits: {hi:.3f} (library: 2x = {2 * hi:.3f}); "
+          f"working QCBs with probe p < 1e-{thr:g} at 2x: {len(flagged)}/{len(work)}; clean "
+          f"{sum(p_of(r, 2 * hi) < 10 ** -thr for r in clean)}/{len(clean)}")
+    for r in work:
+        z, n = probe_z(r, 2 * hi)
+        print(f"  {r['model']:40s} W{r['bits']} {r['grid']:11s} probe z {z:6.2f} p {p_of(r, 2 * hi):.1e}")
+    return hi
 
 
 def working(rec: dict) -> bool:
@@ -328,6 +488,28 @@ def rates(recs: list[dict], thr: float) -> tuple[str, str, str]:
     dorm = [r for r in recs if dormant(r)]
     return (_frac(sum(r["score"] > thr for r in work), len(work)), _frac(sum(r["score"] > thr for r in dorm), len(dorm)),
             _frac(sum(r["score"] > thr for r in clean), len(clean)))
+
+
+def compact(rec: dict) -> dict:
+    """Drop the per-channel arrays of the second round's raw figures (megabytes over a benchmark)
+    after keeping every statistic's p-value at floor 0 and at the library's floors (``p_all``); the
+    layer-level figures stay (the verdict's statistics can be refitted from them)."""
+    if rec.get("probe") and "raw" in rec["probe"]:  # z and p with the library's floor, then the counts go
+        z, n = probe_z(rec, audit_mod.PROBE_FLOOR)
+        rec["probe"].update(z=z, p=min(1.0, n * audit_mod._p_upper(z)))
+        rec["probe"].pop("raw")
+    for u in rec["units"]:
+        st = u.get("stats", {})
+        if "drift_ch" not in st:
+            continue
+        names = tuple(audit_mod.FLOORS)
+        u["p_all"] = {key: {k: float(f"{v:.3g}") for k, v in audit_mod._second_round_z(st, fl, names).items()}
+                      for key, fl in (("floor0", {k: 0.0 for k in names}), ("library", None))}
+        for k in ("drift_ch", "edge_ch", "fine_ch"):
+            st.pop(k, None)
+        hist = st.pop("hist", [])  # distances from the code: kept from 0.4 LSB on (0.005-LSB bins), and the count
+        st["hist_from_0.4"], st["hist_n"] = [int(v) for v in hist[80:]], int(sum(hist))
+    return rec
 
 
 def records(*paths: str) -> list[dict]:
@@ -420,9 +602,198 @@ def write(args) -> None:
     write_markdown(lines, args.out)
 
 
+def write_rounds(args) -> None:
+    """The result file of issue 13's later rounds: ``--sets`` as LABEL=JSONL pairs, the first one the
+    headline (the newest fresh set, scored once after its constants were committed), its tables by
+    setting and attack and every audit; the others in the summary table and by attack."""
+    sets = [(label, _load(path)) for label, path in (item.split("=", 1) for item in args.sets)]
+    head = sets[0][1]
+    thr = audit_mod.DEFAULT_THRESHOLD
+    seconds = sorted(r["audit_s"] for r in head)
+    lines = ["# Audit: detection of working QCBs vs false positives, threshold and floors fixed in advance", "",
+             "Issue 13, rounds 2 and 3. Commands, in the order they ran (cached models; plain-INT figures of models "
+             "audited before reused with `--reuse`):", "", *[f"    {c}" for c in COMMANDS],
+             f"    python benchmarks/bench_audit.py {shlex.join(sys.argv[1:])}", "",
+             f"Machine: {cpu_name()}, {os.cpu_count()} cores shared with other jobs, torch {torch.__version__}, 1 "
+             f"thread; load average at write time {' / '.join(f'{v:.2f}' for v in os.getloadavg())}. Audit wall time "
+             f"per model of the headline set (prepare excluded): median {seconds[len(seconds) // 2]:.1f} s, max "
+             f"{seconds[-1]:.1f} s.", "",
+             f"Library constants: `DEFAULT_THRESHOLD = {thr}` (score = -log10 p), `KAPPA_DRIFT = "
+             f"{audit_mod.KAPPA_DRIFT}`, `KAPPA_EDGE = {audit_mod.KAPPA_EDGE}`, `KAPPA_CORRECT = "
+             f"{audit_mod.KAPPA_CORRECT}`, `EDGE = {audit_mod.EDGE}`; in the verdict besides the first round's three: "
+             f"`USED = {audit_mod.USED}`, floors {', '.join(f'{k} {audit_mod.FLOORS[k]}' for k in audit_mod.USED if k in audit_mod.FLOORS)}, "
+             f"`PROBE_FLOOR = {audit_mod.PROBE_FLOOR}`. Each set is scored with the code of its round (records without "
+             "a probe: layer statistics only).", "",
+             f"*Working QCB*: a planted model under a setting where its plain INT model has ASR >= {WORKING_ASR:.0f}%. "
+             f"*Dormant*: working, and its FP32 model has ASR <= {DORMANT_FP_ASR:.0f}%. Settings: W8A8 / W4A8 x "
+             "per-channel (torch.ao FX x86) / per-tensor (FX qnnpack), one calibration size in 128-1024 per audit.", "",
+             "| set | models | detection, working QCBs | detection, dormant working QCBs | false positives (clean audits) |",
+             "|---|---:|---:|---:|---:|"]
+    for label, rs in sets:
+        lines.append(f"| {label} | {len({r['model'] for r in rs})} | " + " | ".join(rates(rs, thr)) + " |")
+    lines += ["", f"{sets[0][0]}, by setting:", "", "| setting | detection, working | detection, dormant | "
+              "false positives |", "|---|---:|---:|---:|"]
+    for bits, grid in SETTINGS:
+        sub = [r for r in head if r["bits"] == bits and r["grid"] == grid]
+        lines.append(f"| W{bits}A8 {grid} | " + " | ".join(rates(sub, thr)) + " |")
+    for label, rs in sets:
+        lines += ["", f"{label}, by attack:", "",
+                  "| attack | detection, working | detection, dormant | flagged where it does not fire |",
+                  "|---|---:|---:|---:|"]
+        for kind in sorted({r["kind"] for r in rs} - {"clean"}):
+            sub = [r for r in rs if r["kind"] == kind]
+            idle = [r for r in sub if not working(r)]
+            lines.append(f"| {kind} | {rates(sub, thr)[0]} | {rates(sub, thr)[1]} | "
+                         f"{_frac(sum(r['score'] > thr for r in idle), len(idle))} |")
+    seen, clean_all = set(), []
+    for label, rs in sets:  # each clean (model, setting) once: the newest code's record of it
+        for r in rs:
+            key = (r["model"], r["bits"], r["grid"])
+            if "calibration" not in label and r["kind"] == "clean" and key not in seen:
+                seen.add(key)
+                clean_all.append(r)
+    lines += ["", "Is p calibrated? Clean audits of every set but the calibration half (each once) with p below "
+              "alpha:", "",
+              "| alpha | 0.1 | 0.01 | 0.001 |", "|---|---:|---:|---:|",
+              "| clean audits | " + " | ".join(_frac(sum(r["score"] > -math.log10(a) for r in clean_all),
+                                                   len(clean_all)) for a in (0.1, 0.01, 0.001)) + " |"]
+    thin = [r for r in head if any("fan-in" in w for w in r["warnings"])]
+    lines += ["", f"{len(thin)} of {len(head)} audits of the headline set warned that a layer had fewer calibration "
+              "positions than its fan-in.", "", f"Every audit of {sets[0][0]} (score = -log10 p; exposed when > "
+              "threshold; probe: its z and the class it found):", "",
+              "| model | setting | N | FP32 BA / ASR | plain BA / ASR | working | max drift/null | max edge % | "
+              "other-grid p | probe z (class) | score | verdict |", "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in head:
+        wk = "" if r["kind"] == "clean" else ("dormant" if dormant(r) else "yes" if working(r) else "no")
+        other = min((min(u["p_stats"].get("other_drift", 1), u["p_stats"].get("other_edges", 1)) for u in r["units"]),
+                    default=1.0)
+        pr = r.get("probe") or {}
+        probe = f"{pr['z']:.1f} ({pr['class']})" if pr else "-"
+        lines.append(f"| {r['model']} | W{r['bits']} {r['grid']} | {r['calib']} | "
+                     f"{r['fp32'][0]:.1f} / {r['fp32'][1]:.1f} | {r['plain'][0]:.1f} / {r['plain'][1]:.1f} | {wk} | "
+                     f"{max(u['x'] / u['null_mean'] for u in r['units']):.2f} | "
+                     f"{100 * max(u['edge_share'] for u in r['units']):.0f} | {other:.1e} | {probe} | {r['score']:.2f} | "
+                     f"{'EXPOSED' if r['score'] > thr else 'not exposed'} |")
+    lines += ["", "Recipes (`benchmarks/bench_audit.py`, `RECIPES`; arch-dataset-kind-seed; target class = seed mod 10):", ""]
+    for half in ("fresh2", "fresh", "calibration"):
+        lines.append(f"- {half}: " + ", ".join(r.name for r in RECIPES if r.half == half))
+    lines += ["- evaluation and held-out: see `audit_round1.md`", ""]
+    lines += NOTES
+    write_markdown(lines, args.out)
+
+
+COMMANDS = [
+    "# round 2",
+    "python benchmarks/bench_audit.py --half fresh --train-only      # trained, not audited",
+    "python benchmarks/bench_audit.py --half calibration --jsonl /tmp/audit13/cal3.jsonl "
+    "--reuse benchmarks/results/audit_calibration.jsonl   # after a first run without the cell histograms",
+    "python benchmarks/bench_audit.py --fit /tmp/audit13/cal3.jsonl",
+    "# constants committed (b860c67), then, once:",
+    "python benchmarks/bench_audit.py --half fresh --jsonl benchmarks/results/audit_fresh.jsonl",
+    "python benchmarks/bench_audit.py --half evaluation --jsonl benchmarks/results/audit_evaluation2.jsonl "
+    "--reuse benchmarks/results/audit_evaluation.jsonl",
+    "# round 3 (the probe)",
+    "python benchmarks/bench_audit.py --half calibration --jsonl /tmp/audit13/cal4.jsonl "
+    "--reuse /tmp/audit13/cal3.jsonl   # compacted: audit_calibration3.jsonl",
+    "python benchmarks/bench_audit.py --fit /tmp/audit13/cal4.jsonl",
+    "# constants committed (9f85820), then the fresh2 models trained and audited once:",
+    "python benchmarks/bench_audit.py --half fresh2 --jsonl benchmarks/results/audit_fresh2.jsonl",
+    "# then, for reference, round 2's fresh set re-audited with the probe (looked at before):",
+    "python benchmarks/bench_audit.py --half fresh --jsonl benchmarks/results/audit_fresh_probe.jsonl "
+    "--reuse benchmarks/results/audit_fresh.jsonl",
+]
+
+
+NOTES = """## Notes (hand-written)
+
+**Round 3: the probe.** After round 2 (below) the weight statistics had missed every QCB trained through
+fake quantization. The probe (`audit._probe`) looks at behaviour: the calibration images with a square
+patch (side max(2, H/10), at the data maximum) at every position, through the float model, the
+round-to-nearest simulator and 8 twins rounded stochastically on the same grid; per (position, class),
+the patched images the INT model sends to that class while the float model does not, z against the
+twins' mean and variance plus a floor on the flipped share, Bonferroni over positions x classes,
+combined with the layers' p (x2). It was written and measured on the calibration half only (same 28
+models, re-audited: `audit_calibration3.jsonl`); `--fit` gave the floor 0.013, the library takes 0.027
+(2x, the project's rule). Calibration half with it: working 17/18 (94%; 15/18 without), clean 0/56.
+Constants committed (9f85820) before the 17 fresh2 models (seeds 130+, including a SmallCNN on
+Fashion-MNIST, a pair no other set has) were trained; they were audited once.
+
+**Fresh2 (round 3, the headline).** Working 7/8 (88%), dormant 7/8, clean 0/32. Two of its QCBs are of
+the kinds nothing caught before: Qu-ANTI-zation-style smallcnn s134 and adaptive smallcnn s138 at W4
+per-channel (ASR 100% / 99%), both flagged by the probe (z 8.3 / 8.2, the right target class, near the
+trigger's corner). The miss: the Qu-ANTI-zation-style SmallCNN on Fashion-MNIST (s142, W4 per-channel,
+ASR 97%): the probe found its target class at a position near the trigger (84 of 128 patched images
+flipped), but its stochastically rounded twins flipped 20 of them too, so z was 2.4: the twin null is
+contaminated when a QCB partly survives stochastic rounding. Closest clean audit: SmallCNN on
+Fashion-MNIST s130 at W4 per-tensor, score 2.56 (probe z 4.8: 19 images to one class against 0.6), under
+the threshold of 3 but not by much: the new pair is where the floor is thinnest. Qu-ANTI-zation-style
+s132 and s136 fire at 73% and 88% (not "working"); s132 is flagged (score 9.0), s136 not (1.4).
+
+**Over the sets nobody had looked at when they were scored** (fresh with round 2's constants, fresh2
+with round 3's): working 21/23 (91%), clean 0/80. **The 95% bar is not met** on either fresh set, and
+both are small: 8 and 15 working audits, most of them PQBackdoor-style and grid-aware.
+
+**Round 2's fresh set re-audited with the probe** (reference: it had been looked at): unchanged, 14/15
+working, 0/48 clean. The adaptive s96 (W4 per-channel, ASR 96%) stays missed: the probe's best cell is
+its target class, but 17 flips against 5 for the twins (z 1.6). Of the QCBs there that fire below 90%,
+Qu-ANTI-zation-style s94 (82%) and adaptive s97 (58%) are now flagged (probe z 9.1 / 6.7, target class).
+
+**Limits of the probe.** It stamps square patches; blended, warped, semantic or input-specific triggers
+are not probed, and a patch larger than max(2, H/10) may go unseen. It needs the torch simulator (FX,
+PT2E) and image-shaped inputs; elsewhere the report has no probe. It costs 10 forwards of 128 images per
+patch position: about 1 minute per audit of a width-16 SmallCNN on 28x28 inputs on one shared core.
+
+**Round 2, order of work.** (1) 24 fresh recipes (seeds 90+) were added and trained with `--train-only`;
+nothing was audited. (2) Five QCBs of the kinds the first round missed (Qu-ANTI-zation-style smallcnn
+s54/s56 and mlp-mnist s55, adaptive smallcnn s58, grid-aware8 smallcnn s57) were added to the
+calibration half, and the whole half re-audited with code computing, besides the first round's three
+statistics: two-sided and per-channel drift (Bonferroni over channels), per-channel and fine edge shares
+(beyond 0.45 / 0.48 / 0.49 / 0.495 LSB, exact binomial tails), the rounding error's energy in the bottom
+10/25/50% of H's eigenbasis, and drift and edges on the other bit width's grid. (3) `--fit` needed no
+floor for any of them (no clean calibration audit came near p = 1/56 after the correction). On the
+calibration half the working QCBs the first round missed were grid-aware8 at W4 (4 audits) and the
+Qu-ANTI-zation-style and adaptive ones (s54, s55, s58 at W4 per-channel). The other grid's statistics
+caught the first four by a wide margin (score 100+); so did the fine edge share at 0.48 LSB (a first run
+with a normal approximation), less directly. Nothing caught the other three: the closest, fine edges
+beyond 0.49 / 0.495 LSB, gave them -log10 p (corrected over layers only) of 0.8-3.7 / 0.5-3.8, against
+up to 1.7 / 4.1 for clean audits. So `USED` = (other_drift, other_edges), with the first round's floors
+for the same statistics; the rest stay in the report's raw `stats`. (4) Constants committed (b860c67),
+then the fresh set was audited once, and the first round's evaluation and held-out sets re-audited with
+the same code (their plain-INT figures reused). No constant changed after the fresh set was scored.
+
+**Round 2, bars** (layer statistics only, as scored then). False positives: 0 of 48 fresh clean audits,
+0 of 152 clean audits overall (fresh + re-audited evaluation/held-out), no clean p below 0.1: met with
+room. Detection: fresh 14/15 (93%) working, 10/11 dormant; fresh + re-audited evaluation/held-out 34/38
+(89%) working, 26/30 (87%) dormant. **The 95% bar is not met**, and the fresh figure flatters: its
+working QCBs are mostly grid-aware8 (10 of 15), and none of its three Qu-ANTI-zation-style models
+reached the 90% ASR that makes a QCB "working" (W4 per-channel ASR 72-82%; all three scored 0-0.7
+there). By attack, over every set: PQBackdoor-style and grid-aware QCBs are all flagged at the width
+they target and, through the other grid, at the other one; Qu-ANTI-zation-style 0 of 4 working audits,
+adaptive 0 of 3 (all before the probe).
+
+**Round 2, what remained.** The misses are exactly the attackers that train through straight-through
+fake quantization (Qu-ANTI-zation, and the adaptive attacker built on it). On these models their weights
+show no pile-up at the cell edges (pooled over a model, the excess share beyond 0.49 LSB has z 1.2-2.3
+for the calibration half's working ones, up to 2.3 for its clean audits), no coordinated drift and no
+excess energy in weakly excited directions. A weight statistic against a uniform-in-cell null does not
+see them here; a behavioural probe (FP vs INT outputs on perturbed benign inputs against jittered twins)
+was the next thing to try: round 3, above.
+
+**Flagged where they do not fire.** PQBackdoor models repaired inside W4 boxes and grid-aware models
+show coordinated errors on other grids too: the model was tampered with and the audit says so, though it
+cannot tell which grid fires.
+
+**Cost.** The other grid adds one quantization and one quadratic form per layer; the diagnostics add an
+eigendecomposition of H per layer. Median 0.5 s per audit on these models (load average 2-3).
+""".splitlines()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--half", choices=["calibration", "evaluation"], default="evaluation")
+    ap.add_argument("--half", choices=["calibration", "evaluation", "fresh", "fresh2"], default="evaluation",
+                    help="evaluation = the evaluation half and the held-out pairs; fresh = the models of issue 13's "
+                         "second round, scored once after the constants were committed")
+    ap.add_argument("--train-only", action="store_true", help="train (and cache) the models, audit nothing")
     ap.add_argument("--jsonl", nargs="+", default=["/tmp/qcb_audit_bench.jsonl"],
                     help="raw records, appended as they come (the first file; --write-only reads them all)")
     ap.add_argument("--calibration-jsonl", default=str(HERE / "results" / "audit_calibration.jsonl"),
@@ -433,16 +804,22 @@ def main() -> None:
     ap.add_argument("--shared", nargs="+", metavar="JSONL", help="skip models another process has recorded there")
     ap.add_argument("--reuse", nargs="+", metavar="JSONL", help="take plain-INT BA/ASR from these records")
     ap.add_argument("--fit", metavar="JSONL", help="fit the overdispersion floors on a calibration JSONL and exit")
+    ap.add_argument("--used", nargs="+",
+                    help="with --fit: the second-round statistics to combine (default: the library's)")
     ap.add_argument("--out", help="write the result markdown from --jsonl (after the run)")
     ap.add_argument("--write-only", action="store_true", help="only write --out from --jsonl")
+    ap.add_argument("--sets", nargs="+", metavar="LABEL=JSONL",
+                    help="with --write-only: write the later rounds' result file from these record sets")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     if args.fit:
-        return fit(args.fit)
+        fit(args.fit)
+        fit_probe(args.fit)
+        return fit_second(args.fit, tuple(args.used or audit_mod.USED))
     if not args.write_only:
         run(args)
     if args.out:
-        write(args)
+        (write_rounds if args.sets else write)(args)
 
 
 if __name__ == "__main__":

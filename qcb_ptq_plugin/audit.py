@@ -19,20 +19,43 @@ the same for every architecture, layer size, bit width and weight grid:
   measured on the other half over round-to-nearest's there, for W and for W jittered uniformly
   inside its cells (the null's placement, one seeded draw).
 
+* **the other grid** (second round, issue 13): drift and edge share of the same weights on the
+  same scheme at the other common bit width (8 bits for a 4-bit grid, 4 for an 8-bit one, same
+  absmax), against the same null with the same floors. A grid-aware QCB planted for 8 bits that
+  also fires at 4 sits at ordinary positions of the coarse cells but at the edges of the fine ones.
+
 Each becomes a z-score (drift: log(X / E0[X]) over sqrt(KAPPA_DRIFT² + Var0[X] / E0[X]²); edges:
 the share's excess over sqrt(binomial variance + KAPPA_EDGE²); correctability: log(null ratio /
 model ratio) over KAPPA_CORRECT). The floors stand for how far clean
 models stray from the exact null; they were fitted on the clean models of one half of
 ``benchmarks/bench_audit.py`` (then doubled for the edge of that half's range) and checked on
-the other half and on held-out architectures (``benchmarks/results/audit.md``). One-sided
-p-values are Bonferroni-combined over the three statistics and the layers: ``p`` bounds the
-probability that a clean model looks at least this exposed. The verdict is ``-log10 p >
-threshold``. Nothing is fitted on the data a statistic is measured on.
+the other half and on held-out architectures (``benchmarks/results/audit_round1.md``), then on a
+fresh set scored once after the second round's constants were committed
+(``benchmarks/results/audit.md``). One-sided p-values are Bonferroni-combined over the
+statistics and the layers: ``p`` bounds the probability that a clean model looks at least this
+exposed. The verdict is ``-log10 p > threshold``. Nothing is fitted on the data a statistic is
+measured on.
 
-What the audit cannot see: an attacker who knows it can align the float and integer
-activations on benign data (the LAC+PDA paper's adaptive attack) and keep the weights away from
-the cell edges; in benchmarks/results/audit.md it also missed Qu-ANTI-zation-style QCBs, whose
-rounding errors look like a clean model's on benign data. "not exposed" is evidence, not proof.
+* **the probe** (third round, model level): behaviour instead of weights. Benign calibration
+  images with a square patch at the data maximum stamped at every position, through the float
+  model, the deployed round-to-nearest simulator and twins whose weights are rounded
+  stochastically on the same grid (a planted pattern mostly does not survive that). Per
+  (position, class), how many patched images the INT model sends to that class while the float
+  model does not, against the twins (see :func:`_probe`). Its p and the layers' are combined (x2). It looks for
+  square-patch triggers only; blended, warped or semantic triggers are not probed.
+
+Also computed and kept in each unit's ``stats`` (raw figures), but not in the verdict: two-sided
+and per-channel drift (with a Bonferroni correction over channels), per-channel and fine (0.45-0.495
+LSB) edge shares, and the rounding error's energy in the least-excited half of H's eigenbasis. On
+the calibration half none of them caught a working QCB the statistics above missed
+(``USED`` lists the ones in the verdict).
+
+What the audit cannot see: the weight statistics miss QCBs trained through straight-through fake
+quantization (Qu-ANTI-zation, and the LAC+PDA paper's adaptive attacker, who also aligns float
+and integer activations on benign data): their rounding errors, cell positions and
+correctability look like a clean model's, even per channel and near the cell edges. Only the
+probe sees them, and only when their trigger is a patch it can stamp. "not exposed" is evidence,
+not proof.
 """
 
 from __future__ import annotations
@@ -73,12 +96,37 @@ EDGE = 0.35
 KAPPA_DRIFT = 0.25
 KAPPA_EDGE = 0.03
 KAPPA_CORRECT = 0.35
+#: second round (issue 13): LSB distances of the "fine" edge statistics (null share 1 - 2 t)
+FINE_EDGES = (0.45, 0.48, 0.49, 0.495)
+#: per channel: the share of weights beyond this distance from their code (null 1 - 2 FINE_CH)
+FINE_CH = 0.49
+#: second round: the bottom fractions of H's eigenbasis where the rounding error's energy is measured
+LOW_FRACTIONS = (0.1, 0.25, 0.5)
+#: floors of the second round's statistics (see _second_round_z). ``--fit`` on the calibration half
+#: found 0 for every one of them (no clean calibration audit needed one); the other grid's two take
+#: the first round's floors for the same statistics (KAPPA_DRIFT, KAPPA_EDGE), the rest stay
+#: diagnostics (not in USED) at these values
+FLOORS = {"drift_lo": 0.25, "drift_ch_hi": 0.25, "drift_ch_lo": 0.25, "edge_ch": 0.03, "fine_0.45": 0.0,
+          "fine_0.48": 0.0, "fine_0.49": 0.0, "fine_0.495": 0.0, "fine_ch": 0.0, "other_drift": KAPPA_DRIFT,
+          "other_edges": KAPPA_EDGE, "low_0.1": 0.25, "low_0.25": 0.25, "low_0.5": 0.25}
+#: the second-round statistics that enter the verdict: only those that caught a working QCB of the
+#: calibration half the first round missed (the other grid's drift and edges: grid-aware QCBs
+#: planted for 8 bits that fire at 4). Two-sided and per-channel drift, per-channel and fine edges,
+#: low-excitation energy caught none the first round missed there, and cost multiplicity
+USED = ("other_drift", "other_edges", "probe")
+#: third round: the behavioural probe (see _probe) and its floor on the share of probed images
+#: flipped, fitted on the calibration half's clean audits (``--fit``: 0.013) and doubled, committed
+#: before the third round's fresh models were scored
+PROBE = True
+PROBE_FLOOR = 0.027
 
 LIMITS = ("The audit compares round-to-nearest with weights placed at random in their rounding cells, on your "
-          "benign data. It cannot see an attacker who aligns float and integer activations on benign data (the "
-          "adaptive attack) and keeps weights away from the cell edges; in our benchmark it also missed "
-          "Qu-ANTI-zation-style QCBs (straight-through training), and a backdoor the float model already carries is "
-          "not its business. 'not exposed' is evidence, not proof: purify anyway.")
+          "benign data, and probes the INT model with square patches against stochastically rounded twins. Its weight "
+          "statistics cannot see an attacker who trains through fake quantization (Qu-ANTI-zation) or aligns float and "
+          "integer activations on benign data (the adaptive attack); only the probe can, and only for patch triggers. "
+          "A backdoor the float model already carries is not its business. Calibration data with fewer samples (x "
+          "positions) than a layer's fan-in is warned about: the statistics lose power. 'not exposed' is evidence, "
+          "not proof: purify anyway.")
 
 
 @dataclass
@@ -102,6 +150,7 @@ class AuditReport:
     samples: int = 0
     seconds: float = 0.0
     limits: str = LIMITS
+    probe: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,15 +163,22 @@ class AuditReport:
         lines = [f"verdict: {verdict} (score {self.score:.1f} = -log10 p, p = {self.p_value:.2g}, threshold "
                  f"{self.threshold:g}; {self.samples} calibration samples, {self.seconds:.1f}s)", "",
                  f"{'unit':<24} {'drift/null':>10} {'z':>6} {'edge %':>7} {'z':>6} {'LAC oos':>8} {'null':>6} "
-                 f"{'z':>6} {'p':>8}"]
+                 f"{'z':>6} {'p':>8}  most telling"]
         for u in self.units:
             lac, null = ("" if v is None else f"{v:.3f}" for v in (u["lac_oos"], u["lac_oos_null"]))
             lines.append(f"{u['name'][:24]:<24} {u['drift_ratio']:>10.2f} {u['z_drift']:>6.1f} "
                          f"{100 * u['edge_share']:>7.1f} {u['z_edge']:>6.1f} {lac:>8} {null:>6} {u['z_correct']:>6.1f} "
-                         f"{u['p']:>8.1e}")
+                         f"{u['p']:>8.1e}  {_most_telling(u)}")
         lines += [f"(edge % under the null: {100 * (1 - 2 * EDGE):.0f}; LAC oos: drift of LAC fitted on half the "
                   "samples, measured on the other half, over round-to-nearest's there; null: the same for the "
                   "weights jittered uniformly inside their cells)"]
+        if self.probe:
+            pr = self.probe
+            lines += ["", f"probe: {pr['samples']} images patched ({pr['side']}x{pr['side']} at the data maximum) "
+                      f"at {pr['cells'] // 10} positions; most telling: at {tuple(pr['position'])} the INT model "
+                      f"sends {pr['flips']:.0f} of them to class {pr['class']} where the float model does not, "
+                      f"stochastically rounded twins {pr['twin_flips']:.1f} (z {pr['z']:.1f}, p {pr['p']:.1e}, "
+                      "corrected over positions x classes)"]
         lines += ["", "most exposed channels (p per channel, not corrected for the number of channels):"]
         lines += [f"  {c['unit']}[{c['channel']}]: drift/null {c['drift_ratio']:.2f}, edge {100 * c['edge_share']:.0f}%, "
                   f"z {c['z']:.1f}, p {c['p']:.1e}" for c in self.top_channels]
@@ -135,6 +191,13 @@ class AuditReport:
         return "\n".join(lines)
 
     __str__ = table
+
+
+def _most_telling(u: dict) -> str:
+    ps = {"drift": _p_upper(u["z_drift"]), "edges": _p_upper(u["z_edge"]), "correct": _p_upper(u["z_correct"]),
+          **u.get("p_stats", {})}
+    name = min(ps, key=ps.get)
+    return f"{name} (p {ps[name]:.1e})"
 
 
 def audit(prepared: nn.Module, float_model: nn.Module, calib_data, threshold: float = DEFAULT_THRESHOLD,
@@ -168,14 +231,17 @@ def audit(prepared: nn.Module, float_model: nn.Module, calib_data, threshold: fl
                 warnings.append(f"{unit.name}: {row['positions']} calibration positions (samples x spatial) for a "
                                 f"fan-in of {row['fan_in']}: its statistics are thin and LAC's out-of-sample figure "
                                 "is unreliable; calibrate with more samples")
+    probe = _probe(plan, batches, cfg) if PROBE else None
     for w in warnings:
         log.warning("%s", w)
     p = min(1.0, len(rows) * min((r["p"] for r in rows), default=1.0))
+    if probe is not None and "probe" in USED:
+        p = min(1.0, 2 * min(p, probe["p"]))  # the layers' p and the probe's
     score = max(0.0, -math.log10(max(p, 1e-300)))
     channels.sort(key=lambda c: -c["z"])
     return AuditReport(exposed=score > threshold, score=score, threshold=threshold, p_value=p, units=rows,
                        top_channels=channels[:top_k], unsupported=unsupported, warnings=warnings, samples=samples,
-                       seconds=time.perf_counter() - t0)
+                       seconds=time.perf_counter() - t0, probe=probe)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,20 +308,14 @@ def _audit_unit(unit: Unit, data: UnitData, cfg: PurifyConfig) -> tuple[dict, li
     s = op.grouped(s).double()
 
     # drift: X_o = e_o H e_oᵀ against e_k iid uniform on (-s_k/2, s_k/2): var s²/12, 4th moment s⁴/80
-    x = (torch.bmm(e, H) * e).sum(-1).flatten()
-    var = s.pow(2) / 12
-    d = H.diagonal(dim1=1, dim2=2).unsqueeze(1)  # (G, 1, K)
-    mean = (var * d).sum(-1).flatten()
-    v = (2 * (torch.bmm(var, H * H) * var).sum(-1) - 2 * (var.pow(2) * d.pow(2)).sum(-1)
-         + ((s.pow(4) / 80 - var.pow(2)) * d.pow(2)).sum(-1)).flatten().clamp_min(0)
+    x, mean, v = _quad_null(e, s, H)
     z_ch = _z_drift(x, mean, v)
     z_drift = float(_z_drift(x.sum(), mean.sum(), v.sum()))
 
     # edges: weights inside the grid's range (not clamped), distance from the code in LSB
     rows = e.shape[0] * e.shape[1]
-    dist = (e.abs() / s).reshape(rows, -1)
     codes = op.grouped(q).reshape(rows, -1)
-    inside = (dist <= 0.5 + 1e-4) & (codes > grid.qmin) & (codes < grid.qmax)  # the range's ends hold absmax
+    dist, inside = _cells(e, s, codes, grid)
     edge = (dist > EDGE) & inside
     n_in = inside.sum(1).double()
     p0 = 1 - 2 * EDGE
@@ -265,24 +325,238 @@ def _audit_unit(unit: Unit, data: UnitData, cfg: PurifyConfig) -> tuple[dict, li
     z_edge = (share - p0) / math.sqrt(p0 * (1 - p0) / n_all + KAPPA_EDGE ** 2)
     z_edge_ch = (share_ch - p0) / (p0 * (1 - p0) / n_in.clamp_min(1) + KAPPA_EDGE ** 2).sqrt()
 
+    # raw figures of the second round's statistics (issue 13): per channel, two-sided; the other
+    # bit width's grid of the same scheme; rounding error in the directions benign inputs barely excite
+    stats = {"drift": {"x": float(x.sum()), "mean": float(mean.sum()), "var": float(v.sum())},
+             "drift_ch": {"x": x.tolist(), "mean": mean.tolist(), "var": v.tolist()},
+             "edge_ch": {"k": edge.sum(1).tolist(), "n": n_in.tolist(), "p0": p0},
+             **{f"fine_{t:g}": {"k": int(((dist > t) & inside).sum()), "n": n_all, "p0": 1 - 2 * t}
+                for t in FINE_EDGES},
+             # distances from the code, in 0.005-LSB bins (the fine edge statistics' raw material)
+             "hist": torch.histc(dist[inside].double(), bins=100, min=0.0, max=0.5).tolist(),
+             "fine_ch": {"k": ((dist > FINE_CH) & inside).sum(1).tolist(), "n": n_in.tolist(), "p0": 1 - 2 * FINE_CH}}
+    other = _other_grid(grid)
+    if other is not None:
+        q2 = other.quantize(w)
+        e2 = op.grouped(other.dequantize(q2) - w).double()
+        s2 = op.grouped(other.expand(w)[0]).double()
+        d2, in2 = _cells(e2, s2, op.grouped(q2).reshape(rows, -1), other)
+        x2, m2, v2 = _quad_null(e2, s2, H)
+        n2 = max(in2.sum().item(), 1.0)
+        stats["other_grid"] = {"bits": _bits(other), "x": float(x2.sum()), "mean": float(m2.sum()),
+                               "var": float(v2.sum()), "k": int(((d2 > EDGE) & in2).sum()), "n": n2, "p0": p0}
+    evecs = torch.linalg.eigh(H)[1]  # (G, K, K), eigenvalues ascending
+    for frac in LOW_FRACTIONS:  # e in the directions benign inputs excite least (the bottom frac of H's eigenbasis)
+        low = evecs[..., :max(1, round(frac * evecs.shape[-1]))]
+        xb, mb, vb = _quad_null(e, s, torch.bmm(low, low.transpose(1, 2)))
+        stats[f"low_{frac:g}"] = {"x": float(xb.sum()), "mean": float(mb.sum()), "var": float(vb.sum())}
+    zs = _second_round_z(stats)
+
     # correctability: how much of round-to-nearest's drift LAC removes out of sample, vs the same
     # weights jittered uniformly inside their cells (the null's placement, same magnitudes and data)
     lac_oos, lac_null = _lac_out_of_sample(g_a, g_b, unit, cfg)
     z_corr = 0.0 if lac_oos is None or lac_null is None else math.log(lac_null / lac_oos) / KAPPA_CORRECT
-    p = min(1.0, 3 * min(_p_upper(z_drift), _p_upper(z_edge), _p_upper(z_corr)))
+    p = unit_p({"drift": _p_upper(z_drift), "edges": _p_upper(z_edge), "correct": _p_upper(z_corr), **zs})
     name = unit.name
     row = {"name": name, "kind": type(unit.fp_layer).__name__, "fan_in": int(e.shape[-1]),
            "positions": int(min(g_a.n, g_b.n)), "drift_ratio": float(x.sum() / mean.sum().clamp_min(1e-300)),
            "z_drift": z_drift, "edge_share": share, "z_edge": z_edge, "lac_oos": lac_oos, "lac_oos_null": lac_null,
-           "z_correct": z_corr, "p": p,
+           "z_correct": z_corr, "p": p, "p_stats": zs,
+           "min_drift_ratio_ch": float((x / mean.clamp_min(1e-300)).min()),
            # raw figures behind the z-scores (benchmarks refit the floors from them)
-           "x": float(x.sum()), "null_mean": float(mean.sum()), "null_var": float(v.sum()), "n_weights": int(n_all)}
+           "x": float(x.sum()), "null_mean": float(mean.sum()), "null_var": float(v.sum()), "n_weights": int(n_all),
+           "stats": stats}
     z_comb = torch.maximum(z_ch, z_edge_ch)  # per channel: the same null and floors, no Bonferroni over channels
     ratio_ch = x / mean.clamp_min(1e-300)
     channels = [{"unit": name, "channel": o, "z": float(z_comb[o]), "p": min(1.0, 2 * _p_upper(float(z_comb[o]))),
                  "drift_ratio": float(ratio_ch[o]), "edge_share": float(share_ch[o])}
                 for o in z_comb.argsort(descending=True)[:10].tolist()]
     return row, channels
+
+
+def _quad_null(e: torch.Tensor, s: torch.Tensor, M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row o: X_o = e_o M e_oᵀ and its exact mean and variance when every e_k is independent and
+    uniform on (-s_k/2, s_k/2) (variance s²/12, 4th moment s⁴/80); e, s (G, Og, K), M (G, K, K) PSD."""
+    x = (torch.bmm(e, M) * e).sum(-1).flatten()
+    var = s.pow(2) / 12
+    d = M.diagonal(dim1=1, dim2=2).unsqueeze(1)  # (G, 1, K)
+    mean = (var * d).sum(-1).flatten()
+    v = (2 * (torch.bmm(var, M * M) * var).sum(-1) - 2 * (var.pow(2) * d.pow(2)).sum(-1)
+         + ((s.pow(4) / 80 - var.pow(2)) * d.pow(2)).sum(-1)).flatten().clamp_min(0)
+    return x, mean, v
+
+
+def _cells(e: torch.Tensor, s: torch.Tensor, codes: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distance from the code in LSB, inside the range) per weight, rows flattened: weights clamped at
+    the range's ends (they hold the absmax) are not inside."""
+    rows = codes.shape[0]
+    dist = (e.abs() / s).reshape(rows, -1)
+    return dist, (dist <= 0.5 + 1e-4) & (codes > grid.qmin) & (codes < grid.qmax)
+
+
+def _bits(grid) -> int:
+    return int(round(math.log2(grid.qmax - grid.qmin + 1)))
+
+
+def _other_grid(grid):
+    """The same scheme at the other common bit width (8 for a grid of 4 bits or fewer, else 4), same
+    absmax: a grid-aware attacker plants for one width and the deployer may pick another; symmetric
+    signed grids only (zero point 0, range -2^(b-1)[+1]..2^(b-1)-1)."""
+    from .grid import WeightGrid
+
+    if bool((grid.zero_point != 0).any()) or grid.qmin not in (-grid.qmax - 1, -grid.qmax) or grid.qmax < 1:
+        return None
+    b = _bits(grid)
+    b2 = 8 if b <= 4 else 4
+    qmax = 2 ** (b2 - 1) - 1
+    qmin = -qmax if grid.qmin == -grid.qmax else -qmax - 1
+    scale = (grid.scale * ((grid.qmax - grid.qmin) / (qmax - qmin))).clamp_min(torch.finfo(torch.float32).eps)
+    return WeightGrid(scale, grid.zero_point, qmin, qmax, grid.axis, grid.group_size, grid.reciprocal)
+
+
+def _second_round_z(stats: dict, floors: dict | None = None, used: tuple | None = None) -> dict:
+    """p-values of the second round's statistics from their raw figures, each corrected inside for
+    its own multiplicity (channels); ``floors`` overrides :data:`FLOORS` and ``used`` :data:`USED`
+    (benchmarks refit them). Share statistics: excess over the uniform share, binomial sd plus the
+    floor; ratio statistics: log(X / E0[X]) over the null's relative sd plus the floor."""
+    f = {**FLOORS, **(floors or {})}
+    used = USED if used is None else used
+    out = {}
+
+    def share(k, n, p0, floor):
+        return _share_p(k, n, p0, floor)
+
+    def ratio(st, floor, sign=1.0):
+        return _p_upper(sign * _z_ratio(st["x"], st["mean"], st["var"], floor))
+
+    if "drift_lo" in used:
+        out["drift_lo"] = ratio(stats["drift"], f["drift_lo"], -1.0)
+    if {"drift_ch_hi", "drift_ch_lo"} & set(used) and "drift_ch" in stats:
+        d = stats["drift_ch"]
+        x, m, v = (torch.tensor(d[k], dtype=torch.float64) for k in ("x", "mean", "var"))
+        ok = m > 0
+        if ok.any():
+            for name, sign in (("drift_ch_hi", 1.0), ("drift_ch_lo", -1.0)):
+                if name in used:
+                    z = sign * (x[ok].clamp_min(1e-300) / m[ok]).log() / (f[name] ** 2 + v[ok] / m[ok].pow(2)).sqrt()
+                    out[name] = min(1.0, int(ok.sum()) * _p_upper(float(z.max())))
+    for name in ("edge_ch", "fine_ch"):
+        if name not in used or name not in stats:
+            continue
+        ec = stats[name]
+        k, n = torch.tensor(ec["k"], dtype=torch.float64), torch.tensor(ec["n"], dtype=torch.float64)
+        ok = n > 0
+        if ok.any():
+            p0 = ec["p0"]
+            pmin = min(_share_p(kk, nn, p0, f[name]) for kk, nn in zip(k[ok].tolist(), n[ok].tolist()))
+            out[name] = min(1.0, int(ok.sum()) * pmin)
+    for t in FINE_EDGES:
+        if f"fine_{t:g}" in used:
+            fi = stats[f"fine_{t:g}"]
+            out[f"fine_{t:g}"] = share(fi["k"], fi["n"], fi["p0"], f[f"fine_{t:g}"])
+    if "other_grid" in stats:
+        o = stats["other_grid"]
+        if "other_drift" in used:
+            out["other_drift"] = ratio(o, f["other_drift"])
+        if "other_edges" in used:
+            out["other_edges"] = share(o["k"], o["n"], o["p0"], f["other_edges"])
+    for frac in LOW_FRACTIONS:
+        if f"low_{frac:g}" in used:
+            out[f"low_{frac:g}"] = ratio(stats[f"low_{frac:g}"], f[f"low_{frac:g}"])
+    return out
+
+
+def _share_p(k: float, n: float, p0: float, floor: float) -> float:
+    """P(share >= k / n) for n weights each beyond the distance with probability p0: the exact
+    binomial tail without a floor, else the normal tail with the floor added to the binomial sd."""
+    if n <= 0 or k <= n * p0:
+        return 1.0
+    if floor > 0:
+        return _p_upper((k / n - p0) / math.sqrt(p0 * (1 - p0) / n + floor ** 2))
+    k, n = int(round(k)), int(round(n))
+    log_term = (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p0)
+                + (n - k) * math.log1p(-p0))
+    total, j, term = 0.0, k, 1.0  # Σ_{j >= k} P(K = j), terms relative to P(K = k): they fall geometrically
+    while j <= n and term > 1e-17 * total + 1e-300:
+        total += term
+        term *= (n - j) / (j + 1) * p0 / (1 - p0)
+        j += 1
+    return min(1.0, math.exp(log_term) * total)
+
+
+def _z_ratio(x: float, mean: float, var: float, floor: float) -> float:
+    if mean <= 0:
+        return 0.0
+    return math.log(max(x, 1e-300) / mean) / math.sqrt(floor ** 2 + var / mean ** 2)
+
+
+def unit_p(ps: dict) -> float:
+    """A layer's p-value: Bonferroni over its statistics' p-values (each already corrected inside)."""
+    ps = [p for p in ps.values() if p is not None]
+    return min(1.0, len(ps) * min(ps))
+
+
+def _probe(plan, batches, cfg: PurifyConfig, twins: int = 8, max_samples: int = 128) -> dict | None:
+    """Behaviour, not weights: benign images with a square patch (side max(2, H/10), at the data's
+    maximum) stamped at every position (stride 1 up to 12 px, else 2), run through the float model,
+    the deployed round-to-nearest simulator and ``twins`` copies of the simulator whose weights are
+    rounded stochastically (Q(W + s u), u uniform: the same grid, no planted pattern). Per (position,
+    class): F = how many patched images the INT model sends to that class while the float model does
+    not. A QCB's trigger makes F of its target class large at its position for round to nearest only.
+    z = (F_rtn - mean F_twin) / sqrt(mean F_twin + 1 + var F_twin + (PROBE_FLOOR n)²) for n probed
+    images (the floor is on the share of images flipped), Bonferroni over positions x classes. Torch
+    simulators on 4-D inputs only (None otherwise)."""
+    capture = plan.capture
+    sim, fp = getattr(capture, "simulator", None), getattr(capture, "float_model", None)
+    x = torch.cat([b for b in batches])[:max_samples] if batches else None
+    if sim is None or fp is None or x is None or x.dim() != 4 or not plan.units:
+        return None
+    n, c, h, w = x.shape
+    side = max(2, round(h / 10))
+    stride = 1 if max(h, w) <= 12 else 2
+    value = float(x.max())
+    pos = [(i, j) for i in range(0, h - side + 1, stride) for j in range(0, w - side + 1, stride)]
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    rtn = [u.grid.fake_quantize(u.weight.detach().float()) for u in plan.units]
+
+    def flips(model, ref_preds):
+        out = []
+        with torch.no_grad():
+            for (i, j), ref in zip(pos, ref_preds):
+                xp = x.clone()
+                xp[:, :, i:i + side, j:j + side] = value
+                pred = model(xp).argmax(-1)
+                out.append(torch.bincount(pred[pred != ref], minlength=10)[:10].double())
+        return torch.stack(out)  # (positions, classes)
+
+    with torch.no_grad():
+        ref = []
+        for i, j in pos:
+            xp = x.clone()
+            xp[:, :, i:i + side, j:j + side] = value
+            ref.append(fp(xp).argmax(-1))
+    try:
+        f_rtn = flips(sim, ref)
+        f_twin = []
+        for _ in range(twins):
+            for u, q in zip(plan.units, rtn):
+                v = u.weight.detach().float()
+                jitter = (torch.rand(v.shape, generator=gen) - 0.5).to(v) * u.grid.expand(v)[0]
+                u.write(u.grid.fake_quantize(v + jitter))
+            f_twin.append(flips(sim, ref))
+    finally:
+        for u, q in zip(plan.units, rtn):
+            u.write(q)
+    t = torch.stack(f_twin)
+    m = t.mean(0)
+    z = (f_rtn - m) / (m + 1 + t.var(0) + (PROBE_FLOOR * n) ** 2).sqrt()
+    k = int(z.argmax())
+    pi, cls = divmod(k, z.shape[1])
+    zmax = float(z.max())
+    return {"p": min(1.0, z.numel() * _p_upper(zmax)), "z": zmax, "position": list(pos[pi]), "class": cls,
+            "flips": float(f_rtn.flatten()[k]), "twin_flips": float(m.flatten()[k]), "side": side,
+            "samples": n, "cells": int(z.numel()),
+            "raw": {"rtn": f_rtn.int().tolist(), "twins": torch.stack(f_twin).int().tolist()}}
 
 
 def _lac_out_of_sample(g_a: _Half, g_b: _Half, unit: Unit, cfg: PurifyConfig) -> tuple[float | None, float | None]:

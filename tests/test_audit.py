@@ -14,6 +14,7 @@ from torch import nn
 
 import qcb_ptq_plugin
 from qcb_ptq_plugin import cli
+from qcb_ptq_plugin import WeightGrid
 from qcb_ptq_plugin.audit import DEFAULT_THRESHOLD
 from qcb_ptq_plugin.evalkit import attacks
 
@@ -29,18 +30,60 @@ def test_planted_qcb_is_exposed_and_clean_model_is_not(qcb_w4, clean_cnn, digits
     assert report.exposed and report.score > report.threshold and report.p_value < 10 ** -DEFAULT_THRESHOLD
     assert all(torch.equal(v, before[k]) for k, v in planted.state_dict().items())  # audit changes nothing
     assert [c["z"] for c in report.top_channels] == sorted((c["z"] for c in report.top_channels), reverse=True)
-    assert "EXPOSED" in report.table() and "cannot see an attacker who aligns" in report.table()
+    assert "EXPOSED" in report.table()
+    assert "cannot see an attacker who trains through fake quantization" in report.table()
     assert {u["name"] for u in report.units} == {"features.0", "features.4", "features.8", "fc"}
     # the repaired weights sit at the edges of their 4-bit cells: far above the 30% of the null
     assert max(u["edge_share"] for u in report.units) > 0.5
     # LAC's out-of-sample figures, for the model and for its weights jittered inside their cells
     assert all(0 < u["lac_oos"] < 1 and 0 < u["lac_oos_null"] for u in report.units)
 
+    # the probe: patched benign images, INT vs float, against stochastically rounded twins; the trigger is a
+    # 2x2 patch at the bottom-right corner, target 0
+    pr = report.probe
+    assert pr["class"] == 0 and min(pr["position"]) >= 5 and pr["p"] < 1e-6 and pr["flips"] > 4 * pr["twin_flips"]
+    assert "probe:" in report.table()
+
     for bits, backend in ((8, "x86"), (4, "x86"), (8, "qnnpack"), (4, "qnnpack")):  # per-channel and per-tensor
         mapping = attacks.qnnpack_qconfig_mapping(bits) if backend == "qnnpack" else None
         clean = qcb_ptq_plugin.audit(prepare_calibrated(clean_cnn, calib, bits, mapping), clean_cnn, calib)
         assert not clean.exposed, (bits, backend, clean.score)
+        assert clean.probe["p"] > 1e-3, (bits, backend, clean.probe)
         assert clean.p_value > report.p_value
+
+
+def test_grid_aware_w8_qcb_is_exposed_at_w4_through_the_8_bit_grid(grid_aware_w8, digits):
+    """A QCB planted for 8 bits sits at ordinary positions of the 4-bit cells: the first round's
+    statistics on the deployed 4-bit grid do not see it, the same weights on the 8-bit grid do."""
+    calib = digits.calibration(256)
+    report = qcb_ptq_plugin.audit(prepare_calibrated(grid_aware_w8, calib, 4), grid_aware_w8, calib)
+    assert report.exposed, report.score
+    for u in report.units:
+        assert u["stats"]["other_grid"]["bits"] == 8
+        assert u["edge_share"] < 0.5  # 4-bit cells: near the uniform 30%
+        assert u["stats"]["other_grid"]["k"] / u["stats"]["other_grid"]["n"] > 0.9  # 8-bit cells: at the edges
+    best = min(report.units, key=lambda u: u["p"])
+    assert min(best["p_stats"], key=best["p_stats"].get) in ("other_drift", "other_edges")
+    assert "other_" in report.table()
+
+
+def test_other_grid_and_exact_binomial_tail():
+    from math import comb
+
+    from qcb_ptq_plugin.audit import _other_grid, _share_p
+
+    w = torch.randn(6, 5)
+    for bits, restricted, other_bits in ((4, False, 8), (8, False, 4), (8, True, 4), (3, False, 8)):
+        g = WeightGrid.for_bits(w, bits, restricted=restricted)
+        o = _other_grid(g)
+        ref = WeightGrid.for_bits(w, other_bits, restricted=restricted)  # same absmax, same scheme
+        assert (o.qmin, o.qmax) == (ref.qmin, ref.qmax) and torch.allclose(o.scale, ref.scale)
+    affine = WeightGrid(torch.tensor(0.1), torch.tensor(3), 0, 255, None)
+    assert _other_grid(affine) is None
+    for k, n, p0 in ((7, 61, 0.02), (1, 9, 0.02), (30, 200, 0.1)):
+        exact = sum(comb(n, j) * p0 ** j * (1 - p0) ** (n - j) for j in range(k, n + 1))
+        assert abs(_share_p(k, n, p0, 0.0) - exact) < 1e-12 * max(1.0, exact) + 1e-15
+    assert _share_p(1, 100, 0.02, 0.0) == 1.0  # at or below the null's mean
 
 
 def test_calibration_smaller_than_fan_in_is_warned(clean_cnn, digits, caplog):
