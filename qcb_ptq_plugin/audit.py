@@ -201,7 +201,7 @@ def _most_telling(u: dict) -> str:
 
 
 def audit(prepared: nn.Module, float_model: nn.Module, calib_data, threshold: float = DEFAULT_THRESHOLD,
-          top_k: int = 10, config: PurifyConfig | None = None) -> AuditReport:
+          top_k: int = 10, config: PurifyConfig | None = None, probe: bool = PROBE) -> AuditReport:
     """Measure how far each quantized layer's rounding is from a clean model's and give a verdict.
 
     Same inputs as :func:`qcb_ptq_plugin.purify`; nothing is written to ``prepared``. Quantized
@@ -211,6 +211,10 @@ def audit(prepared: nn.Module, float_model: nn.Module, calib_data, threshold: fl
         threshold: exposed when the score -log10(p) exceeds it (default :data:`DEFAULT_THRESHOLD`).
         top_k: channels listed in ``top_channels``.
         config: batching, sampling and progress (``PurifyConfig``); PDA is off.
+        probe: run the behavioural probe (:func:`_probe`: patched calibration images through the
+            float model, the INT model and 8 stochastically rounded twins; one forward of up to 128
+            images per patch position and model, so minutes on large image models). False: the
+            weight statistics alone, which cannot see QCBs trained through fake quantization.
     """
     t0 = time.perf_counter()
     cfg = (config or PurifyConfig(progress=False)).replace(pda="off", skip_unsupported=True)
@@ -231,7 +235,7 @@ def audit(prepared: nn.Module, float_model: nn.Module, calib_data, threshold: fl
                 warnings.append(f"{unit.name}: {row['positions']} calibration positions (samples x spatial) for a "
                                 f"fan-in of {row['fan_in']}: its statistics are thin and LAC's out-of-sample figure "
                                 "is unreliable; calibrate with more samples")
-    probe = _probe(plan, batches, cfg) if PROBE else None
+    probe = _probe(plan, batches, cfg) if probe else None
     for w in warnings:
         log.warning("%s", w)
     p = min(1.0, len(rows) * min((r["p"] for r in rows), default=1.0))
@@ -511,11 +515,18 @@ def _probe(plan, batches, cfg: PurifyConfig, twins: int = 8, max_samples: int = 
     x = torch.cat([b for b in batches])[:max_samples] if batches else None
     if sim is None or fp is None or x is None or x.dim() != 4 or not plan.units:
         return None
+    with torch.no_grad():
+        out = fp(x[:2])
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        log.info("probe skipped: the float model's output is not (batch, classes)")
+        return None
+    classes = out.shape[1]
     n, c, h, w = x.shape
     side = max(2, round(h / 10))
     stride = 1 if max(h, w) <= 12 else 2
     value = float(x.max())
     pos = [(i, j) for i in range(0, h - side + 1, stride) for j in range(0, w - side + 1, stride)]
+    log.info("probe: %d patch positions x %d models x %d images", len(pos), twins + 2, n)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     rtn = [u.grid.fake_quantize(u.weight.detach().float()) for u in plan.units]
 
@@ -526,7 +537,7 @@ def _probe(plan, batches, cfg: PurifyConfig, twins: int = 8, max_samples: int = 
                 xp = x.clone()
                 xp[:, :, i:i + side, j:j + side] = value
                 pred = model(xp).argmax(-1)
-                out.append(torch.bincount(pred[pred != ref], minlength=10)[:10].double())
+                out.append(torch.bincount(pred[pred != ref], minlength=classes).double())
         return torch.stack(out)  # (positions, classes)
 
     with torch.no_grad():

@@ -254,7 +254,7 @@ def _cmd_audit(args) -> int:
     else:
         prepared = prepare_fx_calibrated(model, calib, args.bits, args.batch_size)
     config = PurifyConfig(batch_size=args.batch_size, progress=not args.no_progress)
-    report = audit(prepared, model, calib, threshold=args.threshold, config=config)
+    report = audit(prepared, model, calib, threshold=args.threshold, config=config, probe=not args.no_probe)
     if args.json:
         report.save_json(args.json)
     print(report.table())
@@ -350,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "in benchmarks/results/audit.md)")
     a.add_argument("--json", metavar="PATH", help="also write the audit report as JSON")
     a.add_argument("--fail-if-exposed", action="store_true", help="exit with code 3 when the verdict is exposed")
+    a.add_argument("--no-probe", action="store_true", help="weight statistics only: skip the patch probe (minutes on "
+                   "large image models; without it QCBs trained through fake quantization go unseen)")
     a.add_argument("--no-progress", action="store_true", help="no progress bars")
     a.set_defaults(func=_cmd_audit)
     return parser

@@ -132,6 +132,10 @@ def test_cli_flags_and_fail_if_exposed(qcb_w4, clean_cnn, digits, tmp_path, caps
     assert cli.main(["audit", _pt2(qcb_w4, digits.x_test, tmp_path / "qcb.pt2"), *common, "--json", str(out)]) == 3
     saved = json.loads(out.read_text())
     assert saved["exposed"] and saved["threshold"] == DEFAULT_THRESHOLD and "EXPOSED" in capsys.readouterr().out
+    assert saved["probe"] is not None
+    # --no-probe: the weight statistics alone still expose this (box-repaired) QCB
+    assert cli.main(["audit", str(tmp_path / "qcb.pt2"), *common, "--no-probe", "--json", str(out)]) == 3
+    assert json.loads(out.read_text())["probe"] is None
     clean = _pt2(clean_cnn, digits.x_test, tmp_path / "clean.pt2")
     assert cli.main(["audit", clean, *common]) == 0
     assert cli.main(["audit", clean, *common, "--grid", "xnnpack"]) == 0  # PT2E on the absmax/127 grid
