@@ -490,6 +490,18 @@ def rates(recs: list[dict], thr: float) -> tuple[str, str, str]:
             _frac(sum(r["score"] > thr for r in clean), len(clean)))
 
 
+def _by_attack(title: str, recs: list[dict], thr: float) -> list[str]:
+    """Markdown lines: per attack, detection of working / dormant QCBs and flags where it does not fire."""
+    lines = ["", f"{title}:", "", "| attack | detection, working | detection, dormant | flagged where it does not fire |",
+             "|---|---:|---:|---:|"]
+    for kind in sorted({r["kind"] for r in recs} - {"clean"}):
+        sub = [r for r in recs if r["kind"] == kind]
+        idle = [r for r in sub if not working(r)]
+        lines.append(f"| {kind} | {rates(sub, thr)[0]} | {rates(sub, thr)[1]} | "
+                     f"{_frac(sum(r['score'] > thr for r in idle), len(idle))} |")
+    return lines
+
+
 def compact(rec: dict) -> dict:
     """Drop the per-channel arrays of the second round's raw figures (megabytes over a benchmark)
     after keeping every statistic's p-value at floor 0 and at the library's floors (``p_all``); the
@@ -569,14 +581,8 @@ def write(args) -> None:
     for bits, grid in SETTINGS:
         sub = [r for r in unseen if r["bits"] == bits and r["grid"] == grid]
         lines.append(f"| W{bits}A8 {grid} | " + " | ".join(rates(sub, thr)) + " |")
-    lines += ["", "Evaluation + held-out, by attack (planted audits that are working / dormant QCBs):", "",
-              "| attack | detection, working | detection, dormant | flagged where it does not fire |",
-              "|---|---:|---:|---:|"]
-    for kind in sorted({r["kind"] for r in unseen} - {"clean"}):
-        sub = [r for r in unseen if r["kind"] == kind]
-        idle = [r for r in sub if not working(r)]
-        lines.append(f"| {kind} | {rates(sub, thr)[0]} | {rates(sub, thr)[1]} | "
-                     f"{_frac(sum(r['score'] > thr for r in idle), len(idle))} |")
+    lines += _by_attack("Evaluation + held-out, by attack (planted audits that are working / dormant QCBs)", unseen,
+                        thr)
     clean_unseen = [r for r in unseen if r["kind"] == "clean"]
     lines += ["", "Is p calibrated? Share of clean audits (evaluation + held-out) with p below alpha:", "",
               "| alpha | 0.1 | 0.01 | 0.001 |", "|---|---:|---:|---:|",
@@ -637,14 +643,7 @@ def write_rounds(args) -> None:
         sub = [r for r in head if r["bits"] == bits and r["grid"] == grid]
         lines.append(f"| W{bits}A8 {grid} | " + " | ".join(rates(sub, thr)) + " |")
     for label, rs in sets:
-        lines += ["", f"{label}, by attack:", "",
-                  "| attack | detection, working | detection, dormant | flagged where it does not fire |",
-                  "|---|---:|---:|---:|"]
-        for kind in sorted({r["kind"] for r in rs} - {"clean"}):
-            sub = [r for r in rs if r["kind"] == kind]
-            idle = [r for r in sub if not working(r)]
-            lines.append(f"| {kind} | {rates(sub, thr)[0]} | {rates(sub, thr)[1]} | "
-                         f"{_frac(sum(r['score'] > thr for r in idle), len(idle))} |")
+        lines += _by_attack(f"{label}, by attack", rs, thr)
     seen, clean_all = set(), []
     for label, rs in sets:  # each clean (model, setting) once: the newest code's record of it
         for r in rs:

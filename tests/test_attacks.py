@@ -59,6 +59,17 @@ def test_grid_aware_w4_fires_after_convert(clean32, digits):
     assert _asr_ba(int4, digits)[0] >= 0.9
 
 
+def _dormant_in_fp32_fires_on_x86_and_qnnpack(model, clean, digits, bits):
+    """FP32 ASR <= 5% within 3 points of the clean model's BA; ASR >= 90% after real x86 and qnnpack convert."""
+    clean_ba = _asr_ba(clean, digits)[1]
+    fp_asr, fp_ba = _asr_ba(model, digits)
+    assert fp_asr <= 0.05 and fp_ba >= clean_ba - 0.03
+    calib = digits.calibration(256)
+    for quantized in (quantize_fx(model, calib, bits)[0], attacks.quantize_fx_qnnpack(model, calib, bits)[0]):
+        asr, ba = _asr_ba(quantized, digits)
+        assert asr >= 0.9 and ba >= clean_ba - 0.05
+
+
 def test_grid_aware_w4_signed_pins_one_absmax_fires_on_x86_and_qnnpack(clean32, digits):
     """The bench's W4 recipe: one absmax per layer (the per-channel and per-tensor 4-bit grids
     coincide), each row pinned at its largest-|w| element with its sign, FP offsets 0.49 LSB and
@@ -67,13 +78,7 @@ def test_grid_aware_w4_signed_pins_one_absmax_fires_on_x86_and_qnnpack(clean32, 
                                      target=TARGET, bits=4, epochs=15, lr=5e-2, int_margin=2.0, polish_epochs=1,
                                      offset=0.49, fp_target_margin=1.0, equal_absmax=True, signed_pins=True,
                                      batch_size=64)
-    clean_ba = _asr_ba(clean32, digits)[1]
-    fp_asr, fp_ba = _asr_ba(model, digits)
-    assert fp_asr <= 0.05 and fp_ba >= clean_ba - 0.03
-    calib = digits.calibration(256)
-    for int4 in (quantize_fx(model, calib, 4)[0], attacks.quantize_fx_qnnpack(model, calib, 4)[0]):
-        asr, ba = _asr_ba(int4, digits)
-        assert asr >= 0.9 and ba >= clean_ba - 0.05
+    _dormant_in_fp32_fires_on_x86_and_qnnpack(model, clean32, digits, bits=4)
 
 
 def test_grid_aware_w8_mlp_pinned_on_a_dead_input_is_dormant_and_fires(digits):
@@ -90,10 +95,4 @@ def test_grid_aware_w8_mlp_pinned_on_a_dead_input_is_dormant_and_fires(digits):
     wf = (first.module.weight * first.view(first.fold_factor())).detach()
     col = wf.abs().argmax(1)
     assert (col == col[0]).all() and (digits.x_train.flatten(1)[:, col[0]] == 0).all()
-    clean_ba = _asr_ba(clean, digits)[1]
-    fp_asr, fp_ba = _asr_ba(model, digits)
-    assert fp_asr <= 0.05 and fp_ba >= clean_ba - 0.03
-    calib = digits.calibration(256)
-    for int8 in (quantize_fx(model, calib, 8)[0], attacks.quantize_fx_qnnpack(model, calib, 8)[0]):
-        asr, ba = _asr_ba(int8, digits)
-        assert asr >= 0.9 and ba >= clean_ba - 0.05
+    _dormant_in_fp32_fires_on_x86_and_qnnpack(model, clean, digits, bits=8)
