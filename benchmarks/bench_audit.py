@@ -40,6 +40,7 @@ import qcb_ptq_plugin as q
 import importlib
 
 audit_mod = importlib.import_module("qcb_ptq_plugin.audit")  # the package attribute `audit` is the function
+audit_mod.LOW_DIAGNOSTICS = True  # records keep every second-round statistic, so --fit can refit them all
 from qcb_ptq_plugin.evalkit import attacks, datasets, metrics, models
 from qcb_ptq_plugin.evalkit.harness import cpu_name, write_markdown
 from qcb_ptq_plugin.ptq import prepare_fx_calibrated, quantize_fx
