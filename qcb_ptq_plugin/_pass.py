@@ -126,9 +126,10 @@ DEAD_INPUT = 1e-4
 
 def _dead_input_range(unit: Unit, result: UnitResult) -> str | None:
     """A warning where the unit's weight grid is set by weights whose inputs are 0 on every
-    calibration sample (up to PDA's nudge): they change no output on that data, they only make the grid coarser, and
-    a coarser grid gives the float offsets a planted QCB hides in more room than purification can
-    take back (``plant_grid_aware(dead_input_absmax=...)``, benchmarks/results/attacks.md)."""
+    calibration sample (up to PDA's nudge): they change no output on that data, they only make
+    the grid coarser, and a coarser grid gives the float offsets a planted QCB hides in more room
+    than purification can take back (``plant_grid_aware(dead_input_absmax=...)``,
+    benchmarks/results/attacks.md)."""
     gram = result.gram
     if gram is None or gram.H is None or unit.grid.group_size is not None:
         return None
@@ -145,8 +146,9 @@ def _dead_input_range(unit: Unit, result: UnitResult) -> str | None:
     if not inflated.any():
         return None
     ratio = (on_dead / on_live.clamp_min(1e-30))[inflated].max().item()
-    return (f"{unit.name}: the weight grid of {int(inflated.sum())} of {len(inflated)} scale group(s) is set by weights "
-            f"whose inputs are (almost) 0 on every calibration sample (up to {ratio:.1f}x the largest weight on a live input). "
+    return (f"{unit.name}: the weight grid of {int(inflated.sum())} of {len(inflated)} scale group(s) is set by "
+            f"weights whose inputs are (almost) 0 on every calibration sample (up to {ratio:.1f}x the largest weight "
+            "on a live input). "
             "They change no output on this data and only make the grid coarser, which leaves a planted QCB room "
             "that purification cannot fully take back. Set those weights to 0 in a copy of the float model (its "
             "outputs on this data do not change), then prepare, calibrate and purify that copy")
