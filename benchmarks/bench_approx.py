@@ -20,7 +20,6 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
 
 HERE = Path(__file__).resolve().parent
 
