@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import qcb_ptq_plugin
-from qcb_ptq_plugin._data import as_batches
+from qcb_ptq_plugin._data import as_batches, device_of
 from qcb_ptq_plugin.config import MethodConfig
 from qcb_ptq_plugin.report import PurifyReport
 
@@ -49,7 +49,7 @@ def quantize(model: nn.Module, calib, quant_config=None, purify_config: MethodCo
     from neural_compressor.torch.export import export
     from neural_compressor.torch.quantization import StaticQuantConfig, convert, prepare
 
-    batches = as_batches(calib, 64)
+    batches = as_batches(calib, 64, device=device_of(model))
     float_model = copy.deepcopy(model).eval()
     dynamic = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     exported = export(copy.deepcopy(float_model), example_inputs=(batches[0],), dynamic_shapes=dynamic)

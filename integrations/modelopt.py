@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from qcb_ptq_plugin import _pass
-from qcb_ptq_plugin._data import as_batches
+from qcb_ptq_plugin._data import as_batches, device_of
 from qcb_ptq_plugin.adapters._capture import ModuleCapture
 from qcb_ptq_plugin.adapters._common import Plan, execution_order, following_bn
 from qcb_ptq_plugin.grid import WeightGrid
@@ -91,7 +91,7 @@ def purify_calibrate(model: nn.Module, forward_loop=None, purify_method: str = D
 
     def record(_module, args):
         if args and isinstance(args[0], torch.Tensor):
-            seen.append(args[0].detach().cpu())
+            seen.append(args[0].detach())  # stays where forward_loop put it (next to the model)
 
     float_model = _float_copy(model)  # before anything is written: the weights are still the float ones
     handle = model.register_forward_pre_hook(record)
@@ -102,7 +102,7 @@ def purify_calibrate(model: nn.Module, forward_loop=None, purify_method: str = D
     if not seen:
         raise ValueError("forward_loop did not call the model with a tensor as first argument; qcb_purify "
                          "reads the calibration samples from those calls")
-    batches = as_batches(seen, cfg.batch_size, cfg.num_samples)
+    batches = as_batches(seen, cfg.batch_size, cfg.num_samples, device=device_of(model), allow_int=True)
     p = plan(model, float_model, batches[0])
     setattr(model, _REPORT_ATTR, _pass.run_plan(p, batches, m, cfg, "modelopt"))
 

@@ -112,7 +112,7 @@ def purify_fx(model, quantized_model, calibration_dataset, config: MethodConfig 
     import torch
 
     from qcb_ptq_plugin import _pass
-    from qcb_ptq_plugin._data import as_batches
+    from qcb_ptq_plugin._data import as_batches, device_of
     from qcb_ptq_plugin.adapters._common import is_aten_graph
     from qcb_ptq_plugin.methods import get_method
 
@@ -126,7 +126,7 @@ def purify_fx(model, quantized_model, calibration_dataset, config: MethodConfig 
     cfg = m.config(config, **overrides)
     data = calibration_dataset.get_inference_data() if hasattr(calibration_dataset, "get_inference_data") \
         else calibration_dataset
-    batches = as_batches(data, cfg.batch_size, cfg.num_samples)
+    batches = as_batches(data, cfg.batch_size, cfg.num_samples, device=device_of(model))
     return _pass.run_plan(_fx_plan(quantized_model, model, batches[0]), batches, m, cfg, "nncf-fx")
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
-__all__ = ["as_batches", "range_mismatch"]
+__all__ = ["as_batches", "device_of", "range_mismatch"]
 
 #: calibration ranges this many times wider or narrower than the observers' are suspicious
 RANGE_FACTOR = 4.0
@@ -25,12 +25,19 @@ def _sample_tensor(item) -> torch.Tensor:
     return item
 
 
-def as_batches(data, batch_size: int, num_samples: int | None = None, device=None) -> list[torch.Tensor]:
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s first parameter or buffer lives (CPU for a model with neither)."""
+    return next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+
+
+def as_batches(data, batch_size: int, num_samples: int | None = None, device=None,
+               allow_int: bool = False) -> list[torch.Tensor]:
     """Accepts a Tensor/array of samples, an iterable of batches, or a DataLoader of x or (x, y).
 
     Streamed: each item is checked and cut into ``batch_size`` batches as it arrives (moved to
     ``device`` on the way), so the set is never concatenated into one tensor; only a partial
     batch waits for the next item. The batches equal ``torch.cat(items).split(batch_size)``.
+    Samples must be floating point unless ``allow_int`` (token ids of a language model).
     """
     if isinstance(data, (torch.Tensor, np.ndarray)):
         items: Iterable = [_sample_tensor(data)]
@@ -46,15 +53,15 @@ def as_batches(data, batch_size: int, num_samples: int | None = None, device=Non
     for item in items:
         c = _sample_tensor(item)
         if c.dim() == 0:
-            raise ValueError("calibration batches have different sample shapes; every batch must be "
-                             "(batch, *input_shape) with the same input_shape")
+            raise ValueError("calibration data contains a scalar; pass samples shaped (N, *input_shape) "
+                             "or batches shaped (batch, *input_shape)")
         shapes.add(tuple(c.shape[1:]))
         if len(shapes) != 1:
             raise ValueError(f"calibration batches have different sample shapes {sorted(shapes)}; "
                              "every batch must be (batch, *input_shape) with the same input_shape")
         if num_samples is not None:
             c = c[: num_samples - n]
-        if c.numel() and not c.is_floating_point():
+        if c.numel() and not c.is_floating_point() and not allow_int:
             raise TypeError(f"calibration data has dtype {c.dtype}; convert it to the float inputs the model takes "
                             "(e.g. x.float() / 255 with your normalisation)")
         bad = (~torch.isfinite(c)).sum().item() if c.numel() else 0
@@ -80,7 +87,7 @@ def as_batches(data, batch_size: int, num_samples: int | None = None, device=Non
 
 def _batch(parts: list[torch.Tensor], device) -> torch.Tensor:
     x = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return x.to(device=device, dtype=torch.float32)
+    return x.to(device=device, dtype=torch.float32 if x.is_floating_point() else x.dtype)  # token ids stay ints
 
 
 def range_mismatch(batches: list[torch.Tensor], observed: tuple[float, float] | None,

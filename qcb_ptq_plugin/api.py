@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import _pass, adapters
-from ._data import as_batches
+from ._data import as_batches, device_of
 from .config import MethodConfig
 from .methods import DEFAULT_METHOD, get_method
 from .report import PurifyReport
@@ -60,9 +60,8 @@ def prepare_plan(prepared: nn.Module, float_model: nn.Module, calib_data, cfg: M
                          "by prepare_fx/prepare/prepare_pt2e and the original float model")
     adapter = adapters.detect(prepared)
     fixed = getattr(adapter, "fixed_batch_size", lambda _: None)(prepared)
-    device = next((t.device for t in (*prepared.parameters(), *prepared.buffers())), torch.device("cpu"))
     # streamed: batched as it arrives, each batch moved where the model is (CUDA models)
-    batches = as_batches(calib_data, fixed or cfg.batch_size, cfg.num_samples, device=device)
+    batches = as_batches(calib_data, fixed or cfg.batch_size, cfg.num_samples, device=device_of(prepared))
     if fixed:  # exported without dynamic_shapes: every forward must use the exported batch size
         batches = _exact_batches(batches, fixed)
     fp = frozen_float_copy(float_model, batches[0])

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from torch import nn
 
 from . import _pass
-from ._data import as_batches
+from ._data import as_batches, device_of
 from .api import frozen_float_copy
 from .config import MethodConfig
 from .methods import DEFAULT_METHOD, get_method
@@ -56,19 +55,10 @@ def quantize_(model: nn.Module, config, calib_data, filter_fn=None, *, method: s
     torchao_quantize.check_config(config)
     m = get_method(method)
     cfg = m.config(purify_config, **overrides)
-    batches = _batches(calib_data, cfg)
+    # float samples, or token ids for a language model; moved where the model is
+    batches = as_batches(calib_data, cfg.batch_size, cfg.num_samples, device=device_of(model), allow_int=True)
     fp = frozen_float_copy(model, batches[0])
     plan, stats = torchao_quantize.plan(model, fp, batches[0], config, filter_fn)
     report = _pass.run_plan(plan, batches, m, cfg, f"torchao.quantize_({type(config).__name__})")
     report.config = {**report.config, "torchao_reproduced": stats["reproduced"], "torchao_pinned": stats["pinned"]}
     return report
-
-
-def _batches(data, cfg: MethodConfig) -> list[torch.Tensor]:
-    """Float samples via the shared loader; integer token ids (language models) split as they are."""
-    if isinstance(data, torch.Tensor) and not data.is_floating_point():
-        if data.numel() == 0:
-            raise ValueError("calibration data is empty; pass the (unlabelled) inputs to calibrate on")
-        x = data if cfg.num_samples is None else data[:cfg.num_samples]
-        return list(x.split(cfg.batch_size))
-    return as_batches(data, cfg.batch_size, cfg.num_samples)

@@ -84,6 +84,12 @@ def test_inconsistent_batch_shapes(setup):
         qcb_ptq_plugin.purify(prepared, model, [calib[:4], torch.rand(4, 1, 9, 9)])
 
 
+def test_scalar_calibration_data(setup):
+    model, prepared, _ = setup
+    with pytest.raises(ValueError, match=r"contains a scalar; pass samples shaped \(N, \*input_shape\)"):
+        qcb_ptq_plugin.purify(prepared, model, [torch.tensor(3.0)])
+
+
 def test_nan_and_inf(setup):
     model, prepared, calib = setup
     bad = calib.clone()

@@ -92,6 +92,18 @@ def test_llm_qcb_removed_by_the_one_line(planted, text):
     assert sum((ints[n] != plain_ints[n]).sum().item() for n in ints) > 0  # purification changed integers
 
 
+def test_token_id_batches_and_loaders_calibrate_like_one_tensor(clean, text):
+    """quantize_ takes token ids as one Tensor, a list of batches or a DataLoader, as purify takes images."""
+    calib = text.windows(24, 48, "train", seed=5)
+    codes = []
+    for data in (calib, list(calib.split(7)), torch.utils.data.DataLoader(calib, batch_size=5)):
+        q = copy.deepcopy(clean)
+        codes.append(qcb_ptq_plugin.quantize_(q, CONFIGS[8](), data, method="lac", progress=False).codes)
+    for other in codes[1:]:
+        assert other.keys() == codes[0].keys()
+        assert all(torch.equal(other[n], codes[0][n]) for n in codes[0])
+
+
 #: measured misses on this decoder, kept visible: strict, so a fix shows up as a failure to update
 MISSES = {("flipguard", 8): "FlipGuard-style data-free flips leave this INT8 plant at 33% ASR (0% on the "
                             "benchmark's seed-0 decoder, benchmarks/results/llm.md): its setting does not transfer"}
