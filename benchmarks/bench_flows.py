@@ -20,7 +20,7 @@ import torch
 import qcb_ptq_plugin as q
 from qcb_ptq_plugin.evalkit import attacks, datasets, metrics, models
 from qcb_ptq_plugin import onnx as qonnx
-from qcb_ptq_plugin.onnx._static import _Replay
+from qcb_ptq_plugin.onnx._feeds import Replay
 from qcb_ptq_plugin.ptq import quantize_eager, quantize_fx, quantize_pt2e
 
 from qcb_ptq_plugin.evalkit.harness import cpu_name, write_markdown
@@ -63,7 +63,7 @@ def main() -> None:
         fp32 = Path(tmp) / "fp32.onnx"
         torch.onnx.export(model, (d.x_test[:1],), str(fp32), dynamo=False, opset_version=21, input_names=["input"],
                           output_names=["output"], dynamic_axes={"input": {0: "b"}, "output": {0: "b"}})
-        feeds = lambda: _Replay([{"input": c} for c in calib.numpy().reshape(8, 32, 1, 8, 8)])  # noqa: E731
+        feeds = lambda: Replay([{"input": c} for c in calib.numpy().reshape(8, 32, 1, 8, 8)])  # noqa: E731
         quantize_static(str(fp32), str(Path(tmp) / "plain.onnx"), feeds(), **kw)
         rows.append(("onnxruntime quantize_static, plain", *measure(qonnx.OrtModel(Path(tmp) / "plain.onnx")), ""))
         qonnx.quantize_static(fp32, Path(tmp) / "purified.onnx", feeds(), **kw, purify_config=cfg)

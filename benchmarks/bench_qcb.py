@@ -28,7 +28,7 @@ import torch
 import qcb_ptq_plugin as q
 from qcb_ptq_plugin.evalkit import attacks, datasets, metrics, models
 from qcb_ptq_plugin import onnx as qonnx
-from qcb_ptq_plugin.onnx._static import _Replay
+from qcb_ptq_plugin.onnx._feeds import Replay
 from qcb_ptq_plugin.ptq import quantize_fx
 
 from qcb_ptq_plugin.evalkit.harness import cpu_name, write_markdown
@@ -61,9 +61,9 @@ def plant(kind: str, split, bits: int, trigger, n: int, seed: int) -> torch.nn.M
     raise ValueError(kind)
 
 
-def _reader(x: np.ndarray, batch: int = 64) -> _Replay:
+def _reader(x: np.ndarray, batch: int = 64) -> Replay:
     """A fresh CalibrationDataReader over ``x`` (ORT readers are used up after one pass)."""
-    return _Replay([{"input": x[i : i + batch]} for i in range(0, len(x), batch)])
+    return Replay([{"input": x[i : i + batch]} for i in range(0, len(x), batch)])
 
 
 def measure(model, split, trigger):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from qcb_ptq_plugin import _pass
 from qcb_ptq_plugin.config import MethodConfig
 from qcb_ptq_plugin.methods import get_method
+from qcb_ptq_plugin.onnx._feeds import first_samples
 from qcb_ptq_plugin.report import PurifyReport
 
 
@@ -18,7 +19,7 @@ def purify_qdq(model, quantized_model, feeds: list[dict], weight_range: tuple[in
                method: str, overrides: dict, mode: str, hint: str) -> PurifyReport:
     """Purify ``quantized_model`` (a QDQ ``onnx.ModelProto``) in place against the FP32 ``model``.
 
-    ``feeds``: checked calibration feed dicts; ``weight_range``: (qmin, qmax) of the weight integers;
+    ``feeds``: checked calibration feed dicts (the config's ``num_samples`` keeps the first ones); ``weight_range``: (qmin, qmax) of the weight integers;
     ``hint``: what to pass instead when no unit is found.
     """
     from qcb_ptq_plugin.adapters import ort
@@ -29,4 +30,4 @@ def purify_qdq(model, quantized_model, feeds: list[dict], weight_range: tuple[in
     if not plan.units:
         raise ValueError(f"no Conv/Gemm/MatMul with integer weights found that matches a node of the FP32 model "
                          f"by name: {hint}")
-    return _pass.run_plan(plan, feeds, m, cfg, mode)
+    return _pass.run_plan(plan, first_samples(feeds, cfg.num_samples), m, cfg, mode)

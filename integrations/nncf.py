@@ -55,10 +55,10 @@ WEIGHT_RANGE = (-127, 127)
 
 def _feeds(dataset, model) -> list[dict[str, np.ndarray]]:
     """Feed dicts from an ``nncf.Dataset`` (its transform's output) or any iterable of feeds/arrays."""
-    from qcb_ptq_plugin.onnx._static import _graph_inputs, _read_feeds, _Replay
+    from qcb_ptq_plugin.onnx._feeds import Replay, graph_inputs, read_feeds
 
     items = dataset.get_inference_data() if hasattr(dataset, "get_inference_data") else dataset
-    names = list(_graph_inputs(model))
+    names = list(graph_inputs(model))
     feeds = []
     for item in items:
         if isinstance(item, Mapping):
@@ -70,7 +70,7 @@ def _feeds(dataset, model) -> list[dict[str, np.ndarray]]:
                             "give nncf.Dataset a transform that returns {input_name: array}")
     if not feeds:
         raise ValueError("the calibration dataset is empty; pass the nncf.Dataset given to nncf.quantize")
-    return _read_feeds(_Replay(feeds), model)  # names, shapes, NaN/Inf and dtypes checked as in quantize_static
+    return read_feeds(Replay(feeds), model)  # names, shapes, NaN/Inf and dtypes checked as in quantize_static
 
 
 def purify_onnx(model, quantized_model, calibration_dataset, config: MethodConfig | None = None, *,

@@ -36,7 +36,7 @@ from typing import Union
 import numpy as np
 
 from qcb_ptq_plugin.methods import DEFAULT_METHOD
-from qcb_ptq_plugin.onnx._static import _read_feeds
+from qcb_ptq_plugin.onnx._feeds import read_feeds
 
 from ._qdq import purify_qdq
 
@@ -133,7 +133,7 @@ class QCBPurify(Pass):
                         output_model_path: str) -> ONNXModelHandler:
         qmodel = onnx.load(model.model_path)
         fp = onnx.load(str(config.float_model))
-        feeds = _read_feeds(get_calibration_dataloader(config, model.model_path, model.io_config), fp)
+        feeds = read_feeds(get_calibration_dataloader(config, model.model_path, model.io_config), fp)
         weight_range = tuple(config.weight_range) if config.weight_range else _weight_range(qmodel)
         options = {"progress": False, **(config.options or {})}
         report = purify_qdq(fp, qmodel, feeds, weight_range, None, config.method, options, "olive",

@@ -93,6 +93,7 @@ def run_plan(plan, batches: Sequence, method: Method, cfg: MethodConfig, mode: s
     report.warnings += [mismatch] if mismatch else []
     plan.commit(codes)
     report.mode = mode
+    report.samples = sum(len(next(iter(b.values())) if isinstance(b, dict) else b) for b in batches)
     log.info("purified %d layers in %.1fs (%s, %s)", len(report.units), report.seconds, method.name, mode)
     return report
 

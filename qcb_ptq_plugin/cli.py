@@ -91,11 +91,11 @@ def _cmd_onnx(args) -> int:
     from onnxruntime.quantization import QuantFormat, QuantType
 
     from .onnx import quantize_static
-    from .onnx._static import _graph_inputs, _load, _Replay
+    from .onnx._feeds import Replay, graph_inputs, load_model
 
     paths = _outputs(("output", args.output), ("report", args.report or Path(args.output).with_suffix(".report.json")))
-    model = _load(args.model)
-    inputs = list(_graph_inputs(model))
+    model = load_model(args.model)
+    inputs = list(graph_inputs(model))
     data = load_calibration(args.calib, args.limit)
     if isinstance(data, np.ndarray):
         if len(inputs) != 1:
@@ -104,7 +104,7 @@ def _cmd_onnx(args) -> int:
     n = len(next(iter(data.values())))
     feeds = [{k: v[i : i + args.batch_size].astype(np.float32) for k, v in data.items()}
              for i in range(0, n, args.batch_size)]
-    reader = _Replay(feeds)
+    reader = Replay(feeds)
     types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8, "int4": QuantType.QInt4}
     with contextlib.ExitStack() as stack:  # both files land together, or neither
         tmp = {what: stack.enter_context(atomic_output(path, what)) for what, path in paths.items()}

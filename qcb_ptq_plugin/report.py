@@ -58,6 +58,8 @@ class PurifyReport:
     mode: str = ""
     method: str = ""
     config: dict = field(default_factory=dict)
+    #: calibration samples the method fitted on (after ``num_samples``)
+    samples: int = 0
     #: quantized layers left at round-to-nearest (``skip_unsupported=True``): {"name", "kind", "reason"}
     skipped: list = field(default_factory=list)
     #: notes on the calibration data (e.g. ranges unlike what the observers recorded)
@@ -82,6 +84,7 @@ class PurifyReport:
             "seconds": self.seconds,
             "peak_rss_mb": self.peak_rss_mb,
             "config": self.config,
+            "samples": self.samples,
             "skipped": self.skipped,
             "warnings": self.warnings,
             "units": [asdict(u) | {"flip_rate": u.flip_rate, "rel_error_before": u.rel_error_before,
@@ -99,7 +102,8 @@ class PurifyReport:
             rows.append(
                 f"{u.name[:28]:<28} {u.kind:<8} {u.levels:>6} {u.rel_error_before:>14.3e} {u.rel_error_after:>9.3e}"
                 f" {100 * u.flip_rate:>6.1f}%  {pda:<10} {u.seconds:>6.2f}")
-        rows.append(f"{len(self.units)} units in {self.seconds:.1f} s ({self.method}, {self.mode}), mean rel. error "
+        rows.append(f"{len(self.units)} units in {self.seconds:.1f} s ({self.method}, {self.mode}, {self.samples} "
+                    "calibration samples), mean rel. error "
                     f"{self.rel_error_before:.3e} -> {self.rel_error_after:.3e}, peak RSS {self.peak_rss_mb:.0f} MB")
         notes = {u.pda for u in self.units if u.pda != "applied"}  # skip reasons and PDA variants
         rows += [f"PDA {reason}" for reason in sorted(notes)]

@@ -78,6 +78,14 @@ def test_only_the_weight_integers_change(fp32_onnx, calib, tmp_path):
     assert changed and all(k.endswith("_quantized") and "bias" not in k for k in changed)  # scales, biases equal
     for (_, q_file), q in zip(qonnx.int_weights(pur), report.codes.values()):
         assert np.array_equal(q_file.reshape(q.shape), q.numpy())
+    assert report.samples == len(calib)
+
+
+def test_num_samples_limits_what_the_method_fits_on(fp32_onnx, calib, tmp_path):
+    """ORT calibrates its scales on every feed; the method fits on the config's first num_samples."""
+    report = qonnx.quantize_static(fp32_onnx, tmp_path / "m.onnx", Reader(calib, batch=32), **ORT_W4A8, method="rtn",
+                                   purify_config=qcb_ptq_plugin.MethodConfig(num_samples=50, progress=False))
+    assert report.samples == 50 and "50 calibration samples" in report.table()
 
 
 def test_not_an_onnx_file(tmp_path, calib):

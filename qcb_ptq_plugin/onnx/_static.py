@@ -9,93 +9,19 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
-
 from .. import _pass
+from .._io import atomic_output, check_output
 from ..config import MethodConfig
 from ..methods import DEFAULT_METHOD, get_method
 from ..report import PurifyReport
-from .._io import atomic_output, check_output
+from ._feeds import Replay, first_samples, load_model, read_feeds
 from ._ort import _require, session
 
 log = logging.getLogger(__name__)
-
-_ELEM = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64, 10: np.float16,
-         11: np.float64}
-
-
-class _Replay:
-    """A CalibrationDataReader over feeds we already hold (ORT's readers work only once)."""
-
-    def __init__(self, feeds: list[dict]) -> None:
-        self._it = iter(feeds)
-
-    def get_next(self):
-        return next(self._it, None)
-
-
-def _load(model_input):
-    import onnx
-
-    if isinstance(model_input, onnx.ModelProto):
-        return copy.deepcopy(model_input)
-    path = Path(model_input)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such ONNX file")
-    try:
-        model = onnx.load(str(path))
-    except Exception as e:
-        raise ValueError(f"{path} is not an ONNX model ({type(e).__name__}: {e}); pass an FP32 .onnx file") from e
-    if not model.graph.node:
-        raise ValueError(f"{path} is not an ONNX model (its graph has no nodes); pass an FP32 .onnx file")
-    return model
-
-
-def _graph_inputs(model) -> dict[str, tuple[np.dtype, list]]:
-    inits = {i.name for i in model.graph.initializer}
-    out = {}
-    for i in model.graph.input:
-        if i.name in inits:
-            continue
-        t = i.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-        out[i.name] = (np.dtype(_ELEM.get(t.elem_type, np.float32)), dims)
-    return out
-
-
-def _read_feeds(reader, model) -> list[dict[str, np.ndarray]]:
-    if not hasattr(reader, "get_next"):
-        raise TypeError(f"calibration_data_reader must be an onnxruntime CalibrationDataReader (with get_next()), "
-                        f"got {type(reader).__name__}")
-    expected = _graph_inputs(model)
-    feeds = []
-    while (feed := reader.get_next()) is not None:
-        if not isinstance(feed, Mapping):
-            raise TypeError(f"the reader's get_next() returned a {type(feed).__name__}; it must return "
-                            "{input_name: array} dicts and None at the end")
-        if set(feed) != set(expected):
-            raise ValueError(f"the reader yields inputs {sorted(feed)} but the model takes {sorted(expected)}")
-        checked = {}
-        for name, arr in feed.items():
-            arr = np.asarray(arr)
-            dtype, dims = expected[name]
-            if arr.ndim != len(dims) or any(d is not None and d != s for d, s in zip(dims, arr.shape)):
-                raise ValueError(f"input '{name}' has shape {arr.shape} but the model expects "
-                                 f"{['?' if d is None else d for d in dims]}")
-            if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-                raise ValueError(f"input '{name}' contains NaN/Inf values; clean or drop those samples")
-            checked[name] = arr.astype(dtype, copy=False)
-        feeds.append(checked)
-    if not feeds:
-        raise ValueError("the calibration data reader yielded no data; it must return at least one feed dict")
-    return feeds
-
 
 def _weight_qrange(weight_type, reduce_range: bool, extra_options: dict | None) -> tuple[int, int]:
     from onnxruntime.quantization import QuantType
@@ -122,10 +48,10 @@ def quantize_static(model_input, model_output, calibration_data_reader, quant_fo
     """
     _require()
     import onnx
-
-    from ..adapters import ort
     from onnxruntime.quantization import QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    from ..adapters import ort
 
     quant_format = QuantFormat.QDQ if quant_format is None else quant_format
     activation_type = QuantType.QInt8 if activation_type is None else activation_type
@@ -136,13 +62,13 @@ def quantize_static(model_input, model_output, calibration_data_reader, quant_fo
     m = get_method(method)
     cfg = m.config(purify_config)
     check_output(model_output, "model_output")  # before any work
-    fp = _load(model_input)
-    feeds = _read_feeds(calibration_data_reader, fp)
+    fp = load_model(model_input)
+    feeds = read_feeds(calibration_data_reader, fp)
 
     with tempfile.TemporaryDirectory() as tmp:  # ORT writes helper files next to its inputs
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(fp, str(src))
-        ort_quantize_static(str(src), str(dst), _Replay(feeds), quant_format=quant_format,
+        ort_quantize_static(str(src), str(dst), Replay(feeds), quant_format=quant_format,
                             op_types_to_quantize=op_types_to_quantize, per_channel=per_channel,
                             reduce_range=reduce_range, activation_type=activation_type, weight_type=weight_type,
                             nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=nodes_to_exclude,
@@ -154,7 +80,7 @@ def quantize_static(model_input, model_output, calibration_data_reader, quant_fo
     if not plan.units and not plan.unsupported:
         raise ValueError("the model has no Conv/Gemm/MatMul with a constant weight that ORT quantized; "
                          "nothing to purify (check op_types_to_quantize / nodes_to_exclude)")
-    report = _pass.run_plan(plan, feeds, m, cfg, "onnxruntime")
+    report = _pass.run_plan(plan, first_samples(feeds, cfg.num_samples), m, cfg, "onnxruntime")
     with atomic_output(model_output, "model_output") as tmp:
         onnx.save(qmodel, str(tmp))
         session(str(tmp))  # onnxruntime accepts the written file before it replaces anything
