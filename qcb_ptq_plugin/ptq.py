@@ -1,7 +1,8 @@
 """Standard PTQ pipelines with purification as one optional step (used by the CLI, demo, benchmarks).
 
 Each ``quantize_*`` runs exactly what a user script runs: prepare, calibrate, optionally
-:func:`qcb_ptq_plugin.purify` (``purify_config``: the config of ``method``), convert. The
+:func:`qcb_ptq_plugin.purify`, convert. Purification runs when ``method`` or ``purify_config``
+is given (``method=None`` and no config: plain PTQ; a config alone: the default method). The
 float model is deep-copied, never modified.
 """
 
@@ -93,15 +94,22 @@ def prepare_fx_calibrated(model: nn.Module, calib: torch.Tensor, bits: int = 8, 
     return prepared
 
 
+def _purify(prepared, model, calib, config: MethodConfig | None, method: str | None) -> PurifyReport | None:
+    """The optional step: none without a method or config, else ``purify`` (default method for a bare config)."""
+    if config is None and method is None:
+        return None
+    return purify(prepared, model, calib, config, method=method or DEFAULT_METHOD)
+
+
 def quantize_fx(model: nn.Module, calib: torch.Tensor, bits: int = 8, purify_config: MethodConfig | None = None,
-                batch_size: int = 64, backend: str = "x86", dynamic: bool = False, method: str = DEFAULT_METHOD
+                batch_size: int = 64, backend: str = "x86", dynamic: bool = False, method: str | None = None
                 ) -> tuple[nn.Module, PurifyReport | None]:
     """prepare_fx -> calibrate -> [purify] -> convert_fx; returns the INT8 model and the report."""
     from torch.ao.quantization.quantize_fx import convert_fx
 
     prepared = prepare_fx_calibrated(model, calib, bits, batch_size, backend, dynamic)
     with quiet_torch_ao():
-        report = purify(prepared, model, calib, purify_config, method=method) if purify_config is not None else None
+        report = _purify(prepared, model, calib, purify_config, method)
         return convert_fx(prepared), report
 
 
@@ -143,14 +151,14 @@ def prepare_pt2e_calibrated(model: nn.Module, calib: torch.Tensor, bits: int = 8
 
 
 def quantize_pt2e(model: nn.Module, calib: torch.Tensor, bits: int = 8, purify_config: MethodConfig | None = None,
-                  batch_size: int = 64, grid: str = "x86", method: str = DEFAULT_METHOD
+                  batch_size: int = 64, grid: str = "x86", method: str | None = None
                   ) -> tuple[nn.Module, PurifyReport | None]:
     """torch.export (dynamic batch) -> prepare_pt2e -> calibrate -> [purify] -> convert_pt2e."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     prepared = prepare_pt2e_calibrated(model, calib, bits, batch_size, grid)
     with quiet_torch_ao():
-        report = purify(prepared, model, calib, purify_config, method=method) if purify_config is not None else None
+        report = _purify(prepared, model, calib, purify_config, method)
         return convert_pt2e(prepared), report
 
 
@@ -198,7 +206,7 @@ class QuantWrapper(nn.Module):
 
 
 def quantize_eager(model: nn.Module, calib: torch.Tensor, bits: int = 8, purify_config: MethodConfig | None = None,
-                   batch_size: int = 64, backend: str = "x86", method: str = DEFAULT_METHOD
+                   batch_size: int = 64, backend: str = "x86", method: str | None = None
                    ) -> tuple[nn.Module, PurifyReport | None]:
     """QuantWrapper -> fuse_modules -> prepare -> calibrate -> [purify] -> convert (eager mode)."""
     from torch.ao.quantization import convert, fuse_modules, prepare
@@ -210,6 +218,5 @@ def quantize_eager(model: nn.Module, calib: torch.Tensor, bits: int = 8, purify_
         fused.qconfig = fx_qconfig_mapping(bits, backend).global_qconfig
         prepared = prepare(fused)
         _calibrate(prepared, calib, batch_size)
-        report = purify(prepared, float_model, calib, purify_config, method=method) if purify_config is not None \
-            else None
+        report = _purify(prepared, float_model, calib, purify_config, method)
         return convert(prepared), report

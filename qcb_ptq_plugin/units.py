@@ -355,10 +355,13 @@ def float_layer(weight: torch.Tensor, bias: torch.Tensor | None = None, *, strid
     return layer.eval().requires_grad_(False)
 
 
-def float_bn(weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float,
-             spatial_dims: int) -> nn.Module:
-    """An eval-mode BatchNorm (2d for ``spatial_dims`` = 2, else 1d) with the given affine and running stats."""
+def float_bn(weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor,
+             eps: float, spatial_dims: int) -> nn.Module:
+    """An eval-mode BatchNorm (2d for ``spatial_dims`` = 2, else 1d) with the given affine and running stats
+    (``weight`` / ``bias`` None, as ``affine=False`` exports them: 1 / 0)."""
     bn = (nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm1d)(len(mean), eps=eps)
+    weight = torch.ones(len(mean)) if weight is None else weight
+    bias = torch.zeros(len(mean)) if bias is None else bias
     with torch.no_grad():
         for t, v in zip((bn.weight, bn.bias, bn.running_mean, bn.running_var), (weight, bias, mean, var)):
             t.copy_(v.float() if torch.is_tensor(v) else torch.tensor(v, dtype=torch.float32))  # copies read-only arrays

@@ -101,3 +101,17 @@ def test_execution_order_falls_back_to_the_batch_when_one_sample_does_not_run(di
     assert [u.name.split(".")[-1] for u in report.units] == ["fc1", "fc2"]
     ints = int_weights(converted)
     assert all(torch.equal(ints[n], q) for n, q in report.codes.items())
+
+
+def test_exported_float_model_with_non_affine_batchnorm(digits):
+    """A .pt2 float model whose BatchNorm has affine=False (weight and bias None in the graph) purifies,
+    with PDA on that BN."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, affine=False), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval()
+    model[1].running_mean.uniform_(-0.2, 0.2)
+    model[1].running_var.uniform_(0.5, 2.0)
+    calib = digits.calibration(64)
+    exported = torch.export.export(model, (calib[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    _, report = quantize_pt2e(exported, calib, 8, CFG)
+    assert len(report.units) == 2 and report.units[0].pda == "applied"

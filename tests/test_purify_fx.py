@@ -93,6 +93,16 @@ def test_removes_a_w4a8_qcb_it_has_not_seen(qcb_w4, digits):
     assert metrics.benign_accuracy(purified, x, y) >= fp_ba - 0.01
 
 
+def test_pipeline_helpers_purify_when_a_method_is_named(qcb_w4, digits):
+    """quantize_fx: no method and no config = plain PTQ; a method alone runs it with its default config."""
+    calib = digits.calibration(64)
+    assert quantize_fx(qcb_w4, calib, bits=4)[1] is None
+    _, report = quantize_fx(qcb_w4, calib, bits=4, method="rtn")
+    assert report.method == "rtn" and len(report.units) == 4 and sum(u.flips for u in report.units) == 0
+    _, report = quantize_fx(qcb_w4, calib, bits=4, purify_config=qcb_ptq_plugin.PurifyConfig(progress=False))
+    assert report.method == "lac_pda"
+
+
 def test_float_model_and_observers_untouched(qcb_w4, digits):
     calib = digits.calibration(64)
     model = copy.deepcopy(qcb_w4).train()  # even in train mode its BN stats must not move
