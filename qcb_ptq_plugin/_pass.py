@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
+import sys
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -78,8 +78,18 @@ def run(units: Sequence[Unit], capture: Capture, batches: Sequence, method: Meth
             log.info("%s: error %.4g -> %.4g, %d flips, PDA %s, %.2fs", row.name, row.error_before,
                      row.error_after, row.flips, row.pda, row.seconds)
     report.seconds = time.perf_counter() - t_all
-    report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report.peak_rss_mb = _peak_rss_mb()
     return codes, report
+
+
+def _peak_rss_mb() -> float:
+    """The process's peak resident memory in MB (0 where the platform does not report it, e.g. Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def run_plan(plan, batches: Sequence, method: Method, cfg: MethodConfig, mode: str) -> PurifyReport:

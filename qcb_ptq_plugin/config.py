@@ -78,8 +78,8 @@ class PurifyConfig(MethodConfig):
         adam_steps: adam only: optimisation steps per unit (paper: 10000).
         lr: adam only: learning rate of the weight offset, in grid steps (LSBs) per step,
             cosine-annealed to 0 over ``adam_steps``. The release's 1e-3 is in weight units
-            (constant): about 0.01-0.1 LSB at W4 but about one LSB at W8; the paper preset uses
-            1e-3 LSB at every bit width (0.01 LSB made the iterate wander above round to nearest
+            (constant): about 0.01-0.1 LSB at W4 but about one LSB at W8; the default and the
+            paper preset use 1e-3 LSB at every bit width (0.01 LSB made the iterate wander above round to nearest
             within 100 steps on a W4 SmallCNN; benchmarks/results/paper_vs_fast.md).
         adam_batch_size: adam only: random minibatch of cached unit inputs (paper: 32).
         adam_start: adam only: where the integers start. ``"gram"`` (default): the fast
@@ -113,7 +113,7 @@ class PurifyConfig(MethodConfig):
     solver: Solver = Solver.GRAM
     cd_passes: int = 1
     adam_steps: int = 10000
-    lr: float = 1e-2
+    lr: float = 1e-3
     adam_batch_size: int = 32
     adam_start: str = "gram"
     act_lr: float = 0.0

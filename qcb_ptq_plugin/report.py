@@ -114,16 +114,14 @@ class PurifyReport:
     def plot(self, path: str | Path) -> Path:
         """Bar chart of each unit's FP-vs-INT output error (relative), before and after purification."""
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures stay as they are
         except ImportError as e:
             raise ImportError("plotting needs matplotlib: pip install 'qcb-ptq-plugin[plot]'") from e
         names = [u.name for u in self.units]
         before = [u.rel_error_before for u in self.units]
         after = [u.rel_error_after for u in self.units]
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names)), 4))
+        fig = Figure(figsize=(max(6.0, 0.45 * len(names)), 4))
+        ax = fig.add_subplot()
         xs = range(len(names))
         ax.bar([x - 0.2 for x in xs], before, width=0.4, label="plain PTQ (round to nearest)")
         ax.bar([x + 0.2 for x in xs], after, width=0.4, label=f"purified ({self.method})")
@@ -133,11 +131,8 @@ class PurifyReport:
         ax.set_title("Per-layer FP-vs-INT activation drift on calibration data")
         ax.legend()
         fig.tight_layout()
-        try:
-            with atomic_output(path, "plot") as tmp:
-                fig.savefig(tmp, dpi=120)
-        finally:
-            plt.close(fig)
+        with atomic_output(path, "plot") as tmp:
+            fig.savefig(tmp, dpi=120)
         return Path(path)
 
     __str__ = table

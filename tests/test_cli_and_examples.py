@@ -127,6 +127,10 @@ def test_report_plot(qcb_w4, digits, tmp_path):
     from qcb_ptq_plugin.ptq import quantize_fx
     import qcb_ptq_plugin
 
+    import matplotlib
+
+    backend = matplotlib.get_backend()
     _, report = quantize_fx(qcb_w4, digits.calibration(64), 4, qcb_ptq_plugin.PurifyConfig(progress=False))
     path = report.plot(tmp_path / "drift.png")
-    assert path.stat().st_size > 1000
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+    assert matplotlib.get_backend() == backend  # the caller's backend is left alone

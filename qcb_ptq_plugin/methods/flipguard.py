@@ -56,7 +56,7 @@ class FlipGuardConfig(MethodConfig):
 def flip_codes(unit: Unit, cfg: FlipGuardConfig) -> torch.Tensor:
     """Round-to-nearest integers with the selected near-tie weights rounded the other way."""
     grid, w = unit.grid, unit.weight.detach().float()
-    s, z = grid.expand(w) if grid.per_group else (grid._bcast(grid.scale, w), grid._bcast(grid.zero_point, w))
+    s, z = grid.expand(w)
     q = grid.quantize(w)
     e = w / s - (q - z).float()  # signed distance to the integer, LSB
     extreme = (q == q.flatten(1).amax(1).view(-1, *[1] * (q.dim() - 1))) | \

@@ -325,7 +325,7 @@ def _solve_adam(inputs: torch.Tensor, targets: torch.Tensor, unit: Unit, cfg: Pu
     grid = unit.grid
     obj = _UnitObjective(unit, targets)
     w_o = unit.weight.detach().float()
-    s, z = grid._bcast(grid.scale, w_o), grid._bcast(grid.zero_point, w_o).float()
+    s, z = (t.float() for t in grid.expand(w_o))
     u = torch.zeros_like(w_o) if start is None else (start.float() - z) - w_o / s  # W/s + u lands on start - z
     u.requires_grad_(True)
     learn_act = obj.fq is not None and cfg.act_lr > 0

@@ -82,8 +82,7 @@ def quantguard(unit: Unit, data: UnitData, cfg: QuantGuardConfig) -> UnitResult:
     x, tgt = torch.cat(xs), torch.cat(ts)  # (N, K), (N, O)
     t0 = time.perf_counter()
     grid, w = unit.grid, unit.weight.detach().float()
-    s, z = (t.float() for t in grid.expand(w)) if grid.per_group else \
-        (grid._bcast(grid.scale, w).float(), grid._bcast(grid.zero_point, w).float())
+    s, z = (t.float() for t in grid.expand(w))
     base = torch.floor(w / s)
     frac = (w / s - base).clamp(1e-4, 1 - 1e-4)
     err = 2 * (w / s - torch.round(w / s)).abs()  # normalised truncation error in [0, 1]

@@ -75,7 +75,8 @@ def export(model: nn.Module, example_inputs, path: str | Path, *, validate: bool
     return path
 
 
-def _first_line(e: Exception) -> str:
+def _last_line(e: Exception) -> str:
+    """The exception's last message line (where ORT puts the reason), at most 300 characters."""
     text = str(e).strip()
     return (text.splitlines()[-1] if text else type(e).__name__)[:300]
 
@@ -120,7 +121,7 @@ def _validate(model: nn.Module, x: torch.Tensor, path: Path, atol: float | None,
     try:
         sess = session(str(path))
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise ExportMismatchError(f"{shown}: onnxruntime cannot load the exported file ({_first_line(e)}); nothing "
+        raise ExportMismatchError(f"{shown}: onnxruntime cannot load the exported file ({_last_line(e)}); nothing "
                                   "was written. Try another opset or report the model") from e
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     if got.shape != ref.shape:

@@ -15,7 +15,7 @@ def _require():
         raise ImportError("the ONNX features need onnx and onnxruntime: pip install 'qcb-ptq-plugin[onnx]'") from e
 
 
-def session(model, threads: int | None = None):
+def session(model):
     """An onnxruntime CPU session with exact integer arithmetic.
 
     ``session.x64quantprecision=1`` makes x64 CPUs without VNNI use the precise u8s8 kernels
@@ -28,14 +28,12 @@ def session(model, threads: int | None = None):
     # no spinning after a run: the pass computes in torch between runs, on the same cores
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
     src = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
     return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 
 
 class OrtModel:
-    """Callable wrapper: numpy/torch batch in, torch logits out (for qcb_ptq_plugin.metrics)."""
+    """Callable wrapper: numpy/torch batch in, torch logits out (for qcb_ptq_plugin.evalkit.metrics)."""
 
     def __init__(self, model) -> None:
         self.sess = session(model)
