@@ -88,15 +88,26 @@ def write_package_config(path: str | Path) -> Path:
 
 
 def _weight_range(qmodel: onnx.ModelProto) -> tuple[int, int]:
-    """ORT's range for the weight integers it wrote: symmetric narrow for signed types (its
-    ``WeightSymmetric`` default, -127..127 at 8 bits), the full range for unsigned ones."""
-    consumers = {i for n in qmodel.graph.node if n.op_type == "DequantizeLinear" for i in n.input[:1]}
-    for init in qmodel.graph.initializer:
-        if init.name in consumers and init.data_type in _INT_TYPES:
-            bits, signed = _INT_TYPES[init.data_type]
-            return (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    raise ValueError("the model has no integer weight initializer: place QCBPurify after OnnxStaticQuantization "
-                     "(quant_format QDQ)")
+    """ORT's range for the weight integers it wrote. Unsigned types: the full range. Signed types:
+    symmetric narrow (its ``WeightSymmetric`` default, -127..127 at 8 bits), unless the model shows
+    asymmetric weights (``WeightSymmetric=False``: a nonzero weight zero point, or the type's
+    minimum among the integers), then the full range (-128..127)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in qmodel.graph.initializer}
+    weights = [n for n in qmodel.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+               and inits[n.input[0]].data_type in _INT_TYPES]
+    if not weights:
+        raise ValueError("the model has no integer weight initializer: place QCBPurify after OnnxStaticQuantization "
+                         "(quant_format QDQ)")
+    bits, signed = _INT_TYPES[inits[weights[0].input[0]].data_type]
+    if not signed:
+        return 0, 2**bits - 1
+    for n in weights:
+        zp = numpy_helper.to_array(inits[n.input[2]]) if len(n.input) > 2 and n.input[2] in inits else 0
+        if np.any(zp != 0) or numpy_helper.to_array(inits[n.input[0]]).min() == -(2 ** (bits - 1)):
+            return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
 
 
 _INT_TYPES = {onnx.TensorProto.INT8: (8, True), onnx.TensorProto.UINT8: (8, False), onnx.TensorProto.INT4: (4, True),

@@ -177,8 +177,11 @@ def _discover(fp, qmodel, q_vals: dict[str, np.ndarray], qmin: int, qmax: int) -
         q_ort = q_stored.astype(np.int64)
         mismatch = (grid.quantize(w_o) != torch.from_numpy(q_ort.T.copy() if transpose else q_ort)).float().mean().item()
         if mismatch > 1e-3:
-            raise RuntimeError(f"'{node.name}': could not reproduce ORT's weight grid ({mismatch:.2%} of integers "
-                               "differ); please report this with your ORT version and quantization arguments")
+            raise RuntimeError(f"'{node.name}': could not reproduce ORT's weight grid with integers in [{qmin}, "
+                               f"{qmax}] ({mismatch:.2%} of integers differ). If the model was quantized with another "
+                               "weight range (e.g. extra_options WeightSymmetric=False: -128..127 for int8), pass "
+                               "that range (quantize_static reads it from extra_options; Olive: weight_range); "
+                               "otherwise please report this with your ORT version and quantization arguments")
         sites.append(_Site(node.name, node.input[0], fnode.input[0], layer, _bn_after(fp.graph, fnode, fp_vals, w.ndim - 2), grid,
                            _Initializer(init, transpose, q_stored.dtype)))
     return sites, unsupported

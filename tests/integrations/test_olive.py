@@ -78,3 +78,23 @@ def test_olive_static_quantization_exposes_and_qcb_purify_removes_the_qcb(work, 
     assert any(not np.array_equal(plain_ints[k], ints[k]) for k in ints)
     assert_exposed_then_removed(qcb_w8_narrow, qonnx.OrtModel(str(next(plain_dir.glob("*.onnx")))),
                                 qonnx.OrtModel(str(model_file)), digits)
+
+
+@pytest.mark.parametrize("symmetric, expected", [(True, (-127, 127)), (False, (-128, 127))])
+def test_weight_range_follows_weight_symmetric(work, digits, tmp_path, symmetric, expected):
+    """QCBPurify reads ORT's weight range off the model: narrow when symmetric, full when
+    ``WeightSymmetric=False`` (ORT honours it for per-tensor weights; per-channel ones stay
+    symmetric), and the adapter reproduces ORT's integers with that range."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from qcb_ptq_plugin.adapters import ort
+    from qcb_ptq_plugin.onnx._feeds import Replay
+
+    fp, out = work / "model.fp32.onnx", tmp_path / "q.onnx"
+    feeds = [{"input": digits.calibration(64, seed=1).numpy()}]
+    quantize_static(str(fp), str(out), Replay(feeds), quant_format=QuantFormat.QDQ, per_channel=False,
+                    weight_type=QuantType.QInt8, extra_options={"WeightSymmetric": symmetric})
+    q = onnx.load(str(out))
+    assert qcb_olive._weight_range(q) == expected
+    assert len(ort.plan(onnx.load(str(fp)), q, *expected).units) == 4
