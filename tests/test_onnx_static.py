@@ -162,6 +162,45 @@ def test_staged_capture_equals_whole_graph_runs(fp32_onnx, calib, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(codes_s, codes_w))
 
 
+class _TwoHeads(torch.nn.Module):
+    """Two Linears read the same tensor: one FP32 input shared by two units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.a, self.b = torch.nn.Linear(64, 16), torch.nn.Linear(16, 10), torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x.flatten(1)))
+        return self.a(h) + self.b(h)
+
+
+def test_shared_fp32_input_is_served_to_each_unit_then_freed(calib, tmp_path):
+    from qcb_ptq_plugin import _pass, get_method
+    from qcb_ptq_plugin.adapters import ort as ort_adapter
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_TwoHeads().eval(), (torch.from_numpy(calib[:1]),), str(tmp_path / "fp.onnx"), dynamo=False,
+                          opset_version=21, input_names=["input"], dynamic_axes={"input": {0: "batch"}})
+    ort_quantize_static(str(tmp_path / "fp.onnx"), str(tmp_path / "q.onnx"), Reader(calib), **ORT_W4A8)
+    plan = ort_adapter.plan(onnx.load(str(tmp_path / "fp.onnx")), onnx.load(str(tmp_path / "q.onnx")), -8, 7)
+    capture, seen = plan.capture, {}
+    shared = [u.name for u in plan.units if capture.inputs[u.name][1] == capture.inputs[plan.units[-1].name][1]]
+    assert len(plan.units) == 3 and len(shared) == 2
+
+    def recording(unit, feed):
+        i_q, i_fp = capture(unit, feed)
+        seen.setdefault(unit.name, []).append(i_fp)
+        return i_q, i_fp
+
+    feeds = [{"input": calib[i : i + 64]} for i in range(0, 128, 64)]
+    _pass.run(plan.units, recording, feeds, get_method("rtn"), qcb_ptq_plugin.MethodConfig(progress=False))
+    for a, b in zip(*(seen[n] for n in shared)):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()  # the same values, each unit its own array
+    assert capture._cache == {} and capture._bytes == 0  # nothing left behind for later units
+
+
 def test_input_range_read_from_the_quantized_graph(fp32_onnx, calib, tmp_path, caplog):
     """The ORT adapter reads the range calibration recorded at the input (its QuantizeLinear), so
     purifying with data of another scale (images x255 after calibrating on 0..1) is named."""

@@ -216,6 +216,7 @@ class _OnnxCapture:
         self._cache: dict[tuple[str, int], np.ndarray] = {}  # (fp tensor, id(feed)) -> I^fp
         self._filled: set[int] = set()  # id(feed) of batches whose FP32 run is done
         self._bytes = 0
+        self._users: dict[tuple[str, int], int] = {}  # cached keys shared by several units: askers left
         self._keep: list = []  # feeds whose ids key the cache, kept alive
 
     def invalidate(self, unit_name: str | None = None) -> None:
@@ -234,12 +235,14 @@ class _OnnxCapture:
                     self._cache[(n, id(feed))] = v
                     self._bytes += v.nbytes
         if key in self._cache:
-            # later units of the same input (shared FP32 tensor) may still ask: count users
-            users = sum(1 for _, f in self.inputs.values() if f == fp_name)
-            if users <= 1:
+            # units sharing this FP32 tensor ask once each: copies until the last one, which takes it
+            left = self._users.get(key, sum(1 for _, f in self.inputs.values() if f == fp_name)) - 1
+            if left <= 0:
+                self._users.pop(key, None)
                 v = self._cache.pop(key)
                 self._bytes -= v.nbytes
                 return v
+            self._users[key] = left
             return self._cache[key].copy()  # the callers get their own array to wrap
         (v,) = self.fp.run([fp_name], feed)
         return v
