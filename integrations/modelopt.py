@@ -41,7 +41,7 @@ from torch import nn
 from qcb_ptq_plugin import _pass
 from qcb_ptq_plugin._data import as_batches, device_of
 from qcb_ptq_plugin.adapters._capture import ModuleCapture
-from qcb_ptq_plugin.adapters._common import Plan, execution_order, following_bn
+from qcb_ptq_plugin.adapters._common import Plan, execution_order, following_bn, weight_writer
 from qcb_ptq_plugin.grid import WeightGrid
 from qcb_ptq_plugin.methods import DEFAULT_METHOD, get_method
 from qcb_ptq_plugin.report import PurifyReport
@@ -182,13 +182,9 @@ def plan(model: nn.Module, float_model: nn.Module, example: torch.Tensor) -> Pla
             continue
         LayerOp.from_module(layer)  # raises on unsupported layer flavours
 
-        def write(w, _p=layer.weight):
-            with torch.no_grad():
-                _p.copy_(w)
-
         units.append(Unit(name=name, layer=layer, fp_layer=fp_layer, weight=layer.weight.detach().clone(),
                           bias=None if layer.bias is None else layer.bias.detach().clone(), grid=_grid(name, wq),
-                          write=write, bn=following_bn(fp_layer, order)))
+                          write=weight_writer(layer.weight), bn=following_bn(fp_layer, order)))
     if not units:
         raise ValueError("no quantized Conv/Linear layer found: the config enables no weight_quantizer of a "
                          "Linear/Conv1d/Conv2d (e.g. use mtq.INT8_DEFAULT_CFG)")

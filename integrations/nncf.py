@@ -137,8 +137,8 @@ def _fx_plan(quantized, model, example):
     import torch
 
     from qcb_ptq_plugin.adapters._capture import ModuleCapture
-    from qcb_ptq_plugin.adapters._common import Plan, execution_order
-    from qcb_ptq_plugin.adapters.pt2e import _get, _Tap
+    from qcb_ptq_plugin.adapters._common import Plan
+    from qcb_ptq_plugin.adapters._graph import get_attr, in_execution_order, tap_inputs
     from qcb_ptq_plugin.units import Unit
 
     float_model = copy.deepcopy(model).eval()
@@ -147,27 +147,22 @@ def _fx_plan(quantized, model, example):
     nodes = {n.name: n for n in simulator.graph.nodes}
     units = []
     for i, site in enumerate(sites):
-        tap_name = f"qcb_tap_{i}"
-        simulator.add_module(tap_name, _Tap())
-        node = nodes[site.node]
-        with simulator.graph.inserting_before(node):
-            node.update_arg(0, simulator.graph.call_module(tap_name, (node.args[0],)))
+        tap = tap_inputs(simulator, f"qcb_tap_{i}", [nodes[site.node]])
 
-        def write(w, _stored=_get(simulator, site.target), _grid=site.grid):
+        def write(w, _stored=get_attr(simulator, site.target), _grid=site.grid):
             with torch.no_grad():
                 _stored.copy_(_grid.quantize(w).to(_stored.dtype))
 
-        units.append(Unit(name=site.name, layer=simulator.get_submodule(tap_name), fp_layer=site.fp_layer,
+        units.append(Unit(name=site.name, layer=tap, fp_layer=site.fp_layer,
                           weight=site.weight, bias=site.bias, grid=site.grid, write=write, bn=site.bn))
     simulator.recompile()
-    rank = {id(mod): r for r, mod in enumerate(execution_order(simulator, example))}
-    order = sorted(range(len(units)), key=lambda i: rank.get(id(units[i].layer), 1 << 30))
+    order = in_execution_order(units, simulator, example)
     sites, units = [sites[i] for i in order], [units[i] for i in order]
 
     def commit(codes):
         with torch.no_grad():
             for site, q in zip(sites, codes):
-                stored = _get(quantized, site.target)
+                stored = get_attr(quantized, site.target)
                 stored.copy_(q.to(stored.dtype))
 
     return Plan(units=units, capture=ModuleCapture(simulator, float_model, units), commit=commit)
@@ -191,20 +186,20 @@ def _fx_sites(quantized, float_model, example) -> list[_FxSite]:
     import torch
 
     from qcb_ptq_plugin.adapters._common import execution_order, fold_bn, following_bn
-    from qcb_ptq_plugin.adapters.pt2e import _CONV, _LINEAR, _attr
+    from qcb_ptq_plugin.adapters._graph import CONV_OPS, LINEAR_OP, attr_value
     from qcb_ptq_plugin.grid import WeightGrid
 
     aten = torch.ops.aten
     modules, order = dict(float_model.named_modules()), execution_order(float_model, example)
     sites = []
     for node in quantized.graph.nodes:
-        if node.op != "call_function" or (node.target not in _CONV and node.target != _LINEAR):
+        if node.op != "call_function" or (node.target not in CONV_OPS and node.target != LINEAR_OP):
             continue
         sub = node.args[1]
         mul = sub.args[0] if getattr(sub, "target", None) == aten.sub.Tensor else None
         if getattr(mul, "target", None) != aten.mul.Tensor:
             continue  # a weight NNCF left in float
-        q_stored, scale, zp = _attr(quantized, mul.args[0]), _attr(quantized, mul.args[1]), _attr(quantized, sub.args[1])
+        q_stored, scale, zp = attr_value(quantized, mul.args[0]), attr_value(quantized, mul.args[1]), attr_value(quantized, sub.args[1])
         if q_stored is None or q_stored.dtype != torch.int8 or scale is None:
             continue
         stack = list(node.meta.get("nn_module_stack", {}).values())

@@ -57,6 +57,16 @@ class FrozenQuant(nn.Module):
         return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis, self.qmin, self.qmax)
 
 
+def weight_writer(param: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    """A unit's ``write``: copy the chosen (fake-quantized) weight into ``param`` in place."""
+
+    def write(w: torch.Tensor) -> None:
+        with torch.no_grad():
+            param.copy_(w)
+
+    return write
+
+
 def torchao_observer_base() -> type | None:
     """torchao's observer base class (PT2E has its own copy of torch.ao's), or None without torchao.
 

@@ -31,14 +31,10 @@ from ..grid import WeightGrid
 from ..units import LayerOp, Unit, Unsupported, float_bn, float_layer
 from ._capture import ModuleCapture
 from ._common import (Plan, execution_order, following_bn, freeze_observers, input_observer_range, is_aten_graph,
-                      match_float_layer, output_observer, pin_activation_scales, torchao_observer_base)
+                      match_float_layer, output_observer, pin_activation_scales, torchao_observer_base, weight_writer)
+from ._graph import CONV_OPS, LINEAR_OP, attr_value, get_attr, in_execution_order, tap_inputs
 
 log = logging.getLogger(__name__)
-
-# every overload: ``.padding`` takes padding="same"/"valid" (nn.Conv2d(padding="same") exports to it)
-_CONV = {torch.ops.aten.conv1d.default: nn.Conv1d, torch.ops.aten.conv1d.padding: nn.Conv1d,
-         torch.ops.aten.conv2d.default: nn.Conv2d, torch.ops.aten.conv2d.padding: nn.Conv2d}
-_LINEAR = torch.ops.aten.linear.default
 
 
 def matches(prepared: nn.Module) -> bool:
@@ -56,10 +52,6 @@ def matches(prepared: nn.Module) -> bool:
 
 def mode_of(prepared: nn.Module) -> str:
     return "pt2e"
-
-
-class _Tap(nn.Identity):
-    """Marks a quantized layer's input in the simulator graph (the capture hooks it)."""
 
 
 def _ignore_new_data(x):
@@ -106,15 +98,6 @@ def _layer_kwargs(node) -> dict:
     return dict(stride=a[3] or 1, padding=a[4] or 0, dilation=a[5] or 1, groups=a[6] or 1)
 
 
-def _get(gm: nn.Module, target: str) -> torch.Tensor:
-    """A get_attr target (dotted path to a parameter, buffer or constant)."""
-    return functools.reduce(getattr, target.split("."), gm)
-
-
-def _attr(gm: GraphModule, node):
-    return _get(gm, node.target) if getattr(node, "op", None) == "get_attr" else None
-
-
 def _exported_float_side(float_gm: GraphModule) -> tuple[GraphModule, dict[str, tuple]]:
     """A float model given as an exported graph (``.pt2``): tap its layer inputs and rebuild the
     float Conv/Linear and BatchNorm modules the algorithm needs. Returns (tapped copy,
@@ -122,25 +105,20 @@ def _exported_float_side(float_gm: GraphModule) -> tuple[GraphModule, dict[str, 
     gm = copy.deepcopy(float_gm)
     side, taps = {}, {}
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or (node.target not in _CONV and node.target != _LINEAR):
+        if node.op != "call_function" or (node.target not in CONV_OPS and node.target != LINEAR_OP):
             continue
         stack = list(node.meta.get("nn_module_stack", {}).values())
-        w, b = _attr(gm, node.args[1]), _attr(gm, node.args[2]) if len(node.args) > 2 else None
+        w, b = attr_value(gm, node.args[1]), attr_value(gm, node.args[2]) if len(node.args) > 2 else None
         if not stack or w is None:
             continue
-        layer = float_layer(w, b, **({} if node.target == _LINEAR else _layer_kwargs(node)))
+        layer = float_layer(w, b, **({} if node.target == LINEAR_OP else _layer_kwargs(node)))
         bn, users = None, list(node.users)
         if len(users) == 1 and users[0].target == torch.ops.aten.batch_norm.default:
             a = users[0].args  # (x, weight, bias, running_mean, running_var, training, momentum, eps, ...)
-            bn = float_bn(*(_attr(gm, arg) for arg in a[1:5]), eps=a[7], spatial_dims=w.dim() - 2)
+            bn = float_bn(*(attr_value(gm, arg) for arg in a[1:5]), eps=a[7], spatial_dims=w.dim() - 2)
         path = stack[-1][0]
-        tap_name = taps.setdefault(path, f"qcb_fp_tap_{len(taps)}")  # a shared module: one tap, every call
-        if not hasattr(gm, tap_name):
-            gm.add_module(tap_name, _Tap())
-        with gm.graph.inserting_before(node):
-            tap = gm.graph.call_module(tap_name, (node.args[0],))
-        node.update_arg(0, tap)
-        side.setdefault(path, (layer, bn, gm.get_submodule(tap_name)))
+        tap = tap_inputs(gm, taps.setdefault(path, f"qcb_fp_tap_{len(taps)}"), [node])  # shared module: one tap
+        side.setdefault(path, (layer, bn, tap))
     gm.recompile()
     return gm, side
 
@@ -168,8 +146,7 @@ def plan(prepared: GraphModule, float_model: nn.Module, example: torch.Tensor) -
         float_model, exported_side = _exported_float_side(float_model)
     sites, unsupported = _discover(prepared, float_model, example, exported_side)
     simulator, units = _simulate(prepared, sites)
-    rank = {id(m): i for i, m in enumerate(execution_order(simulator, example))}  # purify in execution order
-    order = sorted(range(len(units)), key=lambda i: rank.get(id(units[i].layer), 1 << 30))
+    order = in_execution_order(units, simulator, example)  # purify in execution order
     sites, units = [sites[i] for i in order], [units[i] for i in order]
     fp_points = {u.name: exported_side[u.name][2] for u in units} if exported_side is not None else None
     return Plan(units=units, capture=ModuleCapture(simulator, float_model, units, fp_points=fp_points),
@@ -197,7 +174,7 @@ def _discover(prepared: GraphModule, float_model: nn.Module, example: torch.Tens
         w_node, obs_node = found
         stack = list(node.meta.get("nn_module_stack", {}).values())
         fp_name = stack[-1][0] if stack else None
-        if node.target not in _CONV and node.target != _LINEAR:
+        if node.target not in CONV_OPS and node.target != LINEAR_OP:
             unsupported.append(Unsupported(fp_name or node.name, str(node.target),
                                            "LAC supports linear, conv1d and conv2d (any overload)"))
             continue
@@ -222,13 +199,13 @@ def _discover(prepared: GraphModule, float_model: nn.Module, example: torch.Tens
         except NotImplementedError as e:
             unsupported.append(Unsupported(fp_name, str(node.target), str(e)))
             continue
-        weight = _get(prepared, w_node.target)
+        weight = get_attr(prepared, w_node.target)
         users = list(node.users)
         sites[w_node.target] = _Site(
             nodes=[node.name], name=fp_name, weight_target=w_node.target, observer_targets=[obs_node.target],
             fp_layer=fp_layer, bn=match_float_layer(fp_name, weight, fp_layer, fp_bn),
             grid=WeightGrid.from_observer(prepared.get_submodule(obs_node.target)), weight=weight,
-            bias=_attr(prepared, node.args[2]) if len(node.args) > 2 else None,
+            bias=attr_value(prepared, node.args[2]) if len(node.args) > 2 else None,
             relu=len(users) == 1 and users[0].target in (torch.ops.aten.relu.default, torch.ops.aten.relu_.default))
     if not sites and not unsupported:
         raise ValueError("no quantized Conv/Linear layer found in the prepared model; check the quantizer's config "
@@ -243,25 +220,16 @@ def _simulate(prepared: GraphModule, sites: list[_Site]) -> tuple[GraphModule, l
     sim_nodes = {n.name: n for n in simulator.graph.nodes}
     units = []
     for i, site in enumerate(sites):
-        tap_name = f"qcb_tap_{i}"
-        simulator.add_module(tap_name, _Tap())
-        for node_name in site.nodes:  # one tap module at every call site: the capture reads them all
-            sim_node = sim_nodes[node_name]
-            with simulator.graph.inserting_before(sim_node):
-                tap = simulator.graph.call_module(tap_name, (sim_node.args[0],))
-            sim_node.update_arg(0, tap)
-        sim_w = _get(simulator, site.weight_target)
+        # one tap module at every call site: the capture reads them all
+        tap = tap_inputs(simulator, f"qcb_tap_{i}", [sim_nodes[n] for n in site.nodes])
+        sim_w = get_attr(simulator, site.weight_target)
         with torch.no_grad():
             sim_w.copy_(site.grid.fake_quantize(site.weight))
 
-        def write(w, _p=sim_w):
-            with torch.no_grad():
-                _p.copy_(w)
-
-        units.append(Unit(name=site.name, layer=simulator.get_submodule(tap_name), fp_layer=site.fp_layer,
+        units.append(Unit(name=site.name, layer=tap, fp_layer=site.fp_layer,
                           weight=site.weight.detach().clone(),
                           bias=None if site.bias is None else site.bias.detach().clone(),
-                          grid=site.grid, write=write, bn=site.bn, activation=torch.relu if site.relu else None))
+                          grid=site.grid, write=weight_writer(sim_w), bn=site.bn, activation=torch.relu if site.relu else None))
         if len(site.nodes) == 1:  # a module called once: its output has one observer
             site.out_observer = output_observer(prepared, site.nodes[0])[0]
     simulator.recompile()

@@ -37,7 +37,7 @@ from ..grid import WeightGrid
 from ..units import LayerOp, Unit, Unsupported
 from ._capture import ModuleCapture
 from ._common import (Plan, execution_order, following_bn, freeze_observers, input_observer_range, is_aten_graph,
-                      match_float_layer, output_observer, pin_activation_scales)
+                      match_float_layer, output_observer, pin_activation_scales, weight_writer)
 
 log = logging.getLogger(__name__)
 
@@ -220,14 +220,10 @@ def _simulate(prepared: nn.Module, sites: list[_Site], unsupported: list[str] = 
         with torch.no_grad():
             w_sim.copy_(site.grid.fake_quantize(layer.weight))
 
-        def write(w, _p=w_sim):
-            with torch.no_grad():
-                _p.copy_(w)
-
         units.append(Unit(name=site.name, layer=sim_modules[site.name], fp_layer=site.fp_layer,
                           weight=layer.weight.detach().clone(),
                           bias=None if layer.bias is None else layer.bias.detach().clone(),
-                          grid=site.grid, write=write, bn=site.bn, activation=_activation(site.module)))
+                          grid=site.grid, write=weight_writer(w_sim), bn=site.bn, activation=_activation(site.module)))
         site.out_observer, relu = output_observer(prepared, site.name)  # its output quantizer (activation scale)
         if site.out_observer is not None:
             units[-1].out_quant = simulator.get_submodule(site.out_observer)

@@ -59,7 +59,7 @@ from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor 
 from ..grid import WeightGrid
 from ..units import Unit
 from ._capture import ModuleCapture
-from ._common import Plan, execution_order
+from ._common import Plan, execution_order, weight_writer
 
 log = logging.getLogger(__name__)
 
@@ -187,13 +187,9 @@ def plan(model: nn.Module, float_model: nn.Module, example: torch.Tensor, config
         if info.act_quant is not None:  # dynamic activations: the kernel quantizes the input per token
             sim_layer.register_forward_pre_hook(lambda _m, args, _f=info.act_quant: (_f(args[0]), *args[1:]))
 
-        def write(w, _p=sim_layer.weight):
-            with torch.no_grad():
-                _p.copy_(w)
-
         units.append(Unit(name=name, layer=sim_layer, fp_layer=fp_layer, weight=fp_layer.weight.detach().clone(),
                           bias=None if fp_layer.bias is None else fp_layer.bias.detach().clone(),
-                          grid=info.grid, write=write))
+                          grid=info.grid, write=weight_writer(sim_layer.weight)))
     stats: dict = {}
     commit = functools.partial(_commit, model, config, filter_fn, units, stats)
     return Plan(units=units, capture=ModuleCapture(simulator, float_model, units), commit=commit), stats
