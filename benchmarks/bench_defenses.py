@@ -95,11 +95,16 @@ def _plant_model(kind: str, split, bits: int, trigger, args, cache: dict) -> tor
                                     restricted=GRID_AWARE[kind])
 
 
+#: the release's regulariser, 0.01 sum(1 - |2h - 1|^2) at every step (the defaults before the annealed one used it)
+_CONST_REG = dict(reg_schedule="const", reg_weight=0.01)
 #: extra rows: a plugin method with one setting changed (``--methods efrap-flip1``)
 VARIANTS = {
-    "efrap-flip1": ("efrap", "efrap (weight units, flip 1.0)", dict(balance="weight", flip_weight=1.0)),  # the release's
-    "efrap-weight2": ("efrap", "efrap (weight units, flip 2.0)", dict(balance="weight", flip_weight=2.0)),  # old default
-    "efrap-noflip": ("efrap", "efrap (flip 0)", dict(flip_weight=0.0)),  # ablation: activation term and regulariser only
+    # the release's flip weight in its units; the first default (weight units, flip 2.0); the second (LSB units,
+    # flip 3.0, the release's constant regulariser); the ablation (activation term and regulariser only)
+    "efrap-flip1": ("efrap", "efrap (weight units, flip 1.0)", dict(balance="weight", flip_weight=1.0, **_CONST_REG)),
+    "efrap-weight2": ("efrap", "efrap (weight units, flip 2.0)", dict(balance="weight", flip_weight=2.0, **_CONST_REG)),
+    "efrap-const": ("efrap", "efrap (constant reg 0.01)", dict(**_CONST_REG)),
+    "efrap-noflip": ("efrap", "efrap (flip 0)", dict(flip_weight=0.0)),
 }
 
 

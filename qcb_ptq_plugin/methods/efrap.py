@@ -105,11 +105,16 @@ class EfrapConfig(MethodConfig):
         lr: Adam learning rate on V, in logits (release: 1e-3 with 10000 steps).
         flip_weight: weight of the error-guided flip term (release: 1.0 in weight units; default
             3.0 in LSB units, see the module docstring).
-        reg_weight: weight of the rounding regulariser sum(1 - |2h - 1|^2) (release: 0.01).
+        reg_weight: weight of the rounding regulariser sum(1 - |2h - 1|^beta) (release: 0.01 with
+            beta = 2 throughout; default 10 with ``reg_schedule="anneal"``).
         balance: "lsb" (default): the activation term of each output row divided by
             s^2 mean(diag H) and the truncation error in LSB, so the balance does not depend on
             the bit width, the layer or the model's scale; "weight": both in weight units, as
             released (BN-folded units where a BN follows the unit unfolded).
+        reg_schedule: "anneal" (default): AdaRound's schedule, no regulariser for the first 20% of
+            the steps, then beta annealed linearly from 20 to 2, so every h ends at 0 or 1 and the
+            hard rounding is the point the loss was minimised at; "const": beta = 2 and the same
+            weight at every step, as released.
 
     Shared settings (``batch_size``, ``num_samples``, ``seed``, ``progress``): :class:`MethodConfig`.
     """
@@ -117,8 +122,9 @@ class EfrapConfig(MethodConfig):
     steps: int = 500
     lr: float = 2e-2
     flip_weight: float = 3.0
-    reg_weight: float = 0.01
+    reg_weight: float = 10.0
     balance: str = "lsb"
+    reg_schedule: str = "anneal"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,11 +133,15 @@ class EfrapConfig(MethodConfig):
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.balance not in ("lsb", "weight"):
             raise ValueError(f"balance={self.balance!r}: use 'lsb' (per-layer grid units) or 'weight' (as released)")
+        if self.reg_schedule not in ("anneal", "const"):
+            raise ValueError(f"reg_schedule={self.reg_schedule!r}: use 'anneal' (AdaRound's) or 'const' (as released)")
 
     @classmethod
     def paper(cls, **overrides) -> EfrapConfig:
-        """The release's settings: 10000 Adam steps at lr 1e-3 per unit, flip weight 1.0 in weight units."""
-        return cls(**{"steps": 10000, "lr": 1e-3, "flip_weight": 1.0, "balance": "weight", **overrides})
+        """The release's settings: 10000 Adam steps at lr 1e-3 per unit, flip weight 1.0 in weight units,
+        regulariser 0.01 sum(1 - |2h - 1|^2) at every step."""
+        return cls(**{"steps": 10000, "lr": 1e-3, "flip_weight": 1.0, "balance": "weight", "reg_schedule": "const",
+                      "reg_weight": 0.01, **overrides})
 
 
 _LOGIT_CLIP = 1e-4  # frac(W/s) = 0 would start V at -inf; start it at logit(1e-4) instead
@@ -142,7 +152,8 @@ class _Terms:
     """EFRAP's loss over V and its gradient in closed form (no autograd graph per step).
 
     With h = sigmoid(V) and W(V) = s (clip(floor + h + z, n, p) - z):
-    dL/dV = h (1 - h) [ 2 s r (W(V) H - C) 1[in range] + flip_w alpha dBCE/dh - 4 reg_w (2h - 1) ],
+    dL/dV = h (1 - h) [ 2 s r (W(V) H - C) 1[in range] + flip_w alpha dBCE/dh - 2 beta reg_w |u|^(beta-1) sign(u) ],
+    u = 2h - 1,
     r the row weight of the activation term (1, or g^2 where a BatchNorm of gain g follows unfolded).
     """
 
@@ -158,6 +169,7 @@ class _Terms:
     flip_weight: float
     reg_weight: float
     row_weight: torch.Tensor | float = 1.0  # per output row, (G, O/G, 1): the BN gain g^2 where BN is not folded
+    beta: float = 2.0  # exponent of the regulariser sum(1 - |2h - 1|^beta)
 
     def _soft(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = torch.sigmoid(v)
@@ -170,15 +182,35 @@ class _Terms:
         h, w_v, _ = self._soft(v)
         act = (self.row_weight * ((torch.bmm(w_v, self.H) - 2 * self.C) * w_v)).sum()
         bce = -(self.flip_to * torch.log(h + 1e-8) + (1 - self.flip_to) * torch.log(1 - h + 1e-8))
-        return act, (self.alpha * bce).sum(), (1 - (2 * h - 1).pow(2)).sum()
+        return act, (self.alpha * bce).sum(), (1 - (2 * h - 1).abs().pow(self.beta)).sum()
 
     def grad(self, v: torch.Tensor) -> torch.Tensor:
         """d(act + flip_weight flip + reg_weight reg)/dV."""
         h, w_v, inside = self._soft(v)
         d_act = 2 * self.s * self.row_weight * (torch.bmm(w_v, self.H) - self.C) * inside
         d_bce = -self.flip_to / (h + 1e-8) + (1 - self.flip_to) / (1 - h + 1e-8)
-        d_reg = -4 * (2 * h - 1)
+        u = 2 * h - 1
+        d_reg = -2 * self.beta * u.abs().pow(self.beta - 1) * torch.sign(u)  # -4u at beta = 2
         return h * (1 - h) * (d_act + self.flip_weight * self.alpha * d_bce + self.reg_weight * d_reg)
+
+
+#: AdaRound's regulariser schedule (Nagel et al., ICML 2020): off for the first 20% of the steps, then
+#: the exponent beta of sum(1 - |2h - 1|^beta) annealed linearly from 20 to 2
+_WARMUP, _BETA = 0.2, (20.0, 2.0)
+
+
+def _optimise(terms: _Terms, v: torch.Tensor, cfg: EfrapConfig) -> torch.Tensor:
+    """Adam on V in place (``cfg.steps`` steps); with ``reg_schedule="anneal"`` the regulariser's
+    weight and exponent follow AdaRound's schedule, else they stay at ``cfg.reg_weight`` and 2."""
+    opt = torch.optim.Adam([v], lr=cfg.lr)
+    for step in range(cfg.steps):
+        if cfg.reg_schedule == "anneal":
+            r = (step / cfg.steps - _WARMUP) / (1 - _WARMUP)
+            terms.reg_weight = cfg.reg_weight if r >= 0 else 0.0
+            terms.beta = _BETA[0] + (_BETA[1] - _BETA[0]) * max(r, 0.0)
+        v.grad = terms.grad(v.detach())
+        opt.step()
+    return v
 
 
 def _unfolded_bn_gain(unit: Unit) -> torch.Tensor | None:
@@ -225,10 +257,7 @@ def efrap(unit: Unit, data: UnitData, cfg: EfrapConfig) -> UnitResult:
             alpha, row_weight = alpha * g.abs(), g * g  # (G, O/G, 1)
     terms = _Terms(floor, s, z, grid.qmin, grid.qmax, H, C, flip_to, alpha, cfg.flip_weight, cfg.reg_weight,
                    row_weight)
-    opt = torch.optim.Adam([v], lr=cfg.lr)
-    for step in range(cfg.steps):
-        v.grad = terms.grad(v.detach())
-        opt.step()
+    _optimise(terms, v, cfg)
     if cfg.steps:
         with torch.no_grad():
             act, flip, reg = terms.loss(v)
