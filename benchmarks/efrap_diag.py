@@ -1,12 +1,16 @@
 """EFRAP per-layer diagnostics and schedule variants on the bench's planted models (side script).
 
-    OMP_NUM_THREADS=1 python benchmarks/efrap_diag.py --seeds 3 --kinds grid-aware --bits 8 --variants default,noflip
+    OMP_NUM_THREADS=1 python benchmarks/efrap_diag.py --seeds 3,0 --layers
+    OMP_NUM_THREADS=1 python benchmarks/efrap_diag.py --seeds 0,1,2,3,4,5 --bits 8,4 --toolchains fx,ort --plain \
+        --kinds grid-aware,grid-aware-ort,pqbackdoor,clean \
+        --variants '{"w10": {}, "w30": {"reg_weight": 30}, "geo": {"geo": [0.01, 100]}}'
 
-For each variant (a dict of EfrapConfig overrides plus this script's own schedule knobs) it runs
-FX (and optionally ORT) PTQ with an instrumented copy of ``methods.efrap`` swapped into the
-registry and prints, per unit: weights flipped vs nearest, h still undecided at the end
+For each variant (EfrapConfig overrides, LSB balance) it runs FX (and ORT) PTQ with an
+instrumented copy of ``methods.efrap`` swapped into the registry (same terms, same optimiser
+loop) and prints BA / ASR with, per unit: weights flipped vs nearest, h still undecided at the end
 (0.1 < h < 0.9), the unit's relative output error D/t of nearest, of the soft W(V) at the end and
-of the hard rounding, and the share of flipped weights with a small truncation error; then BA / ASR.
+of the hard rounding, and flipped weights with a truncation error under 0.15 LSB. Used for the
+choice of the annealed regulariser (``methods/efrap.py``, ``benchmarks/results/defenses.md``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from qcb_ptq_plugin.methods import efrap as E  # noqa: E402
 from qcb_ptq_plugin.methods.rtn import unit_gram  # noqa: E402
 
 RECORDS: list[dict] = []
-KNOBS: dict = {}
+KNOBS: dict = {}  # "geo": [lo, hi], the one schedule the method itself does not have
 
 
 def _rel(w, H, C, t):
@@ -58,34 +62,16 @@ def efrap_diag(unit, data, cfg):
     row_weight = 1.0 / (s * s * kappa)
     terms = E._Terms(floor, s, z, grid.qmin, grid.qmax, H, C, flip_to, alpha, cfg.flip_weight, cfg.reg_weight,
                      row_weight)
-    opt = torch.optim.Adam([v], lr=cfg.lr)
-    sched = KNOBS.get("sched", "const")
-    warm = KNOBS.get("warmup", 0.2)
-    b_hi, b_lo = KNOBS.get("beta", (20.0, 2.0))
-    reg_w = KNOBS.get("reg_weight", cfg.reg_weight)
-    for step in range(cfg.steps):
-        if sched == "const":
+    if "geo" in KNOBS:  # beta 2 throughout, weight geometric from geo[0] to geo[1] after AdaRound's 20% warm-up
+        lo, hi = KNOBS["geo"]
+        opt = torch.optim.Adam([v], lr=cfg.lr)
+        for step in range(cfg.steps):
+            r = (step / cfg.steps - E._WARMUP) / (1 - E._WARMUP)
+            terms.reg_weight, terms.beta = (lo * (hi / lo) ** r if r >= 0 else 0.0), 2.0
             v.grad = terms.grad(v.detach())
-        else:  # AdaRound: no reg for `warm` of the steps, then |2h-1|^beta with beta annealed b_hi -> b_lo
-            vv = v.detach()
-            h, w_v, inside = terms._soft(vv)
-            d_act = 2 * s * row_weight * (torch.bmm(w_v, H) - C) * inside
-            d_bce = -flip_to / (h + 1e-8) + (1 - flip_to) / (1 - h + 1e-8)
-            g = d_act + cfg.flip_weight * alpha * d_bce
-            frac = step / max(cfg.steps, 1)
-            if frac >= warm:
-                r = (frac - warm) / (1 - warm)
-                lam = reg_w
-                if sched == "geo":  # beta 2, weight geometric reg_w[0] -> reg_w[1]
-                    beta, lam = 2.0, reg_w[0] * (reg_w[1] / reg_w[0]) ** r
-                elif sched == "cos":
-                    beta = b_lo + 0.5 * (b_hi - b_lo) * (1 + torch.cos(torch.tensor(r * torch.pi))).item()
-                else:
-                    beta = b_hi + (b_lo - b_hi) * r
-                u = (2 * h - 1)
-                g = g + lam * (-2 * beta * u.abs().clamp_min(1e-12).pow(beta - 1) * torch.sign(u))
-            v.grad = h * (1 - h) * g
-        opt.step()
+            opt.step()
+    else:  # the method's own loop: cfg.reg_schedule "anneal" (default) or "const" (the release's)
+        E._optimise(terms, v, cfg)
     with torch.no_grad():
         h = torch.sigmoid(v)
         soft = terms._soft(v)[1]
@@ -105,10 +91,13 @@ def efrap_diag(unit, data, cfg):
 
 
 def load(kind, bits, seed, cache_dir):
-    d = Path(cache_dir)
-    for name in (f"digits-{kind}-w{bits}-n20000-g32-seed{seed}.pt", f"digits-{kind}-w{bits}-n20000-g32-seed{seed}-779274b47ad7.pt"):
-        if (d / name).exists():
-            return torch.load(d / name, weights_only=False)
+    """A planted model from the bench's cache: the current key, or the names the seed 0-5 runs of
+    2026-11-24 stored them under (the key has hashed the attack kit's source since seed 5; planting
+    is deterministic at one thread, so any stored copy is the model the tables report)."""
+    stem = f"digits-{kind}-w{bits}-n20000-g32-seed{seed}"
+    for path in [Path(cache_dir) / f"{stem}.pt", *sorted(Path(cache_dir).glob(f"{stem}-*.pt"))]:
+        if path.exists():
+            return torch.load(path, weights_only=False)
     raise FileNotFoundError(f"{kind} w{bits} seed {seed}")
 
 
@@ -118,7 +107,8 @@ def main():
     p.add_argument("--kinds", default="grid-aware")
     p.add_argument("--bits", default="8")
     p.add_argument("--toolchains", default="fx")
-    p.add_argument("--variants", default='{"default": {}}', help="JSON {label: {cfg overrides + knobs}}")
+    p.add_argument("--variants", default='{"default": {}, "const": {"reg_schedule": "const", "reg_weight": 0.01}}',
+                   help='JSON {label: {EfrapConfig overrides}}; "geo": [lo, hi] ramps a beta-2 regulariser instead')
     p.add_argument("--plain", action="store_true", help="also plain PTQ rows")
     p.add_argument("--layers", action="store_true", help="print per-unit records")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "qcb-ptq" / "bench"))
@@ -140,28 +130,26 @@ def main():
                 if a.plain:
                     for tc in a.toolchains.split(","):
                         ba, asr, sec = bd.run_one(tcs[tc], model, split, calib, bits, trigger)
-                        print(json.dumps(dict(seed=seed, kind=kind, bits=bits, tc=tc, variant="plain", fp32=round(fp_ba, 2),
-                                              bar=round(fp_ba - 1, 2), ba=round(ba, 2), asr=round(asr, 2))), flush=True)
+                        print(json.dumps(dict(seed=seed, kind=kind, bits=bits, tc=tc, variant="plain",
+                                              fp32=round(fp_ba, 2), bar=round(fp_ba - 1, 2), ba=round(ba, 2),
+                                              asr=round(asr, 2))), flush=True)
                 for label, over in variants.items():
                     KNOBS.clear()
-                    KNOBS.update({k: v for k, v in over.items() if k in ("sched", "warmup", "beta", "reg_weight")})
-                    cfgo = {k: v for k, v in over.items() if k not in KNOBS}
-                    if "reg_weight" in over and over.get("sched", "const") == "const":
-                        cfgo["reg_weight"] = over["reg_weight"]
-                    cfg = E.EfrapConfig(progress=False, **cfgo)
+                    KNOBS.update({k: v for k, v in over.items() if k == "geo"})
+                    cfg = E.EfrapConfig(progress=False, **{k: v for k, v in over.items() if k != "geo"})
                     for tc in a.toolchains.split(","):
                         RECORDS.clear()
                         ba, asr, sec = bd.run_one(tcs[tc], model, split, calib, bits, trigger, "efrap", cfg)
                         tot = {k: sum(r[k] for r in RECORDS) for k in ("n", "flips", "flips_small", "undecided")}
-                        print(json.dumps(dict(seed=seed, kind=kind, bits=bits, tc=tc, variant=label, bar=round(fp_ba - 1, 2),
-                                              ba=round(ba, 2), asr=round(asr, 2), margin=round(ba - fp_ba + 1, 2),
-                                              s=round(sec, 1), **tot,
+                        print(json.dumps(dict(seed=seed, kind=kind, bits=bits, tc=tc, variant=label,
+                                              bar=round(fp_ba - 1, 2), ba=round(ba, 2), asr=round(asr, 2),
+                                              margin=round(ba - fp_ba + 1, 2), s=round(sec, 1), **tot,
                                               hard=[round(1e3 * r["rel_hard"], 2) for r in RECORDS],
                                               soft=[round(1e3 * r["rel_soft"], 2) for r in RECORDS])), flush=True)
                         if a.layers:
                             for r in RECORDS:
-                                print("   ", json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()}),
-                                      flush=True)
+                                print("   ", json.dumps({k: (round(v, 5) if isinstance(v, float) else v)
+                                                         for k, v in r.items()}), flush=True)
 
 
 if __name__ == "__main__":
