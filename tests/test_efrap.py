@@ -218,3 +218,11 @@ def test_closed_form_gradient_is_autograd_at_every_regulariser_exponent(beta):
     act, flip, reg = t.loss(v)
     (auto,) = torch.autograd.grad(act + 3.0 * flip + 10.0 * reg, v)
     assert torch.allclose(t.grad(v.detach()), auto, atol=1e-4, rtol=1e-4)
+
+
+def test_config_rejects_an_unknown_regulariser_schedule():
+    with pytest.raises(ValueError, match="reg_schedule"):
+        EfrapConfig(reg_schedule="cosine")
+    paper = EfrapConfig.paper()
+    assert (paper.reg_schedule, paper.reg_weight, paper.balance) == ("const", 0.01, "weight")
+    assert (EfrapConfig().reg_schedule, EfrapConfig().reg_weight) == ("anneal", 10.0)

@@ -127,7 +127,9 @@ class EfrapConfig(MethodConfig):
         flip_weight: weight of the error-guided flip term (release: 1.0 in weight units; default
             3.0 in LSB units, see the module docstring).
         reg_weight: weight of the rounding regulariser sum(1 - |2h - 1|^beta) (release: 0.01 with
-            beta = 2 throughout; default 10 with ``reg_schedule="anneal"``).
+            beta = 2 throughout; default 10 with ``reg_schedule="anneal"``). It is weighed against
+            the other terms in the units ``balance`` puts them in: 10 was chosen in LSB units; with
+            ``balance="weight"`` start from :meth:`paper` (constant 0.01) instead.
         balance: "lsb" (default): the activation term of each output row divided by
             s^2 mean(diag H) and the truncation error in LSB, so the balance does not depend on
             the bit width, the layer or the model's scale; "weight": both in weight units, as
