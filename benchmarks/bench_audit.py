@@ -54,7 +54,7 @@ SETTINGS = ((8, "per-channel"), (8, "per-tensor"), (4, "per-channel"), (4, "per-
 
 @dataclass(frozen=True)
 class Recipe:
-    arch: str  # smallcnn | mlp | transformer | resnet
+    arch: str  # smallcnn | lenet | mlp | transformer | resnet
     dataset: str  # digits | mnist | fashion-mnist
     kind: str  # clean | pqbackdoor | qu-anti-zation | adaptive | grid-aware8 | grid-aware4
     seed: int
@@ -115,7 +115,8 @@ def _recipes() -> list[Recipe]:
         ("resnet", "digits", "pqbackdoor", 70), ("mlp", "fashion-mnist", "pqbackdoor", 74),
         ("resnet", "digits", "qu-anti-zation", 71), ("mlp", "fashion-mnist", "grid-aware4", 76),
         ("resnet", "digits", "pqbackdoor", 73), ("resnet", "digits", "grid-aware8", 72))]
-    return cal + _interleave(_interleave(planted, clean), _interleave(planted_h, clean_h)) + _fresh() + _fresh2()
+    return (cal + _interleave(_interleave(planted, clean), _interleave(planted_h, clean_h)) + _fresh() + _fresh2()
+            + _fresh3())
 
 
 def _fresh() -> list[Recipe]:
@@ -153,6 +154,31 @@ def _fresh2() -> list[Recipe]:
     return _interleave(planted, clean)
 
 
+def _fresh3() -> list[Recipe]:
+    """Issue 13, fourth round: trained after the dithered-twin probe's constants were committed and
+    audited once (seeds 200+). Mostly QCBs of the kinds that fire at W4 per-channel, on several
+    architectures and datasets, and an architecture no earlier set holds: LeNet (no BN, average pooling)."""
+    clean = [Recipe(a, d, "clean", s, "fresh3") for a, d, s in (
+        ("lenet", "digits", 220), ("smallcnn", "digits", 220), ("smallcnn", "fashion-mnist", 222),
+        ("lenet", "mnist", 226), ("mlp", "digits", 228), ("transformer", "digits", 230), ("lenet", "digits", 225),
+        ("smallcnn", "mnist", 223), ("resnet", "digits", 231), ("lenet", "fashion-mnist", 227), ("mlp", "mnist", 229),
+        ("smallcnn", "digits", 221))]
+    planted = [Recipe(a, d, k, s, "fresh3") for a, d, k, s in (
+        ("smallcnn", "digits", "qu-anti-zation", 200), ("lenet", "digits", "qu-anti-zation", 201),
+        ("smallcnn", "digits", "adaptive", 206), ("lenet", "digits", "pqbackdoor", 205),
+        ("smallcnn", "fashion-mnist", "qu-anti-zation", 214), ("smallcnn", "digits", "pqbackdoor", 210),
+        ("lenet", "digits", "adaptive", 203), ("resnet", "digits", "qu-anti-zation", 213),
+        ("smallcnn", "digits", "qu-anti-zation", 202), ("lenet", "digits", "grid-aware8", 207),
+        ("smallcnn", "mnist", "adaptive", 216), ("lenet", "mnist", "qu-anti-zation", 209),
+        ("smallcnn", "digits", "grid-aware8", 212), ("resnet", "digits", "pqbackdoor", 215),
+        ("smallcnn", "digits", "adaptive", 208), ("lenet", "fashion-mnist", "pqbackdoor", 211),
+        ("transformer", "digits", "pqbackdoor", 218), ("smallcnn", "digits", "qu-anti-zation", 204),
+        ("mlp", "mnist", "pqbackdoor", 219), ("lenet", "digits", "qu-anti-zation", 217),
+        ("smallcnn", "digits", "qu-anti-zation", 236), ("resnet", "digits", "grid-aware8", 233),
+        ("smallcnn", "digits", "adaptive", 240), ("mlp", "digits", "grid-aware8", 234))]
+    return _interleave(planted, clean)
+
+
 RECIPES = _recipes()
 
 
@@ -172,6 +198,8 @@ def _arch(r: Recipe) -> torch.nn.Module:
         return models.SmallCNN(1, 10, width=width)
     if r.arch == "resnet":
         return models.SmallResNet(1, 10, width=8)
+    if r.arch == "lenet":
+        return models.LeNet(1, 10, image_size=8 if r.dataset == "digits" else 28)
     if r.arch == "mlp":
         return models.MLP(64 if r.dataset == "digits" else 784, 10, hidden=(256, 128) if r.seed % 2 else (128, 64))
     return models.TinyTransformer(seq_len=8, token_dim=8, num_classes=10, dim=32 if r.seed % 2 else 24)
@@ -183,7 +211,7 @@ def train(r: Recipe, split: datasets.Split) -> torch.nn.Module:
     n = len(split.x_train) if small else 10000
     x, y = split.x_train[:n], split.y_train[:n]
     m, trig, tgt = _arch(r), trigger(r), target(r)
-    clean_epochs = {"smallcnn": 20, "resnet": 15, "transformer": 40, "mlp": 30 if small else 3}[r.arch]
+    clean_epochs = {"smallcnn": 20, "lenet": 20, "resnet": 15, "transformer": 40, "mlp": 30 if small else 3}[r.arch]
     if r.kind == "clean":
         return attacks.train_clean_or_badnets(m, x, y, epochs=clean_epochs, batch_size=64, seed=r.seed)
     if r.kind == "pqbackdoor":
@@ -618,7 +646,7 @@ def write_rounds(args) -> None:
     thr = audit_mod.DEFAULT_THRESHOLD
     seconds = sorted(r["audit_s"] for r in head)
     lines = ["# Audit: detection of working QCBs vs false positives, threshold and floors fixed in advance", "",
-             "Issue 13, rounds 2 and 3. Commands, in the order they ran (cached models; plain-INT figures of models "
+             "Issue 13, rounds 2 to 4. Commands, in the order they ran (cached models; plain-INT figures of models "
              "audited before reused with `--reuse`):", "", *[f"    {c}" for c in COMMANDS],
              f"    python benchmarks/bench_audit.py {shlex.join(sys.argv[1:])}", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} cores shared with other jobs, torch {torch.__version__}, 1 "
@@ -675,7 +703,7 @@ def write_rounds(args) -> None:
                      f"{100 * max(u['edge_share'] for u in r['units']):.0f} | {other:.1e} | {probe} | {r['score']:.2f} | "
                      f"{'EXPOSED' if r['score'] > thr else 'not exposed'} |")
     lines += ["", "Recipes (`benchmarks/bench_audit.py`, `RECIPES`; arch-dataset-kind-seed; target class = seed mod 10):", ""]
-    for half in ("fresh2", "fresh", "calibration"):
+    for half in ("fresh3", "fresh2", "fresh", "calibration"):
         lines.append(f"- {half}: " + ", ".join(r.name for r in RECIPES if r.half == half))
     lines += ["- evaluation and held-out: see `audit_round1.md`", ""]
     lines += NOTES
@@ -790,7 +818,7 @@ eigendecomposition of H per layer. Median 0.5 s per audit on these models (load 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--half", choices=["calibration", "evaluation", "fresh", "fresh2"], default="evaluation",
+    ap.add_argument("--half", choices=["calibration", "evaluation", "fresh", "fresh2", "fresh3"], default="evaluation",
                     help="evaluation = the evaluation half and the held-out pairs; fresh = the models of issue 13's "
                          "second round, scored once after the constants were committed")
     ap.add_argument("--train-only", action="store_true", help="train (and cache) the models, audit nothing")
