@@ -176,7 +176,16 @@ def _fresh3() -> list[Recipe]:
         ("mlp", "mnist", "pqbackdoor", 219), ("lenet", "digits", "qu-anti-zation", 217),
         ("smallcnn", "digits", "qu-anti-zation", 236), ("resnet", "digits", "grid-aware8", 233),
         ("smallcnn", "digits", "adaptive", 240), ("mlp", "digits", "grid-aware8", 234))]
-    return _interleave(planted, clean)
+    # added while the 36 above were being audited (before any of these was trained), because those held
+    # fewer than 20 working QCB audits (LeNet on 8x8 digits trains poorly, most of its QCBs do not fire):
+    # cheap digits models of the kinds that fire; after the 36 (their calibration sizes do not move)
+    more = [Recipe(a, d, k, s, "fresh3") for a, d, k, s in (
+        ("smallcnn", "digits", "grid-aware8", 250), ("resnet", "digits", "pqbackdoor", 251),
+        ("smallcnn", "digits", "qu-anti-zation", 256), ("smallcnn", "digits", "clean", 266),
+        ("smallcnn", "digits", "pqbackdoor", 254), ("smallcnn", "digits", "adaptive", 260),
+        ("smallcnn", "digits", "grid-aware8", 252), ("lenet", "digits", "clean", 267),
+        ("mlp", "digits", "pqbackdoor", 262), ("smallcnn", "digits", "qu-anti-zation", 258))]
+    return _interleave(planted, clean) + more
 
 
 RECIPES = _recipes()
@@ -447,6 +456,106 @@ def fit_probe(path: str) -> float:
         z, n = probe_z(r, 2 * hi)
         print(f"  {r['model']:40s} W{r['bits']} {r['grid']:11s} probe z {z:6.2f} p {p_of(r, 2 * hi):.1e}")
     return hi
+
+
+def twin_counts(out: str, sources: list[str], cache: Path) -> None:
+    """Round 4: the probe's counts for round to nearest and for two families of 8 twins, stochastic
+    rounding (round 3) and subtractive dither (round 4), on the (model, setting, calibration size) of
+    recorded audits, appended to ``out`` (one line per audit; audits already there are skipped)."""
+    from qcb_ptq_plugin.api import prepare_plan
+
+    done = {(j["model"], j["bits"], j["grid"]) for j in records(out)} if Path(out).exists() else set()
+    by_name, splits = {r.name: r for r in RECIPES}, {}
+    torch.set_num_threads(1)
+    for rec in records(*sources):
+        if (rec["model"], rec["bits"], rec["grid"]) in done:
+            continue
+        r = by_name[rec["model"]]
+        if r.dataset not in splits:
+            splits[r.dataset] = datasets.load(r.dataset)
+        m, _ = model_for(r, splits[r.dataset], cache)
+        calib = splits[r.dataset].calibration(rec["calib"], seed=1000 + r.seed)
+        backend = "qnnpack" if rec["grid"] == "per-tensor" else "x86"
+        prepared = prepare_fx_calibrated(m, calib, rec["bits"], backend=backend)
+        _, plan, batches = prepare_plan(prepared, m, calib, q.PurifyConfig(progress=False))
+        sim, fp, x = plan.capture.simulator, plan.capture.float_model, torch.cat(batches)[:128]
+        if x.dim() != 4:
+            continue
+        t0 = time.perf_counter()
+        n, _, h, w = x.shape
+        side, stride, value = max(2, round(h / 10)), 1 if max(h, w) <= 12 else 2, float(x.max())
+        pos = [(i, j) for i in range(0, h - side + 1, stride) for j in range(0, w - side + 1, stride)]
+
+        def patched(i, j):
+            xp = x.clone()
+            xp[:, :, i:i + side, j:j + side] = value
+            return xp
+
+        with torch.no_grad():
+            classes = fp(x[:2]).shape[1]
+            ref = [fp(patched(i, j)).argmax(-1) for i, j in pos]
+
+            def flips():
+                preds = [sim(patched(i, j)).argmax(-1) for i, j in pos]
+                return torch.stack([torch.bincount(p[p != f], minlength=classes) for p, f in zip(preds, ref)]).tolist()
+
+            rtn = [u.grid.fake_quantize(u.weight.detach().float()) for u in plan.units]
+            counts, gen = {"rtn": flips(), "sr": [], "dither": []}, torch.Generator().manual_seed(2)
+            try:
+                for fam in ("sr", "dither"):
+                    for _ in range(8):
+                        for u in plan.units:
+                            v = u.weight.detach().float()
+                            jit = (torch.rand(v.shape, generator=gen) - 0.5).to(v) * u.grid.expand(v)[0]
+                            u.write(u.grid.fake_quantize(v + jit) - (jit if fam == "dither" else 0))
+                        counts[fam].append(flips())
+            finally:
+                for u, wq in zip(plan.units, rtn):
+                    u.write(wq)
+        o = {k: rec[k] for k in ("model", "kind", "half", "bits", "grid", "calib", "fp32", "plain")}
+        o.update(n=n, positions=pos, probe=counts, secs=time.perf_counter() - t0)
+        with open(out, "a") as f:
+            f.write(json.dumps(o) + "\n")
+        print(f"{rec['model']:44s} W{rec['bits']} {rec['grid']:11s} {o['secs']:.1f}s", flush=True)
+
+
+def fit_twins(path: str, layer_sources: list[str]) -> None:
+    """Round 4: per twin family (and a robust variant: median and 1.4826 MAD of the twins), the probe
+    floor fitted as ``fit_probe`` does on the calibration half's clean audits, and at twice it each
+    set's detections and false positives, the probe's p combined with the layers' p of the records in
+    ``layer_sources`` as the library does."""
+    xs = records(path)
+    layers = {(r["model"], r["bits"], r["grid"]): score(r, audit_mod.KAPPA_DRIFT, audit_mod.KAPPA_EDGE,
+                                                        audit_mod.KAPPA_CORRECT) for r in records(*layer_sources)}
+
+    def zmax(r, fam, floor, robust=False):
+        f = torch.tensor(r["probe"]["rtn"], dtype=torch.float64)
+        t = torch.tensor(r["probe"][fam], dtype=torch.float64)
+        m = t.median(0).values if robust else t.mean(0)
+        v = (1.4826 * (t - m).abs().median(0).values) ** 2 if robust else t.var(0)
+        z = (f - m) / (m + 1 + v + (floor * r["n"]) ** 2).sqrt()
+        return float(z.max()), z.numel()
+
+    def p_probe(r, var, floor):
+        z, n = zmax(r, var.split("_")[0], floor, var.endswith("_robust"))
+        return min(1.0, n * audit_mod._p_upper(z))
+
+    thr = audit_mod.DEFAULT_THRESHOLD
+    clean_cal = [r for r in xs if r["half"] == "calibration" and r["kind"] == "clean"]
+    for var in ("sr", "dither", "sr_robust", "dither_robust"):
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if min(2 * p_probe(r, var, mid) for r in clean_cal) >= 1 / len(clean_cal) else (mid, hi)
+        line = f"{var:14s} floor fitted {hi:.4f}, at 2x:"
+        for half in dict.fromkeys(r["half"] for r in xs):
+            rs = [r for r in xs if r["half"] == half and (r["model"], r["bits"], r["grid"]) in layers]
+            sc = {id(r): -math.log10(max(1e-300, min(1.0, 2 * min(10 ** -layers[r["model"], r["bits"], r["grid"]],
+                                                                  p_probe(r, var, 2 * hi))))) for r in rs}
+            w, c = [r for r in rs if working(r)], [r for r in rs if r["kind"] == "clean"]
+            line += (f"  {half}: working {sum(sc[id(r)] > thr for r in w)}/{len(w)}, clean "
+                     f"{sum(sc[id(r)] > thr for r in c)}/{len(c)} (max {max((sc[id(r)] for r in c), default=0):.2f})")
+        print(line)
 
 
 def working(rec: dict) -> bool:
@@ -832,6 +941,10 @@ def main() -> None:
     ap.add_argument("--shared", nargs="+", metavar="JSONL", help="skip models another process has recorded there")
     ap.add_argument("--reuse", nargs="+", metavar="JSONL", help="take plain-INT BA/ASR from these records")
     ap.add_argument("--fit", metavar="JSONL", help="fit the overdispersion floors on a calibration JSONL and exit")
+    ap.add_argument("--twins", metavar="OUT", help="round 4: the probe's counts for both twin families on the audits "
+                    "of --jsonl (their model, setting and N), appended to OUT")
+    ap.add_argument("--fit-twins", metavar="COUNTS", help="round 4: fit and compare the twin families from --twins' "
+                    "counts, the layers' p from --jsonl")
     ap.add_argument("--used", nargs="+",
                     help="with --fit: the second-round statistics to combine (default: the library's)")
     ap.add_argument("--out", help="write the result markdown from --jsonl (after the run)")
@@ -840,6 +953,10 @@ def main() -> None:
                     help="with --write-only: write the later rounds' result file from these record sets")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
+    if args.twins:
+        return twin_counts(args.twins, args.jsonl, Path(args.cache))
+    if args.fit_twins:
+        return fit_twins(args.fit_twins, args.jsonl)
     if args.fit:
         fit(args.fit)
         fit_probe(args.fit)
