@@ -558,6 +558,33 @@ def fit_twins(path: str, layer_sources: list[str]) -> None:
         print(line)
 
 
+def rescore(counts: str, src: str, dst: str) -> None:
+    """Round 4, reference only: the records of ``src`` with their probe replaced by the one the
+    library's code computes from ``--twins``' counts of round to nearest and the dithered twins (drawn
+    in another order than the library draws them), at the library's PROBE_FLOOR; audits without counts
+    are left out."""
+    xs = {(r["model"], r["bits"], r["grid"]): r for r in records(counts)}
+    kept = 0
+    with open(dst, "w") as f:
+        for r in records(src):
+            x = xs.get((r["model"], r["bits"], r["grid"]))
+            if x is None:
+                continue
+            rtn = torch.tensor(x["probe"]["rtn"], dtype=torch.float64)
+            t = torch.tensor(x["probe"]["dither"], dtype=torch.float64)
+            m = t.mean(0)
+            z = (rtn - m) / (m + 1 + t.var(0) + (audit_mod.PROBE_FLOOR * x["n"]) ** 2).sqrt()
+            k = int(z.argmax())
+            pi, cls = divmod(k, z.shape[1])
+            r["probe"] = {"z": float(z.max()), "p": min(1.0, z.numel() * audit_mod._p_upper(float(z.max()))),
+                          "position": x["positions"][pi], "class": cls, "flips": float(rtn.flatten()[k]),
+                          "twin_flips": float(m.flatten()[k]), "samples": x["n"], "cells": z.numel(),
+                          "twins": "dithered, from --twins counts"}
+            f.write(json.dumps(r) + "\n")
+            kept += 1
+    print(f"{src}: {kept} records re-scored -> {dst}")
+
+
 def working(rec: dict) -> bool:
     """A planted model whose plain INT model fires here (the issue's definition)."""
     return rec["kind"] != "clean" and rec["plain"][1] >= WORKING_ASR
@@ -838,10 +865,77 @@ COMMANDS = [
     "# then, for reference, round 2's fresh set re-audited with the probe (looked at before):",
     "python benchmarks/bench_audit.py --half fresh --jsonl benchmarks/results/audit_fresh_probe.jsonl "
     "--reuse benchmarks/results/audit_fresh.jsonl",
+    "# round 4 (dithered twins): both twin families' counts on the seen sets (first run as /tmp/audit4/probex.py, "
+    "the same code, before it was folded in as --twins; 11 MB, not committed), then the fit",
+    "python benchmarks/bench_audit.py --twins /tmp/audit4/twins_counts.jsonl --jsonl "
+    "benchmarks/results/audit_calibration3.jsonl benchmarks/results/audit_fresh2.jsonl "
+    "benchmarks/results/audit_fresh_probe.jsonl",
+    "python benchmarks/bench_audit.py --fit-twins /tmp/audit4/twins_counts.jsonl --jsonl "
+    "benchmarks/results/audit_calibration3.jsonl benchmarks/results/audit_fresh_probe.jsonl "
+    "benchmarks/results/audit_fresh2.jsonl",
+    "# constants committed (5720378), then the fresh3 models trained and audited once (the last 10 recipes were "
+    "added, 4ba905a, while the first 36 were being audited, before they were trained):",
+    "python benchmarks/bench_audit.py --half fresh3 --train-only",
+    "python benchmarks/bench_audit.py --half fresh3 --jsonl benchmarks/results/audit_fresh3.jsonl   # 36, then 10",
+    "# reference: the seen sets' records with the probe from --twins' dithered counts (one draw, tuned on)",
+    "python benchmarks/bench_audit.py --rescore /tmp/audit4/twins_counts.jsonl "
+    "benchmarks/results/audit_calibration3.jsonl benchmarks/results/audit_calibration4.jsonl   # likewise "
+    "fresh_probe -> fresh_dither, fresh2 -> fresh2_dither",
 ]
 
 
 NOTES = """## Notes (hand-written)
+
+**Round 4: dithered twins.** Stochastic rounding, Q(W + s u), keeps round to nearest's code for a weight
+with probability 1 - its distance from it (at least 1/2), so a QCB partly survives in round 3's twins
+(Fashion s142: 84 patched images flipped, twins 20; adaptive s96: 17 vs 5). The twins are now
+subtractively dithered, Q(W + s u) - s u (`audit._dithered`): an error uniform on (-s/2, s/2), the law of
+round to nearest's on a clean model, independent of where a weight sits in its cell. Chosen with both
+families' counts (`--twins`: one draw of 8 twins each, same images) on the calibration half and the
+already-seen fresh and fresh2 sets (fresh2's s142 at W8 and W4 per-tensor, not firing, were not
+counted): `--fit-twins` fitted the floor on the calibration half's 56 clean audits at 0.0217 (stochastic
+twins: 0.0133, round 3's value reproduced); the library takes 0.044 (2x, rounded up). At it, with that
+draw: working 18/18 (calibration), 15/15 (fresh), 8/8 (fresh2), clean 0/136, highest clean score 0.59
+(stochastic twins: 17/18, 14/15, 7/8, highest clean 2.68). A robust null (median and 1.4826 MAD of the
+twins) needed a floor of 0.081 and found the same; not taken. `_z_ratio` now serves the drift (tensors)
+and the second round's ratios (floats). Constants committed (5720378) before any fresh3 model was trained.
+
+**The twins' draw matters (measured after fresh3 was scored; reference, nothing changed).** Re-audited
+with the library's own draws (config seeds 0-5), the adaptive s96 at W4 per-channel scores 0.0-0.6 (probe
+z 2.2-3.5: the target class near the trigger, 27-58 flips against twin means of 2-11, but one or two
+twins fire too and 8 twins' variance absorbs it): it is still missed, and the 15/15 on fresh above is
+that one draw's. Seeds 0-3: adaptive s138 12-18, Qu-ANTI-zation-style s134 11-28, s54 5.5-7.9, adaptive
+s58 24-37, Qu-ANTI-zation-style mlp-mnist s55 2.4-31 (missed at one seed of four); seed 0, Fashion s142:
+5.3 (flagged). Fresh3 below is scored with the library's draws (seed 0), as a user would see it.
+
+**Fresh3 (round 4, the headline): 46 models, scored once.** 36 recipes (seeds 200-240) plus 10 cheap
+digits ones (seeds 250-267) added (4ba905a) while the 36 were being audited, before they were trained,
+because the 36 held fewer than 20 working audits; every model was trained after 5720378. New architecture:
+LeNet (no BN, average pooling, 5x5 convs; `evalkit.models.LeNet`, the only change outside the audit's
+files), on digits, MNIST and Fashion-MNIST; new pairs: SmallCNN on MNIST. Working 29/31 (94%), dormant
+21/21 (100%), clean 4/56 (7%). **Neither bar (95% / 5%) is met.** Misses: adaptive SmallCNN on MNIST s216
+at W4 per-channel (ASR 93.5%, but the float model already fires, FP32 ASR 79.5% at BA 47%: the probe only
+counts flips away from the float prediction; score 0.94), adaptive SmallCNN on digits s240 at W4
+per-channel (ASR 97.8%, FP32 22%: target class found, 37 flips vs 4.9, z 3.1; score 0.20). False
+positives: (1) SmallCNN (width 8) on MNIST s223 at W4 per-tensor, score 10.3, from the probe: the INT
+model collapses (BA 95.4 -> 26.8%) and sends 56 patched images to class 7 against 2.2 for the twins.
+Round to nearest zeroes every weight in the zero cell (error exactly -w, a shrinkage, not a uniform
+error); the dithered twins do not. Where most of a layer's weights sit in the zero cell (per-tensor W4)
+the twins are not round to nearest's null; round 3's closest clean audit (Fashion s130 W4 per-tensor, INT
+BA 56%) was the same regime. (2) LeNet on Fashion-MNIST s227 at W8 per-tensor / W4 per-channel / W4
+per-tensor, scores 3.5 / 9.1 / 3.2, from the weight statistics (probe z <= 0.8): the out-of-sample
+correctability of the first conv (5x5, bias, no BN, mostly-black images: LAC leaves 0.08 of round to
+nearest's drift against 0.83 for jittered weights, p 1e-11 at W4 per-channel) and the drift of the
+784-fan-in Linear on 256-512 positions (warned as thin). The first round's floors were fitted on BN
+models. LeNet elsewhere: clean digits and MNIST 0/16 flagged; its QCBs on 8x8 digits mostly do not fire
+(its float BA is 62-85% there); PQBackdoor-style on Fashion-MNIST s211 fires (98%) and is flagged (79).
+Qu-ANTI-zation-style s258 at W4 per-channel fires on 89.99999% (the table's 90.0): just under the bar, not
+counted (score 2.1, not flagged). Lowest working score flagged: 6.97; highest clean score not flagged: 1.69.
+
+**Over the sets scored once** (fresh with round 2's constants, fresh2 with round 3's, fresh3 with round
+4's): working 50/54 (93%), clean 4/136 (3%). Round 5 should try: twins that keep round to nearest's zero
+cell (dither only weights outside it), more twins or a robust null (the draw's variance), and first-round
+floors checked on no-BN models (or correctability left out where a layer's inputs are degenerate).
 
 **Round 3: the probe.** After round 2 (below) the weight statistics had missed every QCB trained through
 fake quantization. The probe (`audit._probe`) looks at behaviour: the calibration images with a square
@@ -943,6 +1037,8 @@ def main() -> None:
     ap.add_argument("--fit", metavar="JSONL", help="fit the overdispersion floors on a calibration JSONL and exit")
     ap.add_argument("--twins", metavar="OUT", help="round 4: the probe's counts for both twin families on the audits "
                     "of --jsonl (their model, setting and N), appended to OUT")
+    ap.add_argument("--rescore", nargs=3, metavar=("COUNTS", "SRC", "DST"), help="round 4, reference: SRC's records "
+                    "with the probe from --twins' dithered counts, written to DST")
     ap.add_argument("--fit-twins", metavar="COUNTS", help="round 4: fit and compare the twin families from --twins' "
                     "counts, the layers' p from --jsonl")
     ap.add_argument("--used", nargs="+",
@@ -955,6 +1051,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     if args.twins:
         return twin_counts(args.twins, args.jsonl, Path(args.cache))
+    if args.rescore:
+        return rescore(*args.rescore)
     if args.fit_twins:
         return fit_twins(args.fit_twins, args.jsonl)
     if args.fit:
