@@ -54,7 +54,7 @@ SETTINGS = ((8, "per-channel"), (8, "per-tensor"), (4, "per-channel"), (4, "per-
 
 @dataclass(frozen=True)
 class Recipe:
-    arch: str  # smallcnn | mlp | transformer | resnet
+    arch: str  # smallcnn | lenet | mlp | transformer | resnet
     dataset: str  # digits | mnist | fashion-mnist
     kind: str  # clean | pqbackdoor | qu-anti-zation | adaptive | grid-aware8 | grid-aware4
     seed: int
@@ -115,7 +115,8 @@ def _recipes() -> list[Recipe]:
         ("resnet", "digits", "pqbackdoor", 70), ("mlp", "fashion-mnist", "pqbackdoor", 74),
         ("resnet", "digits", "qu-anti-zation", 71), ("mlp", "fashion-mnist", "grid-aware4", 76),
         ("resnet", "digits", "pqbackdoor", 73), ("resnet", "digits", "grid-aware8", 72))]
-    return cal + _interleave(_interleave(planted, clean), _interleave(planted_h, clean_h)) + _fresh() + _fresh2()
+    return (cal + _interleave(_interleave(planted, clean), _interleave(planted_h, clean_h)) + _fresh() + _fresh2()
+            + _fresh3())
 
 
 def _fresh() -> list[Recipe]:
@@ -153,6 +154,40 @@ def _fresh2() -> list[Recipe]:
     return _interleave(planted, clean)
 
 
+def _fresh3() -> list[Recipe]:
+    """Issue 13, fourth round: trained after the dithered-twin probe's constants were committed and
+    audited once (seeds 200+). Mostly QCBs of the kinds that fire at W4 per-channel, on several
+    architectures and datasets, and an architecture no earlier set holds: LeNet (no BN, average pooling)."""
+    clean = [Recipe(a, d, "clean", s, "fresh3") for a, d, s in (
+        ("lenet", "digits", 220), ("smallcnn", "digits", 220), ("smallcnn", "fashion-mnist", 222),
+        ("lenet", "mnist", 226), ("mlp", "digits", 228), ("transformer", "digits", 230), ("lenet", "digits", 225),
+        ("smallcnn", "mnist", 223), ("resnet", "digits", 231), ("lenet", "fashion-mnist", 227), ("mlp", "mnist", 229),
+        ("smallcnn", "digits", 221))]
+    planted = [Recipe(a, d, k, s, "fresh3") for a, d, k, s in (
+        ("smallcnn", "digits", "qu-anti-zation", 200), ("lenet", "digits", "qu-anti-zation", 201),
+        ("smallcnn", "digits", "adaptive", 206), ("lenet", "digits", "pqbackdoor", 205),
+        ("smallcnn", "fashion-mnist", "qu-anti-zation", 214), ("smallcnn", "digits", "pqbackdoor", 210),
+        ("lenet", "digits", "adaptive", 203), ("resnet", "digits", "qu-anti-zation", 213),
+        ("smallcnn", "digits", "qu-anti-zation", 202), ("lenet", "digits", "grid-aware8", 207),
+        ("smallcnn", "mnist", "adaptive", 216), ("lenet", "mnist", "qu-anti-zation", 209),
+        ("smallcnn", "digits", "grid-aware8", 212), ("resnet", "digits", "pqbackdoor", 215),
+        ("smallcnn", "digits", "adaptive", 208), ("lenet", "fashion-mnist", "pqbackdoor", 211),
+        ("transformer", "digits", "pqbackdoor", 218), ("smallcnn", "digits", "qu-anti-zation", 204),
+        ("mlp", "mnist", "pqbackdoor", 219), ("lenet", "digits", "qu-anti-zation", 217),
+        ("smallcnn", "digits", "qu-anti-zation", 236), ("resnet", "digits", "grid-aware8", 233),
+        ("smallcnn", "digits", "adaptive", 240), ("mlp", "digits", "grid-aware8", 234))]
+    # added while the 36 above were being audited (before any of these was trained), because those held
+    # fewer than 20 working QCB audits (LeNet on 8x8 digits trains poorly, most of its QCBs do not fire):
+    # cheap digits models of the kinds that fire; after the 36 (their calibration sizes do not move)
+    more = [Recipe(a, d, k, s, "fresh3") for a, d, k, s in (
+        ("smallcnn", "digits", "grid-aware8", 250), ("resnet", "digits", "pqbackdoor", 251),
+        ("smallcnn", "digits", "qu-anti-zation", 256), ("smallcnn", "digits", "clean", 266),
+        ("smallcnn", "digits", "pqbackdoor", 254), ("smallcnn", "digits", "adaptive", 260),
+        ("smallcnn", "digits", "grid-aware8", 252), ("lenet", "digits", "clean", 267),
+        ("mlp", "digits", "pqbackdoor", 262), ("smallcnn", "digits", "qu-anti-zation", 258))]
+    return _interleave(planted, clean) + more
+
+
 RECIPES = _recipes()
 
 
@@ -172,6 +207,8 @@ def _arch(r: Recipe) -> torch.nn.Module:
         return models.SmallCNN(1, 10, width=width)
     if r.arch == "resnet":
         return models.SmallResNet(1, 10, width=8)
+    if r.arch == "lenet":
+        return models.LeNet(1, 10, image_size=8 if r.dataset == "digits" else 28)
     if r.arch == "mlp":
         return models.MLP(64 if r.dataset == "digits" else 784, 10, hidden=(256, 128) if r.seed % 2 else (128, 64))
     return models.TinyTransformer(seq_len=8, token_dim=8, num_classes=10, dim=32 if r.seed % 2 else 24)
@@ -183,7 +220,7 @@ def train(r: Recipe, split: datasets.Split) -> torch.nn.Module:
     n = len(split.x_train) if small else 10000
     x, y = split.x_train[:n], split.y_train[:n]
     m, trig, tgt = _arch(r), trigger(r), target(r)
-    clean_epochs = {"smallcnn": 20, "resnet": 15, "transformer": 40, "mlp": 30 if small else 3}[r.arch]
+    clean_epochs = {"smallcnn": 20, "lenet": 20, "resnet": 15, "transformer": 40, "mlp": 30 if small else 3}[r.arch]
     if r.kind == "clean":
         return attacks.train_clean_or_badnets(m, x, y, epochs=clean_epochs, batch_size=64, seed=r.seed)
     if r.kind == "pqbackdoor":
@@ -421,6 +458,133 @@ def fit_probe(path: str) -> float:
     return hi
 
 
+def twin_counts(out: str, sources: list[str], cache: Path) -> None:
+    """Round 4: the probe's counts for round to nearest and for two families of 8 twins, stochastic
+    rounding (round 3) and subtractive dither (round 4), on the (model, setting, calibration size) of
+    recorded audits, appended to ``out`` (one line per audit; audits already there are skipped)."""
+    from qcb_ptq_plugin.api import prepare_plan
+
+    done = {(j["model"], j["bits"], j["grid"]) for j in records(out)} if Path(out).exists() else set()
+    by_name, splits = {r.name: r for r in RECIPES}, {}
+    torch.set_num_threads(1)
+    for rec in records(*sources):
+        if (rec["model"], rec["bits"], rec["grid"]) in done:
+            continue
+        r = by_name[rec["model"]]
+        if r.dataset not in splits:
+            splits[r.dataset] = datasets.load(r.dataset)
+        m, _ = model_for(r, splits[r.dataset], cache)
+        calib = splits[r.dataset].calibration(rec["calib"], seed=1000 + r.seed)
+        backend = "qnnpack" if rec["grid"] == "per-tensor" else "x86"
+        prepared = prepare_fx_calibrated(m, calib, rec["bits"], backend=backend)
+        _, plan, batches = prepare_plan(prepared, m, calib, q.PurifyConfig(progress=False))
+        sim, fp, x = plan.capture.simulator, plan.capture.float_model, torch.cat(batches)[:128]
+        if x.dim() != 4:
+            continue
+        t0 = time.perf_counter()
+        n, _, h, w = x.shape
+        side, stride, value = max(2, round(h / 10)), 1 if max(h, w) <= 12 else 2, float(x.max())
+        pos = [(i, j) for i in range(0, h - side + 1, stride) for j in range(0, w - side + 1, stride)]
+
+        def patched(i, j):
+            xp = x.clone()
+            xp[:, :, i:i + side, j:j + side] = value
+            return xp
+
+        with torch.no_grad():
+            classes = fp(x[:2]).shape[1]
+            ref = [fp(patched(i, j)).argmax(-1) for i, j in pos]
+
+            def flips():
+                preds = [sim(patched(i, j)).argmax(-1) for i, j in pos]
+                return torch.stack([torch.bincount(p[p != f], minlength=classes) for p, f in zip(preds, ref)]).tolist()
+
+            rtn = [u.grid.fake_quantize(u.weight.detach().float()) for u in plan.units]
+            counts, gen = {"rtn": flips(), "sr": [], "dither": []}, torch.Generator().manual_seed(2)
+            try:
+                for fam in ("sr", "dither"):
+                    for _ in range(8):
+                        for u in plan.units:
+                            v = u.weight.detach().float()
+                            jit = (torch.rand(v.shape, generator=gen) - 0.5).to(v) * u.grid.expand(v)[0]
+                            u.write(u.grid.fake_quantize(v + jit) - (jit if fam == "dither" else 0))
+                        counts[fam].append(flips())
+            finally:
+                for u, wq in zip(plan.units, rtn):
+                    u.write(wq)
+        o = {k: rec[k] for k in ("model", "kind", "half", "bits", "grid", "calib", "fp32", "plain")}
+        o.update(n=n, positions=pos, probe=counts, secs=time.perf_counter() - t0)
+        with open(out, "a") as f:
+            f.write(json.dumps(o) + "\n")
+        print(f"{rec['model']:44s} W{rec['bits']} {rec['grid']:11s} {o['secs']:.1f}s", flush=True)
+
+
+def fit_twins(path: str, layer_sources: list[str]) -> None:
+    """Round 4: per twin family (and a robust variant: median and 1.4826 MAD of the twins), the probe
+    floor fitted as ``fit_probe`` does on the calibration half's clean audits, and at twice it each
+    set's detections and false positives, the probe's p combined with the layers' p of the records in
+    ``layer_sources`` as the library does."""
+    xs = records(path)
+    layers = {(r["model"], r["bits"], r["grid"]): score(r, audit_mod.KAPPA_DRIFT, audit_mod.KAPPA_EDGE,
+                                                        audit_mod.KAPPA_CORRECT) for r in records(*layer_sources)}
+
+    def zmax(r, fam, floor, robust=False):
+        f = torch.tensor(r["probe"]["rtn"], dtype=torch.float64)
+        t = torch.tensor(r["probe"][fam], dtype=torch.float64)
+        m = t.median(0).values if robust else t.mean(0)
+        v = (1.4826 * (t - m).abs().median(0).values) ** 2 if robust else t.var(0)
+        z = (f - m) / (m + 1 + v + (floor * r["n"]) ** 2).sqrt()
+        return float(z.max()), z.numel()
+
+    def p_probe(r, var, floor):
+        z, n = zmax(r, var.split("_")[0], floor, var.endswith("_robust"))
+        return min(1.0, n * audit_mod._p_upper(z))
+
+    thr = audit_mod.DEFAULT_THRESHOLD
+    clean_cal = [r for r in xs if r["half"] == "calibration" and r["kind"] == "clean"]
+    for var in ("sr", "dither", "sr_robust", "dither_robust"):
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if min(2 * p_probe(r, var, mid) for r in clean_cal) >= 1 / len(clean_cal) else (mid, hi)
+        line = f"{var:14s} floor fitted {hi:.4f}, at 2x:"
+        for half in dict.fromkeys(r["half"] for r in xs):
+            rs = [r for r in xs if r["half"] == half and (r["model"], r["bits"], r["grid"]) in layers]
+            sc = {id(r): -math.log10(max(1e-300, min(1.0, 2 * min(10 ** -layers[r["model"], r["bits"], r["grid"]],
+                                                                  p_probe(r, var, 2 * hi))))) for r in rs}
+            w, c = [r for r in rs if working(r)], [r for r in rs if r["kind"] == "clean"]
+            line += (f"  {half}: working {sum(sc[id(r)] > thr for r in w)}/{len(w)}, clean "
+                     f"{sum(sc[id(r)] > thr for r in c)}/{len(c)} (max {max((sc[id(r)] for r in c), default=0):.2f})")
+        print(line)
+
+
+def rescore(counts: str, src: str, dst: str) -> None:
+    """Round 4, reference only: the records of ``src`` with their probe replaced by the one the
+    library's code computes from ``--twins``' counts of round to nearest and the dithered twins (drawn
+    in another order than the library draws them), at the library's PROBE_FLOOR; audits without counts
+    are left out."""
+    xs = {(r["model"], r["bits"], r["grid"]): r for r in records(counts)}
+    kept = 0
+    with open(dst, "w") as f:
+        for r in records(src):
+            x = xs.get((r["model"], r["bits"], r["grid"]))
+            if x is None:
+                continue
+            rtn = torch.tensor(x["probe"]["rtn"], dtype=torch.float64)
+            t = torch.tensor(x["probe"]["dither"], dtype=torch.float64)
+            m = t.mean(0)
+            z = (rtn - m) / (m + 1 + t.var(0) + (audit_mod.PROBE_FLOOR * x["n"]) ** 2).sqrt()
+            k = int(z.argmax())
+            pi, cls = divmod(k, z.shape[1])
+            r["probe"] = {"z": float(z.max()), "p": min(1.0, z.numel() * audit_mod._p_upper(float(z.max()))),
+                          "position": x["positions"][pi], "class": cls, "flips": float(rtn.flatten()[k]),
+                          "twin_flips": float(m.flatten()[k]), "samples": x["n"], "cells": z.numel(),
+                          "twins": "dithered, from --twins counts"}
+            f.write(json.dumps(r) + "\n")
+            kept += 1
+    print(f"{src}: {kept} records re-scored -> {dst}")
+
+
 def working(rec: dict) -> bool:
     """A planted model whose plain INT model fires here (the issue's definition)."""
     return rec["kind"] != "clean" and rec["plain"][1] >= WORKING_ASR
@@ -618,7 +782,7 @@ def write_rounds(args) -> None:
     thr = audit_mod.DEFAULT_THRESHOLD
     seconds = sorted(r["audit_s"] for r in head)
     lines = ["# Audit: detection of working QCBs vs false positives, threshold and floors fixed in advance", "",
-             "Issue 13, rounds 2 and 3. Commands, in the order they ran (cached models; plain-INT figures of models "
+             "Issue 13, rounds 2 to 4. Commands, in the order they ran (cached models; plain-INT figures of models "
              "audited before reused with `--reuse`):", "", *[f"    {c}" for c in COMMANDS],
              f"    python benchmarks/bench_audit.py {shlex.join(sys.argv[1:])}", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} cores shared with other jobs, torch {torch.__version__}, 1 "
@@ -675,7 +839,7 @@ def write_rounds(args) -> None:
                      f"{100 * max(u['edge_share'] for u in r['units']):.0f} | {other:.1e} | {probe} | {r['score']:.2f} | "
                      f"{'EXPOSED' if r['score'] > thr else 'not exposed'} |")
     lines += ["", "Recipes (`benchmarks/bench_audit.py`, `RECIPES`; arch-dataset-kind-seed; target class = seed mod 10):", ""]
-    for half in ("fresh2", "fresh", "calibration"):
+    for half in ("fresh3", "fresh2", "fresh", "calibration"):
         lines.append(f"- {half}: " + ", ".join(r.name for r in RECIPES if r.half == half))
     lines += ["- evaluation and held-out: see `audit_round1.md`", ""]
     lines += NOTES
@@ -701,10 +865,80 @@ COMMANDS = [
     "# then, for reference, round 2's fresh set re-audited with the probe (looked at before):",
     "python benchmarks/bench_audit.py --half fresh --jsonl benchmarks/results/audit_fresh_probe.jsonl "
     "--reuse benchmarks/results/audit_fresh.jsonl",
+    "# round 4 (dithered twins): both twin families' counts on the seen sets (first run as /tmp/audit4/probex.py, "
+    "the same code, before it was folded in as --twins; 11 MB, not committed), then the fit",
+    "python benchmarks/bench_audit.py --twins /tmp/audit4/twins_counts.jsonl --jsonl "
+    "benchmarks/results/audit_calibration3.jsonl benchmarks/results/audit_fresh2.jsonl "
+    "benchmarks/results/audit_fresh_probe.jsonl",
+    "python benchmarks/bench_audit.py --fit-twins /tmp/audit4/twins_counts.jsonl --jsonl "
+    "benchmarks/results/audit_calibration3.jsonl benchmarks/results/audit_fresh_probe.jsonl "
+    "benchmarks/results/audit_fresh2.jsonl",
+    "# constants committed (5720378), then the fresh3 models trained and audited once (the last 10 recipes were "
+    "added, 4ba905a, while the first 36 were being audited, before they were trained):",
+    "python benchmarks/bench_audit.py --half fresh3 --train-only",
+    "python benchmarks/bench_audit.py --half fresh3 --jsonl benchmarks/results/audit_fresh3.jsonl   # 36, then 10",
+    "# reference: the seen sets' records with the probe from --twins' dithered counts (one draw, tuned on)",
+    "python benchmarks/bench_audit.py --rescore /tmp/audit4/twins_counts.jsonl "
+    "benchmarks/results/audit_calibration3.jsonl benchmarks/results/audit_calibration4.jsonl   # likewise "
+    "fresh_probe -> fresh_dither, fresh2 -> fresh2_dither",
 ]
 
 
 NOTES = """## Notes (hand-written)
+
+**Round 4: dithered twins.** Stochastic rounding, Q(W + s u), keeps round to nearest's code for a weight
+with probability 1 - its distance from it (at least 1/2), so a QCB partly survives in round 3's twins
+(Fashion s142: 84 patched images flipped, twins 20; adaptive s96: 17 vs 5). The twins are now
+subtractively dithered, Q(W + s u) - s u (`audit._dithered`): an error uniform on (-s/2, s/2), the law of
+round to nearest's on a clean model, independent of where a weight sits in its cell. Chosen with both
+families' counts (`--twins`: one draw of 8 twins each, same images) on the calibration half and the
+already-seen fresh and fresh2 sets (fresh2's s142 at W8 and W4 per-tensor, not firing, were not
+counted): `--fit-twins` fitted the floor on the calibration half's 56 clean audits at 0.0217 (stochastic
+twins: 0.0133, round 3's value reproduced); the library takes 0.044 (2x, rounded up). At it, with that
+draw: working 18/18 (calibration), 15/15 (fresh), 8/8 (fresh2), clean 0/136, highest clean score 0.59
+(stochastic twins: 17/18, 14/15, 7/8, highest clean 2.68). A robust null (median and 1.4826 MAD of the
+twins) needed a floor of 0.081 and found the same; not taken. `_z_ratio` now serves the drift (tensors)
+and the second round's ratios (floats). Constants committed (5720378) before any fresh3 model was trained.
+
+**The twins' draw matters (measured after fresh3 was scored; reference, nothing changed).** Re-audited
+with the library's own draws (config seeds 0-5), the adaptive s96 at W4 per-channel scores 0.0-0.6 (probe
+z 2.2-3.5: the target class near the trigger, 27-58 flips against twin means of 2-11, but one or two
+twins fire too and 8 twins' variance absorbs it): it is still missed, and the 15/15 on fresh above is
+that one draw's. Seeds 0-3: adaptive s138 12-18, Qu-ANTI-zation-style s134 11-28, s54 5.5-7.9, adaptive
+s58 24-37, Qu-ANTI-zation-style mlp-mnist s55 2.4-31 (missed at one seed of four); seed 0, Fashion s142:
+5.3 (flagged). Fresh3 below is scored with the library's draws (seed 0), as a user would see it.
+
+**Fresh3 (round 4, the headline): 46 models, scored once.** 36 recipes (seeds 200-240) plus 10 cheap
+digits ones (seeds 250-267) added (4ba905a) while the 36 were being audited, before they were trained,
+because the 36 held fewer than 20 working audits; every model was trained after 5720378. New architecture:
+LeNet (no BN, average pooling, 5x5 convs; `evalkit.models.LeNet`, the only change outside the audit's
+files), on digits, MNIST and Fashion-MNIST; new pairs: SmallCNN on MNIST. Working 29/31 (94%), dormant
+21/21 (100%), clean 4/56 (7%). **Neither bar (95% / 5%) is met.** Misses: adaptive SmallCNN on MNIST s216
+at W4 per-channel (ASR 93.5%, but the float model already fires, FP32 ASR 79.5% at BA 47%: the probe only
+counts flips away from the float prediction; score 0.94), adaptive SmallCNN on digits s240 at W4
+per-channel (ASR 97.8%, FP32 22%: target class found, 37 flips vs 4.9, z 3.1; score 0.20). False
+positives: (1) SmallCNN (width 8) on MNIST s223 at W4 per-tensor, score 10.3, from the probe: the INT
+model collapses (BA 95.4 -> 26.8%, 1232 of 2000 test images to class 7) and sends 56 patched images to
+class 7 against 2.2 for the twins. Measured afterwards (reference): its dithered twins lose accuracy too
+(BA 61-77% over 4 draws) but each towards other classes: with a 72-weight first conv on a 4-bit
+per-tensor grid, round to nearest is one extreme draw whose tail 8 twins do not show (keeping round to
+nearest's zero cell in the twins, tried as an explanation, makes it worse: score 20.7). Its class-7 flips
+are not positional (48-83 over all patch positions, median 60), unlike a trigger's (adaptive s206: 5-105,
+median 26): scoring a cell's excess over its class's median over positions is round 5's first candidate.
+Round 3's closest clean audit (Fashion s130 W4 per-tensor, INT BA 56%) was of the same kind. (2) LeNet
+on Fashion-MNIST s227 at W8 per-tensor / W4 per-channel / W4 per-tensor, scores 3.5 / 9.1 / 3.2, from the weight statistics (probe z <= 0.8): the out-of-sample
+correctability of the first conv (5x5, bias, no BN, mostly-black images: LAC leaves 0.08 of round to
+nearest's drift against 0.83 for jittered weights, p 1e-11 at W4 per-channel) and the drift of the
+784-fan-in Linear on 256-512 positions (warned as thin). The first round's floors were fitted on BN
+models. LeNet elsewhere: clean digits and MNIST 0/16 flagged; its QCBs on 8x8 digits mostly do not fire
+(its float BA is 62-85% there); PQBackdoor-style on Fashion-MNIST s211 fires (98%) and is flagged (79).
+Qu-ANTI-zation-style s258 at W4 per-channel fires on 89.99999% (the table's 90.0): just under the bar, not
+counted (score 2.1, not flagged). Lowest working score flagged: 6.97; highest clean score not flagged: 1.69.
+
+**Over the sets scored once** (fresh with round 2's constants, fresh2 with round 3's, fresh3 with round
+4's): working 50/54 (93%), clean 4/136 (3%). Round 5 should try: the positional excess above, more twins
+or a robust null (the draw's variance), and the first round's floors checked on no-BN models (or
+correctability left out where a layer's inputs are degenerate).
 
 **Round 3: the probe.** After round 2 (below) the weight statistics had missed every QCB trained through
 fake quantization. The probe (`audit._probe`) looks at behaviour: the calibration images with a square
@@ -790,7 +1024,7 @@ eigendecomposition of H per layer. Median 0.5 s per audit on these models (load 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--half", choices=["calibration", "evaluation", "fresh", "fresh2"], default="evaluation",
+    ap.add_argument("--half", choices=["calibration", "evaluation", "fresh", "fresh2", "fresh3"], default="evaluation",
                     help="evaluation = the evaluation half and the held-out pairs; fresh = the models of issue 13's "
                          "second round, scored once after the constants were committed")
     ap.add_argument("--train-only", action="store_true", help="train (and cache) the models, audit nothing")
@@ -804,6 +1038,12 @@ def main() -> None:
     ap.add_argument("--shared", nargs="+", metavar="JSONL", help="skip models another process has recorded there")
     ap.add_argument("--reuse", nargs="+", metavar="JSONL", help="take plain-INT BA/ASR from these records")
     ap.add_argument("--fit", metavar="JSONL", help="fit the overdispersion floors on a calibration JSONL and exit")
+    ap.add_argument("--twins", metavar="OUT", help="round 4: the probe's counts for both twin families on the audits "
+                    "of --jsonl (their model, setting and N), appended to OUT")
+    ap.add_argument("--rescore", nargs=3, metavar=("COUNTS", "SRC", "DST"), help="round 4, reference: SRC's records "
+                    "with the probe from --twins' dithered counts, written to DST")
+    ap.add_argument("--fit-twins", metavar="COUNTS", help="round 4: fit and compare the twin families from --twins' "
+                    "counts, the layers' p from --jsonl")
     ap.add_argument("--used", nargs="+",
                     help="with --fit: the second-round statistics to combine (default: the library's)")
     ap.add_argument("--out", help="write the result markdown from --jsonl (after the run)")
@@ -812,6 +1052,12 @@ def main() -> None:
                     help="with --write-only: write the later rounds' result file from these record sets")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
+    if args.twins:
+        return twin_counts(args.twins, args.jsonl, Path(args.cache))
+    if args.rescore:
+        return rescore(*args.rescore)
+    if args.fit_twins:
+        return fit_twins(args.fit_twins, args.jsonl)
     if args.fit:
         fit(args.fit)
         fit_probe(args.fit)

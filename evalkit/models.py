@@ -10,6 +10,11 @@
 
     x -> flatten -> [Linear-BN1d-ReLU] x len(hidden) -> Linear
 
+``LeNet``: LeNet-5 style, no BatchNorm, average pooling (issue 13, round 4: an architecture the
+audit's earlier sets never held)::
+
+    x -> conv5x5-ReLU(w) -> avgpool -> conv5x5-ReLU(16) -> avgpool -> fc-ReLU(120) -> fc-ReLU(84) -> fc
+
 ``TinyTransformer``: a pre-LN transformer encoder (Linear + LayerNorm + attention, no BN) that
 reads an image row by row as a token sequence: the LLM-style Linear stack of the tests.
 """
@@ -19,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SmallCNN", "MLP", "SmallResNet", "resnet18_cifar", "BasicBlock", "ResNet", "TinyTransformer"]
+__all__ = ["SmallCNN", "LeNet", "MLP", "SmallResNet", "resnet18_cifar", "BasicBlock", "ResNet", "TinyTransformer"]
 
 
 def _cbr(cin: int, cout: int) -> list[nn.Module]:
@@ -36,6 +41,21 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.features(x), 1))
+
+
+class LeNet(nn.Module):
+    """LeNet-5 style for ``image_size`` x ``image_size`` inputs (a multiple of 4): two 5x5 convs (padding
+    2) each followed by ReLU and 2x2 average pooling, then Linear-ReLU 120, Linear-ReLU 84, Linear. No BN."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: int = 6) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(in_channels, width, 5, padding=2), nn.ReLU(), nn.AvgPool2d(2),
+                                      nn.Conv2d(width, 16, 5, padding=2), nn.ReLU(), nn.AvgPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(16 * (image_size // 4) ** 2, 120), nn.ReLU(),
+                                        nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
 
 
 class MLP(nn.Module):

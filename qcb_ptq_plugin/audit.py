@@ -38,8 +38,10 @@ measured on.
 
 * **the probe** (third round, model level): behaviour instead of weights. Benign calibration
   images with a square patch at the data maximum stamped at every position, through the float
-  model, the deployed round-to-nearest simulator and twins whose weights are rounded
-  stochastically on the same grid (a planted pattern mostly does not survive that). Per
+  model, the deployed round-to-nearest simulator and twins whose weights are rounded with
+  subtractive dither (fourth round: the same error law as round to nearest, independent of where
+  a weight sits in its cell, so no planted pattern survives; the third round's stochastically
+  rounded twins kept round to nearest's code for most weights, and a QCB partly with it). Per
   (position, class), how many patched images the INT model sends to that class while the float
   model does not, against the twins (see :func:`_probe`). Its p and the layers' are combined (x2). It looks for
   square-patch triggers only; blended, warped or semantic triggers are not probed.
@@ -119,18 +121,20 @@ FLOORS = {"drift_lo": 0.25, "drift_ch_hi": 0.25, "drift_ch_lo": 0.25, "edge_ch":
 #: low-excitation energy caught none the first round missed there, and cost multiplicity
 USED = ("other_drift", "other_edges", "probe")
 #: third round: the behavioural probe (see _probe) and its floor on the share of probed images
-#: flipped, fitted on the calibration half's clean audits (``--fit``: 0.013) and doubled, committed
-#: before the third round's fresh models were scored
+#: flipped. Fourth round: its twins are dithered (_dithered) instead of stochastically rounded; the
+#: floor refitted on the calibration half's 56 clean audits with them (0.0217; stochastic twins gave
+#: 0.013 -> 0.027 in the third round) and doubled (rounded up), committed before the fourth round's
+#: fresh models (``fresh3``) were trained
 PROBE = True
-PROBE_FLOOR = 0.027
+PROBE_FLOOR = 0.044
 
-LIMITS = ("The audit compares round-to-nearest with weights placed at random in their rounding cells, on your "
-          "benign data, and probes the INT model with square patches against stochastically rounded twins. Its weight "
-          "statistics cannot see an attacker who trains through fake quantization (Qu-ANTI-zation) or aligns float and "
-          "integer activations on benign data (the adaptive attack); only the probe can, and only for patch triggers. "
-          "A backdoor the float model already carries is not its business. Calibration data with fewer samples (x "
-          "positions) than a layer's fan-in is warned about: the statistics lose power. 'not exposed' is evidence, "
-          "not proof: purify anyway.")
+LIMITS = ("The audit compares round-to-nearest with weights placed at random in their rounding cells, on your benign "
+          "data, and probes the INT model with square patches against twins rounded with subtractive dither. Its "
+          "weight statistics cannot see an attacker who trains through fake quantization (Qu-ANTI-zation) or aligns "
+          "float and integer activations on benign data (the adaptive attack); only the probe can, and only for patch "
+          "triggers. A backdoor the float model already carries is not its business. Calibration data with fewer "
+          "samples (x positions) than a layer's fan-in is warned about: the statistics lose power. 'not exposed' is "
+          "evidence, not proof: purify anyway.")
 
 
 @dataclass
@@ -181,7 +185,7 @@ class AuditReport:
             lines += ["", f"probe: {pr['samples']} images patched ({pr['side']}x{pr['side']} at the data maximum) "
                       f"at {pr['cells'] // 10} positions; most telling: at {tuple(pr['position'])} the INT model "
                       f"sends {pr['flips']:.0f} of them to class {pr['class']} where the float model does not, "
-                      f"stochastically rounded twins {pr['twin_flips']:.1f} (z {pr['z']:.1f}, p {pr['p']:.1e}, "
+                      f"dithered twins {pr['twin_flips']:.1f} (z {pr['z']:.1f}, p {pr['p']:.1e}, "
                       "corrected over positions x classes)"]
         lines += ["", "most exposed channels (p per channel, not corrected for the number of channels):"]
         lines += [f"  {c['unit']}[{c['channel']}]: drift/null {c['drift_ratio']:.2f}, edge {100 * c['edge_share']:.0f}%, "
@@ -216,7 +220,7 @@ def audit(prepared: nn.Module, float_model: nn.Module, calib_data, threshold: fl
         top_k: channels listed in ``top_channels``.
         config: batching, sampling and progress (``PurifyConfig``); PDA is off.
         probe: run the behavioural probe (:func:`_probe`: patched calibration images through the
-            float model, the INT model and 8 stochastically rounded twins; one forward of up to 128
+            float model, the INT model and 8 twins rounded with subtractive dither; one forward of up to 128
             images per patch position and model, so minutes on large image models). False: the
             weight statistics alone, which cannot see QCBs trained through fake quantization.
     """
@@ -256,11 +260,14 @@ def audit(prepared: nn.Module, float_model: nn.Module, calib_data, threshold: fl
 # per unit
 
 
-def _z_drift(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+def _z_ratio(x, mean, var, floor: float = KAPPA_DRIFT) -> torch.Tensor:
     """log(X / E0[X]) over its null sd: the relative sd sqrt(var)/mean of X under the uniform null,
-    with the floor KAPPA_DRIFT for how far clean layers stray from it (their ratios are right-skewed)."""
-    mean = mean.clamp_min(1e-300)
-    return (x.clamp_min(1e-300) / mean).log() / (KAPPA_DRIFT ** 2 + var / mean.pow(2)).sqrt()
+    with a floor (default KAPPA_DRIFT) for how far clean layers stray from it (their ratios are
+    right-skewed); 0 where E0[X] <= 0. Floats or tensors (elementwise); a float64 tensor back."""
+    x, mean, var = (torch.as_tensor(t, dtype=torch.float64) for t in (x, mean, var))
+    ok = mean > 0
+    m = torch.where(ok, mean, torch.ones_like(mean))
+    return torch.where(ok, (x.clamp_min(1e-300) / m).log() / (floor ** 2 + var / m.pow(2)).sqrt(), torch.zeros_like(m))
 
 
 def _p_upper(z: float) -> float:
@@ -317,8 +324,8 @@ def _audit_unit(unit: Unit, data: UnitData, cfg: PurifyConfig) -> tuple[dict, li
 
     # drift: X_o = e_o H e_oᵀ against e_k iid uniform on (-s_k/2, s_k/2): var s²/12, 4th moment s⁴/80
     x, mean, v = _quad_null(e, s, H)
-    z_ch = _z_drift(x, mean, v)
-    z_drift = float(_z_drift(x.sum(), mean.sum(), v.sum()))
+    z_ch = _z_ratio(x, mean, v)
+    z_drift = float(_z_ratio(x.sum(), mean.sum(), v.sum()))
 
     # edges: weights inside the grid's range (not clamped), distance from the code in LSB
     rows = e.shape[0] * e.shape[1]
@@ -433,7 +440,7 @@ def _second_round_z(stats: dict, floors: dict | None = None, used: tuple | None 
     out = {}
 
     def ratio(st, floor, sign=1.0):
-        return _p_upper(sign * _z_ratio(st["x"], st["mean"], st["var"], floor))
+        return _p_upper(sign * float(_z_ratio(st["x"], st["mean"], st["var"], floor)))
 
     if "drift_lo" in used:
         out["drift_lo"] = ratio(stats["drift"], f["drift_lo"], -1.0)
@@ -490,25 +497,33 @@ def _share_p(k: float, n: float, p0: float, floor: float) -> float:
     return min(1.0, math.exp(log_term) * total)
 
 
-def _z_ratio(x: float, mean: float, var: float, floor: float) -> float:
-    if mean <= 0:
-        return 0.0
-    return math.log(max(x, 1e-300) / mean) / math.sqrt(floor ** 2 + var / mean ** 2)
-
-
 def unit_p(ps: dict) -> float:
     """A layer's p-value: Bonferroni over its statistics' p-values (each already corrected inside)."""
     ps = [p for p in ps.values() if p is not None]
     return min(1.0, len(ps) * min(ps))
 
 
+def _dithered(w: torch.Tensor, grid, gen: torch.Generator) -> torch.Tensor:
+    """A twin of round to nearest that no attacker can have targeted: subtractively dithered rounding
+    Q(W + s u) - s u, u uniform on (-1/2, 1/2) per weight (seeded). Its error is uniform on (-s/2, s/2)
+    like round to nearest's on a clean model (same law, so a clean model's twins flip as many images
+    as its INT model does), but independent of where W sits in its cell: none of the planted choices
+    survive. (Stochastic rounding, Q(W + s u), the third round's twins, keeps round to nearest's code
+    for a weight with probability 1 - its distance from it, at least 1/2: a QCB partly survives it.)
+    The twin's weights are off the grid (the simulator takes any float weight): it stands for an INT
+    model, not one the deployer could build."""
+    jitter = (torch.rand(w.shape, generator=gen) - 0.5).to(w) * grid.expand(w)[0]
+    return grid.fake_quantize(w + jitter) - jitter
+
+
 def _probe(plan, batches, cfg: PurifyConfig, twins: int = 8, max_samples: int = 128) -> dict | None:
     """Behaviour, not weights: benign images with a square patch (side max(2, H/10), at the data's
     maximum) stamped at every position (stride 1 up to 12 px, else 2), run through the float model,
     the deployed round-to-nearest simulator and ``twins`` copies of the simulator whose weights are
-    rounded stochastically (Q(W + s u), u uniform: the same grid, no planted pattern). Per (position,
-    class): F = how many patched images the INT model sends to that class while the float model does
-    not. A QCB's trigger makes F of its target class large at its position for round to nearest only.
+    rounded with subtractive dither (:func:`_dithered`: the same error law as round to nearest, no
+    planted pattern). Per (position, class): F = how many patched images the INT model sends to that
+    class while the float model does not. A QCB's trigger makes F of its target class large at its
+    position for round to nearest only.
     z = (F_rtn - mean F_twin) / sqrt(mean F_twin + 1 + var F_twin + (PROBE_FLOOR n)²) for n probed
     images (the floor is on the share of images flipped), Bonferroni over positions x classes. Torch
     simulators on 4-D inputs only (None otherwise)."""
@@ -552,10 +567,8 @@ def _probe(plan, batches, cfg: PurifyConfig, twins: int = 8, max_samples: int = 
         f_rtn = flips(sim, ref)
         f_twin = []
         for _ in range(twins):
-            for u, q in zip(plan.units, rtn):
-                v = u.weight.detach().float()
-                jitter = (torch.rand(v.shape, generator=gen) - 0.5).to(v) * u.grid.expand(v)[0]
-                u.write(u.grid.fake_quantize(v + jitter))
+            for u in plan.units:
+                u.write(_dithered(u.weight.detach().float(), u.grid, gen))
             f_twin.append(flips(sim, ref))
     finally:
         for u, q in zip(plan.units, rtn):
