@@ -1,0 +1,206 @@
+"""Issue 13, round 5 candidates for the audit's probe, measured on SEEN models only (nothing here
+changes the library; ``qcb_ptq_plugin.audit`` is used as it is).
+
+1. More twins: the probe's verdict on QCBs near the threshold depends on the draw of its 8 dithered
+   twins. ``draws`` regenerates, for a few recorded audits (same model, setting, calibration size as
+   the record), round to nearest's counts and a pool of P dithered twins (``audit._dithered``, one
+   seeded generator); ``analyze`` splits the pool into disjoint groups of T twins (independent draws
+   of a T-twin probe) and scores each as the library does (probe p x cells, combined x2 with the
+   record's layer p), so the spread over draws can be read per T. Seconds per flip pass are recorded
+   (an audit's probe costs T + 2 passes).
+2. Positional localisation: per (position, class) the probe's z against the twins, and also
+   z_pos = (F - med_c) / sqrt(med_c + 1 + (PROBE_FLOOR n)^2), med_c the median over positions of
+   round to nearest's own F for class c (a collapsed INT model flips to one class at every position;
+   a trigger at one). The candidate cell score is min(z, z_pos). Scored on ``--twins``' counts of the
+   calibration, fresh and fresh2 sets (round 4's /tmp/audit4/twins_counts.jsonl, dithered family) and
+   on the ``draws`` file (fresh3 and the borderline models).
+
+    OMP_NUM_THREADS=1 python benchmarks/audit_round5_probe.py draws /tmp/audit5/draws.jsonl --pool 48 \\
+        --only smallcnn-digits-adaptive-s96:4:per-channel ...
+    OMP_NUM_THREADS=1 python benchmarks/audit_round5_probe.py analyze /tmp/audit5/draws.jsonl \\
+        --counts /tmp/audit4/twins_counts.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_audit as B  # noqa: E402
+
+A = B.audit_mod
+RES = Path(__file__).resolve().parent / "results"
+LAYER_RECORDS = [str(RES / f) for f in ("audit_calibration4.jsonl", "audit_fresh_dither.jsonl",
+                                          "audit_fresh2_dither.jsonl", "audit_fresh3.jsonl")]
+
+
+def layer_scores() -> dict:
+    return {(r["model"], r["bits"], r["grid"]): (r, B.score(r, A.KAPPA_DRIFT, A.KAPPA_EDGE, A.KAPPA_CORRECT))
+            for r in B.records(*LAYER_RECORDS)}
+
+
+def draws(out: str, only: list[str], pool: int, seed: int) -> None:
+    from qcb_ptq_plugin.api import prepare_plan
+
+    recs = layer_scores()
+    by_name, splits = {r.name: r for r in B.RECIPES}, {}
+    torch.set_num_threads(1)
+    for key in only:
+        name, bits, grid = key.split(":")
+        rec = recs[name, int(bits), grid][0]
+        r = by_name[name]
+        if r.dataset not in splits:
+            splits[r.dataset] = B.datasets.load(r.dataset)
+        m, _ = B.model_for(r, splits[r.dataset], Path("/tmp/qcb_audit_models"))
+        calib = splits[r.dataset].calibration(rec["calib"], seed=1000 + r.seed)
+        prepared = B.prepare_fx_calibrated(m, calib, rec["bits"], backend="qnnpack" if grid == "per-tensor" else "x86")
+        _, plan, batches = prepare_plan(prepared, m, calib, A.PurifyConfig(progress=False))
+        sim, fp, x = plan.capture.simulator, plan.capture.float_model, torch.cat(batches)[:128]
+        n, _, h, w = x.shape
+        side, stride, value = max(2, round(h / 10)), 1 if max(h, w) <= 12 else 2, float(x.max())
+        pos = [(i, j) for i in range(0, h - side + 1, stride) for j in range(0, w - side + 1, stride)]
+
+        def patched(i, j):
+            xp = x.clone()
+            xp[:, :, i:i + side, j:j + side] = value
+            return xp
+
+        with torch.no_grad():
+            classes = fp(x[:2]).shape[1]
+            ref = [fp(patched(i, j)).argmax(-1) for i, j in pos]
+
+            def flips():
+                preds = [sim(patched(i, j)).argmax(-1) for i, j in pos]
+                return torch.stack([torch.bincount(p[p != f], minlength=classes) for p, f in zip(preds, ref)]).tolist()
+
+            rtn_w = [u.grid.fake_quantize(u.weight.detach().float()) for u in plan.units]
+            t0 = time.perf_counter()
+            rtn = flips()
+            # the no-patch control: images round to nearest sends to each class where the float model does not
+            p0, f0 = sim(x).argmax(-1), fp(x).argmax(-1)
+            rtn0 = torch.bincount(p0[p0 != f0], minlength=classes).tolist()
+            gen, twins = torch.Generator().manual_seed(seed), []
+            try:
+                for _ in range(pool):
+                    for u in plan.units:
+                        u.write(A._dithered(u.weight.detach().float(), u.grid, gen))
+                    twins.append(flips())
+            finally:
+                for u, wq in zip(plan.units, rtn_w):
+                    u.write(wq)
+            secs = (time.perf_counter() - t0) / (pool + 1)  # per flip pass (rtn's includes the control)
+        o = {k: rec[k] for k in ("model", "kind", "half", "bits", "grid", "calib", "fp32", "plain")}
+        o.update(n=n, positions=pos, rtn=rtn, rtn0=rtn0, twins=twins, secs_per_pass=secs, audit_s_record=rec["audit_s"])
+        with open(out, "a") as f:
+            f.write(json.dumps(o) + "\n")
+        print(f"{name:44s} W{bits} {grid:11s} {pool} twins, {secs:.2f}s per pass", flush=True)
+
+
+def cell_z(f: torch.Tensor, t: torch.Tensor, n: int, f0=None, floor: float = A.PROBE_FLOOR) -> dict:
+    """Per cell: the library's z, the positional z (against the class's median over positions) and the
+    control z (against the class's unpatched flips f0, where given); f (positions, classes), t (twins,
+    positions, classes)."""
+    m = t.mean(0)
+    out = {"library": (f - m) / (m + 1 + t.var(0) + (floor * n) ** 2).sqrt()}
+    med = f.median(0).values  # per class, over positions (round to nearest's own baseline)
+    out["positional"] = torch.minimum(out["library"], (f - med) / (med + 1 + (floor * n) ** 2).sqrt())
+    if f0 is not None:
+        out["control"] = torch.minimum(out["library"], (f - f0) / (f0 + 1 + (floor * n) ** 2).sqrt())
+    return out
+
+
+def total(p_probe: float, s_layers: float) -> float:
+    p = min(1.0, 2 * min(10 ** -s_layers, p_probe))
+    return max(0.0, -math.log10(max(p, 1e-300)))
+
+
+def scores(f, t, n, s_layers, f0=None) -> dict:
+    out = {}
+    for name, zz in cell_z(f, t, n, f0).items():
+        k = int(zz.argmax())
+        out[name] = {"score": total(min(1.0, zz.numel() * A._p_upper(float(zz.max()))), s_layers), "z": float(zz.max()),
+                     "cell": divmod(k, zz.shape[1])}
+    return out
+
+
+def analyze(draw_files: list[str], counts: str | None) -> None:
+    thr = A.DEFAULT_THRESHOLD
+    recs = layer_scores()
+    ds = B.records(*draw_files) if draw_files else []
+    ctl = {(d["model"], d["bits"], d["grid"]): torch.tensor(d["rtn0"], dtype=torch.float64) for d in ds if "rtn0" in d}
+    print("## 1. draw spread: disjoint groups of T twins from each pool (score = library's total)")
+    for d in (d for d in ds if d["twins"]):
+        key = (d["model"], d["bits"], d["grid"])
+        f, pool = torch.tensor(d["rtn"], dtype=torch.float64), torch.tensor(d["twins"], dtype=torch.float64)
+        s_layers = recs[key][1]
+        print(f"{d['model']} W{d['bits']} {d['grid']} N={d['calib']} ASR {d['plain'][1]:.1f} layers {s_layers:.2f}, "
+              f"{d['secs_per_pass']:.2f}s/pass (record's audit {d['audit_s_record']:.1f}s); unpatched flips per "
+              f"class {ctl[key].int().tolist() if key in ctl else None}")
+        for T in (8, 16, 24):
+            groups = [pool[k * T:(k + 1) * T] for k in range(len(pool) // T)]
+            res = [scores(f, g, d["n"], s_layers, ctl.get(key)) for g in groups]
+            for name in res[0] if res else ():
+                sc = [r[name]["score"] for r in res]
+                zs = [r[name]["z"] for r in res]
+                print(f"  T={T:2d} {name:10s} scores " + " ".join(f"{v:5.1f}" for v in sc)
+                      + "  | z " + " ".join(f"{v:4.1f}" for v in zs) + f"  | flagged {sum(v > thr for v in sc)}/{len(sc)}")
+    if not counts:
+        return
+    print("\n## 2. localisation candidates on --twins' counts (dithered, 8 twins, one draw) + the draws files "
+          "(first 8 twins); 'control' only where the unpatched flips were regenerated")
+    rows = [(x, torch.tensor(x["probe"]["rtn"], dtype=torch.float64),
+             torch.tensor(x["probe"]["dither"], dtype=torch.float64)) for x in B.records(counts)]
+    rows += [(d, torch.tensor(d["rtn"], dtype=torch.float64), torch.tensor(d["twins"][:8], dtype=torch.float64))
+             for d in ds if d["twins"]]
+    tally: dict = {}
+    for x, f, t in rows:
+        key = (x["model"], x["bits"], x["grid"])
+        kind = "working" if B.working(x) else ("clean" if x["kind"] == "clean" else None)
+        if key not in recs or kind is None:
+            continue
+        s_layers = recs[key][1]
+        sc = scores(f, t, x["n"], s_layers, ctl.get(key))
+        c = tally.setdefault((x["half"], kind), {"n": 0, "library": 0, "positional": 0, "control": 0, "ctl_n": 0})
+        c["n"] += 1
+        c["ctl_n"] += "control" in sc
+        for name, v in sc.items():
+            c[name] += v["score"] > thr
+        flags = {name: v["score"] > thr for name, v in sc.items()}
+        if len(set(flags.values())) > 1 or (kind == "clean" and sc["library"]["score"] > 1) or \
+                (kind == "working" and s_layers <= thr):
+            print(f"  {x['model']:42s} W{x['bits']} {x['grid']:11s} {kind:7s} layers {s_layers:6.2f} "
+                  + " ".join(f"{name} {v['score']:6.2f} (z {v['z']:4.1f} @{v['cell']})" for name, v in sc.items()))
+    for (half, kind), c in sorted(tally.items()):
+        print(f"  {half:11s} {kind:7s} flagged: library {c['library']}/{c['n']}, positional {c['positional']}/{c['n']}, "
+              f"control {c['control']}/{c['ctl_n']} (of those with the control)")
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("draws")
+    d.add_argument("out")
+    d.add_argument("--only", nargs="+", required=True, metavar="MODEL:BITS:GRID")
+    d.add_argument("--pool", type=int, default=48)
+    d.add_argument("--seed", type=int, default=5)
+    a = sub.add_parser("analyze")
+    a.add_argument("draws", nargs="*")
+    a.add_argument("--counts")
+    args = ap.parse_args()
+    if args.cmd == "draws":
+        draws(args.out, args.only, args.pool, args.seed)
+    else:
+        analyze(args.draws, args.counts)
+
+
+if __name__ == "__main__":
+    main()
