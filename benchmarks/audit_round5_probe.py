@@ -51,10 +51,15 @@ def draws(out: str, only: list[str], pool: int, seed: int) -> None:
     from qcb_ptq_plugin.api import prepare_plan
 
     recs = layer_scores()
+    if only == ["clean-calibration"]:  # every clean audit of the calibration half (the probe floor's fit)
+        only = [f"{m}:{b}:{g}" for (m, b, g), (r, _) in recs.items() if r["half"] == "calibration" and r["kind"] == "clean"]
+    done = {(d["model"], d["bits"], d["grid"]) for d in B.records(out)} if Path(out).exists() else set()
     by_name, splits = {r.name: r for r in B.RECIPES}, {}
     torch.set_num_threads(1)
     for key in only:
         name, bits, grid = key.split(":")
+        if (name, int(bits), grid) in done:
+            continue
         rec = recs[name, int(bits), grid][0]
         r = by_name[name]
         if r.dataset not in splits:
@@ -64,6 +69,8 @@ def draws(out: str, only: list[str], pool: int, seed: int) -> None:
         prepared = B.prepare_fx_calibrated(m, calib, rec["bits"], backend="qnnpack" if grid == "per-tensor" else "x86")
         _, plan, batches = prepare_plan(prepared, m, calib, A.PurifyConfig(progress=False))
         sim, fp, x = plan.capture.simulator, plan.capture.float_model, torch.cat(batches)[:128]
+        if x.dim() != 4:  # no probe there (transformer tokens, flat inputs)
+            continue
         n, _, h, w = x.shape
         side, stride, value = max(2, round(h / 10)), 1 if max(h, w) <= 12 else 2, float(x.max())
         pos = [(i, j) for i in range(0, h - side + 1, stride) for j in range(0, w - side + 1, stride)]
@@ -158,8 +165,9 @@ def analyze(draw_files: list[str], counts: str | None) -> None:
           "(first 8 twins); 'control' only where the unpatched flips were regenerated")
     rows = [(x, torch.tensor(x["probe"]["rtn"], dtype=torch.float64),
              torch.tensor(x["probe"]["dither"], dtype=torch.float64)) for x in B.records(counts)]
+    seen = {(x["model"], x["bits"], x["grid"]) for x, _, _ in rows}  # a model in both: the --twins draw
     rows += [(d, torch.tensor(d["rtn"], dtype=torch.float64), torch.tensor(d["twins"][:8], dtype=torch.float64))
-             for d in ds if d["twins"]]
+             for d in ds if d["twins"] and (d["model"], d["bits"], d["grid"]) not in seen]
     tally: dict = {}
     for x, f, t in rows:
         key = (x["model"], x["bits"], x["grid"])
@@ -183,6 +191,51 @@ def analyze(draw_files: list[str], counts: str | None) -> None:
               f"control {c['control']}/{c['ctl_n']} (of those with the control)")
 
 
+def p_probe(f, t, n, floor, f0=None, variant="library") -> float:
+    m = t.mean(0)
+    z = (f - m) / (m + 1 + t.var(0) + (floor * n) ** 2).sqrt()
+    if variant == "control" and f0 is not None:
+        z = torch.minimum(z, (f - f0) / (f0 + 1 + (floor * n) ** 2).sqrt())
+    return min(1.0, z.numel() * A._p_upper(float(z.max())))
+
+
+def refit(clean_file: str, draw_files: list[str]) -> None:
+    """Per number of twins T: the probe floor refitted as round 4 did (``bench_audit.fit_twins``: the
+    smallest floor with which no clean calibration audit gets 2 x probe p below 1 / their number), on
+    the first T twins of ``clean_file``'s pools; then, at twice it, the draws files' models scored on
+    disjoint groups of T twins (library statistic and with the no-patch control)."""
+    thr = A.DEFAULT_THRESHOLD
+    recs = layer_scores()
+    clean = [d for d in B.records(clean_file) if d["twins"]]
+    ds = [d for d in B.records(*draw_files) if d["twins"]]
+    ctl = {(d["model"], d["bits"], d["grid"]): torch.tensor(d["rtn0"], dtype=torch.float64)
+           for d in B.records(*draw_files)}
+    T_max = min(len(d["twins"]) for d in clean)
+    print(f"{len(clean)} clean calibration audits with {T_max} twins each")
+    for T in (8, 16, 24):
+        if T > T_max:
+            continue
+        cs = [(torch.tensor(d["rtn"], dtype=torch.float64), torch.tensor(d["twins"][:T], dtype=torch.float64), d["n"])
+              for d in clean]
+        lo, hi = 0.0, 1.0
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if min(2 * p_probe(f, t, n, mid) for f, t, n in cs) >= 1 / len(cs) else (mid, hi)
+        fl = 2 * hi
+        worst = max(total(p_probe(f, t, n, fl), recs[d["model"], d["bits"], d["grid"]][1])
+                    for (f, t, n), d in zip(cs, clean))
+        print(f"T={T:2d}: floor fitted {hi:.4f}, at 2x = {fl:.4f} (library, T=8: {A.PROBE_FLOOR}); highest clean "
+              f"calibration score at 2x {worst:.2f}")
+        for d in ds:
+            key = (d["model"], d["bits"], d["grid"])
+            f, pool = torch.tensor(d["rtn"], dtype=torch.float64), torch.tensor(d["twins"], dtype=torch.float64)
+            groups = [pool[k * T:(k + 1) * T] for k in range(len(pool) // T)]
+            for variant in ("library", "control"):
+                sc = [total(p_probe(f, g, d["n"], fl, ctl.get(key), variant), recs[key][1]) for g in groups]
+                print(f"    {d['model']:36s} W{d['bits']} {d['grid']:11s} {d['kind']:14s} {variant:8s} "
+                      + " ".join(f"{v:5.1f}" for v in sc) + f"  flagged {sum(v > thr for v in sc)}/{len(sc)}")
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -195,7 +248,12 @@ def main() -> None:
     a = sub.add_parser("analyze")
     a.add_argument("draws", nargs="*")
     a.add_argument("--counts")
+    r = sub.add_parser("refit")
+    r.add_argument("clean")
+    r.add_argument("draws", nargs="+")
     args = ap.parse_args()
+    if args.cmd == "refit":
+        return refit(args.clean, args.draws)
     if args.cmd == "draws":
         draws(args.out, args.only, args.pool, args.seed)
     else:
