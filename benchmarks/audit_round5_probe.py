@@ -192,9 +192,15 @@ def analyze(draw_files: list[str], counts: str | None) -> None:
 
 
 def p_probe(f, t, n, floor, f0=None, variant="library") -> float:
+    """The probe's p as the library computes it ("library"), with the no-patch control ("control"), or
+    with the control and the twins' variance pooled per class ("pooled": var = phi_c (mean + 1), phi_c
+    the median over positions of each cell's var / (mean + 1): a steadier variance than one cell's T twins)."""
     m = t.mean(0)
-    z = (f - m) / (m + 1 + t.var(0) + (floor * n) ** 2).sqrt()
-    if variant == "control" and f0 is not None:
+    v = t.var(0)
+    if variant == "pooled":
+        v = (v / (m + 1)).median(0).values * (m + 1)
+    z = (f - m) / (m + 1 + v + (floor * n) ** 2).sqrt()
+    if variant in ("control", "pooled") and f0 is not None:
         z = torch.minimum(z, (f - f0) / (f0 + 1 + (floor * n) ** 2).sqrt())
     return min(1.0, z.numel() * A._p_upper(float(z.max())))
 
@@ -211,29 +217,69 @@ def refit(clean_file: str, draw_files: list[str]) -> None:
     ctl = {(d["model"], d["bits"], d["grid"]): torch.tensor(d["rtn0"], dtype=torch.float64)
            for d in B.records(*draw_files)}
     T_max = min(len(d["twins"]) for d in clean)
+    variants = ("library", "control", "pooled")
     print(f"{len(clean)} clean calibration audits with {T_max} twins each")
     for T in (8, 16, 24):
         if T > T_max:
             continue
         cs = [(torch.tensor(d["rtn"], dtype=torch.float64), torch.tensor(d["twins"][:T], dtype=torch.float64), d["n"])
               for d in clean]
-        lo, hi = 0.0, 1.0
-        for _ in range(30):
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if min(2 * p_probe(f, t, n, mid) for f, t, n in cs) >= 1 / len(cs) else (mid, hi)
-        fl = 2 * hi
-        worst = max(total(p_probe(f, t, n, fl), recs[d["model"], d["bits"], d["grid"]][1])
-                    for (f, t, n), d in zip(cs, clean))
-        print(f"T={T:2d}: floor fitted {hi:.4f}, at 2x = {fl:.4f} (library, T=8: {A.PROBE_FLOOR}); highest clean "
-              f"calibration score at 2x {worst:.2f}")
+        fls = {}
+        for variant in variants:  # clean calibration audits have no control counts: fitted without it
+            fit_v = "pooled_nc" if variant == "pooled" else "library"
+            lo, hi = 0.0, 1.0
+            for _ in range(30):
+                mid = (lo + hi) / 2
+                ok = min(2 * p_probe(f, t, n, mid, None, fit_v.replace("_nc", "")) for f, t, n in cs) >= 1 / len(cs)
+                lo, hi = (lo, mid) if ok else (mid, hi)
+            fls[variant] = 2 * hi
+            worst = max(total(p_probe(f, t, n, 2 * hi, None, fit_v.replace("_nc", "")), recs[d["model"], d["bits"], d["grid"]][1])
+                        for (f, t, n), d in zip(cs, clean))
+            print(f"T={T:2d} {variant}: floor fitted {hi:.4f}, at 2x = {2 * hi:.4f} (library, T=8: {A.PROBE_FLOOR}); "
+                  f"highest clean calibration score at 2x {worst:.2f}")
         for d in ds:
             key = (d["model"], d["bits"], d["grid"])
             f, pool = torch.tensor(d["rtn"], dtype=torch.float64), torch.tensor(d["twins"], dtype=torch.float64)
             groups = [pool[k * T:(k + 1) * T] for k in range(len(pool) // T)]
-            for variant in ("library", "control"):
+            for variant in variants:
+                fl = fls[variant]
                 sc = [total(p_probe(f, g, d["n"], fl, ctl.get(key), variant), recs[key][1]) for g in groups]
                 print(f"    {d['model']:36s} W{d['bits']} {d['grid']:11s} {d['kind']:14s} {variant:8s} "
                       + " ".join(f"{v:5.1f}" for v in sc) + f"  flagged {sum(v > thr for v in sc)}/{len(sc)}")
+
+
+def pooled_sets(counts: str, floor: float, draw_files: list[str]) -> None:
+    """The pooled-variance probe ("pooled", at ``floor``, with the control where ``draw_files`` hold the
+    unpatched counts, else without it: conservative for clean audits) on --twins' counts (8 dithered
+    twins, one draw) of the calibration, fresh and fresh2 sets: flagged working / clean per set, against
+    the library's probe at PROBE_FLOOR."""
+    thr = A.DEFAULT_THRESHOLD
+    recs = layer_scores()
+    ctl = {(d["model"], d["bits"], d["grid"]): torch.tensor(d["rtn0"], dtype=torch.float64)
+           for d in B.records(*draw_files)} if draw_files else {}
+    tally: dict = {}
+    for x in B.records(counts):
+        key = (x["model"], x["bits"], x["grid"])
+        kind = "working" if B.working(x) else ("clean" if x["kind"] == "clean" else None)
+        if key not in recs or kind is None:
+            continue
+        f = torch.tensor(x["probe"]["rtn"], dtype=torch.float64)
+        t = torch.tensor(x["probe"]["dither"], dtype=torch.float64)
+        s_lay = recs[key][1]
+        a = total(p_probe(f, t, x["n"], A.PROBE_FLOOR), s_lay)
+        b = total(p_probe(f, t, x["n"], floor, ctl.get(key), "pooled"), s_lay)
+        c = tally.setdefault((x["half"], kind), [0, 0, 0, 0.0])
+        c[0] += 1
+        c[1] += a > thr
+        c[2] += b > thr
+        if kind == "clean":
+            c[3] = max(c[3], b)
+        if (a > thr) != (b > thr) or (kind == "clean" and b > 1.5):
+            print(f"  {x['model']:42s} W{x['bits']} {x['grid']:11s} {kind:7s} layers {s_lay:6.2f} library {a:6.2f} "
+                  f"pooled {b:6.2f}")
+    for (half, kind), (n, a, b, mx) in sorted(tally.items()):
+        print(f"  {half:11s} {kind:7s} flagged: library {a}/{n}, pooled {b}/{n}"
+              + (f" (highest clean pooled score {mx:.2f})" if kind == "clean" else ""))
 
 
 def main() -> None:
@@ -248,10 +294,16 @@ def main() -> None:
     a = sub.add_parser("analyze")
     a.add_argument("draws", nargs="*")
     a.add_argument("--counts")
+    ps = sub.add_parser("pooled")
+    ps.add_argument("counts")
+    ps.add_argument("floor", type=float)
+    ps.add_argument("draws", nargs="*")
     r = sub.add_parser("refit")
     r.add_argument("clean")
     r.add_argument("draws", nargs="+")
     args = ap.parse_args()
+    if args.cmd == "pooled":
+        return pooled_sets(args.counts, args.floor, args.draws)
     if args.cmd == "refit":
         return refit(args.clean, args.draws)
     if args.cmd == "draws":
