@@ -19,6 +19,13 @@ changes the library; ``qcb_ptq_plugin.audit`` is used as it is).
         --only smallcnn-digits-adaptive-s96:4:per-channel ...
     OMP_NUM_THREADS=1 python benchmarks/audit_round5_probe.py analyze /tmp/audit5/draws.jsonl \\
         --counts /tmp/audit4/twins_counts.jsonl
+
+The no-patch control ("control"): each cell also against the unpatched images round to nearest sends to
+that class (``draws`` records them as ``rtn0``). ``refit`` refits the probe floor per number of twins on
+the clean calibration audits (``draws OUT --pool 24 --only clean-calibration``) and scores the draws
+files' models at twice it, for the library's z, with the control, and with the twins' variance pooled
+per class ("pooled"); ``pooled COUNTS FLOOR [DRAWS]`` scores the pooled variant on --twins' counts of the
+seen sets. Exact commands and results: the round 5 notes in benchmarks/results/audit.md.
 """
 
 from __future__ import annotations
