@@ -58,8 +58,9 @@ def draws(out: str, only: list[str], pool: int, seed: int) -> None:
     from qcb_ptq_plugin.api import prepare_plan
 
     recs = layer_scores()
-    if only == ["clean-calibration"]:  # every clean audit of the calibration half (the probe floor's fit)
-        only = [f"{m}:{b}:{g}" for (m, b, g), (r, _) in recs.items() if r["half"] == "calibration" and r["kind"] == "clean"]
+    if len(only) == 1 and only[0].startswith("clean-"):  # every clean audit of a set (clean-calibration: the floor's fit)
+        half = only[0][len("clean-"):]
+        only = [f"{m}:{b}:{g}" for (m, b, g), (r, _) in recs.items() if r["half"] == half and r["kind"] == "clean"]
     done = {(d["model"], d["bits"], d["grid"]) for d in B.records(out)} if Path(out).exists() else set()
     by_name, splits = {r.name: r for r in B.RECIPES}, {}
     torch.set_num_threads(1)
@@ -265,13 +266,16 @@ def pooled_sets(counts: str, floor: float, draw_files: list[str]) -> None:
     ctl = {(d["model"], d["bits"], d["grid"]): torch.tensor(d["rtn0"], dtype=torch.float64)
            for d in B.records(*draw_files)} if draw_files else {}
     tally: dict = {}
-    for x in B.records(counts):
+    rows = [(x, x["probe"]["rtn"], x["probe"]["dither"]) for x in B.records(counts)]
+    seen = {(x["model"], x["bits"], x["grid"]) for x, _, _ in rows}  # draws files: their first 8 twins
+    rows += [(d, d["rtn"], d["twins"][:8]) for d in (B.records(*draw_files) if draw_files else [])
+             if d["twins"] and (d["model"], d["bits"], d["grid"]) not in seen]
+    for x, f, t in rows:
         key = (x["model"], x["bits"], x["grid"])
         kind = "working" if B.working(x) else ("clean" if x["kind"] == "clean" else None)
         if key not in recs or kind is None:
             continue
-        f = torch.tensor(x["probe"]["rtn"], dtype=torch.float64)
-        t = torch.tensor(x["probe"]["dither"], dtype=torch.float64)
+        f, t = torch.tensor(f, dtype=torch.float64), torch.tensor(t, dtype=torch.float64)
         s_lay = recs[key][1]
         a = total(p_probe(f, t, x["n"], A.PROBE_FLOOR), s_lay)
         b = total(p_probe(f, t, x["n"], floor, ctl.get(key), "pooled"), s_lay)
