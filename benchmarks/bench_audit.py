@@ -886,6 +886,108 @@ COMMANDS = [
 
 NOTES = """## Notes (hand-written)
 
+**Round 5 candidates (measured on seen models only; nothing changed in the library).** Side script
+`benchmarks/audit_round5_probe.py` (uses `audit._dithered` and the library's z as they are). Machine: the
+shared 2-core Xeon, 1 thread, load average 0.9-1.1. Commands (04:59-05:26 UTC, 24 Nov):
+
+    python benchmarks/audit_round5_probe.py draws /tmp/audit5/draws_v2.jsonl --pool 48 --only \\
+        smallcnn-digits-adaptive-s96:4:per-channel smallcnn-digits-adaptive-s240:4:per-channel \\
+        smallcnn-mnist-clean-s223:4:per-tensor mlp-mnist-qu-anti-zation-s55:4:per-channel \\
+        smallcnn-digits-adaptive-s206:4:per-channel smallcnn-digits-qu-anti-zation-s200:4:per-channel \\
+        smallcnn-digits-qu-anti-zation-s256:4:per-channel
+    python benchmarks/audit_round5_probe.py draws /tmp/audit5/control.jsonl --pool 0 --only \\
+        smallcnn-digits-qu-anti-zation-s54:4:per-channel smallcnn-digits-adaptive-s58:4:per-channel \\
+        smallcnn-digits-adaptive-s138:4:per-channel smallcnn-digits-qu-anti-zation-s134:4:per-channel \\
+        smallcnn-fashion-mnist-qu-anti-zation-s142:4:per-channel
+    python benchmarks/audit_round5_probe.py draws /tmp/audit5/cal_clean24.jsonl --pool 24 --seed 11 --only clean-calibration
+    python benchmarks/audit_round5_probe.py analyze /tmp/audit5/draws_v2.jsonl /tmp/audit5/control.jsonl \\
+        --counts /tmp/audit4/twins_counts.jsonl
+    python benchmarks/audit_round5_probe.py refit /tmp/audit5/cal_clean24.jsonl /tmp/audit5/draws_v2.jsonl /tmp/audit5/control.jsonl
+    python benchmarks/audit_round5_probe.py draws /tmp/audit5/fresh3_clean8.jsonl --pool 8 --seed 21 --only clean-fresh3
+    python benchmarks/audit_round5_probe.py pooled /tmp/audit4/twins_counts.jsonl 0.0659 /tmp/audit5/draws_v2.jsonl \\
+        /tmp/audit5/control.jsonl /tmp/audit5/fresh3_clean8.jsonl
+
+(all with OMP_NUM_THREADS=1; /tmp/audit4/twins_counts.jsonl is round 4's `--twins` output, not committed.)
+`draws` rebuilds the recorded audit (same calibration size and images) and runs round to nearest plus a
+pool of 48 dithered twins; disjoint groups of T twins are independent draws of a T-twin probe (6 of 8, 3
+of 16, 2 of 24: few, so the spreads below are indicative). Scores are the library's total (probe p x
+cells, x2 with the record's layer p); threshold 3.
+
+*1. More twins.* At the library's floor (0.044), scores per draw, T = 8 / 16 / 24 twins:
+adaptive s96 (fresh, ASR 96%) 0.2 2.1 1.1 1.3 17.5 0.0 / 1.1 1.3 0.0 / 1.1 0.1;
+mlp-mnist s55 (calibration, 95%) 30.7 4.0 3.7 8.9 22.3 18.7 / 5.7 4.3 21.2 / 4.2 15.3;
+adaptive s240 (fresh3, 98%) 7.3 3.7 6.3 8.4 27.9 9.7 / 4.4 7.3 12.7 / 5.0 9.2 (the library's own seed-0
+draw gave 0.2, seeds 1-3 1.7 / 6.2 / 7.3: fresh3's miss was a bad draw);
+adaptive s206 (fresh3) 0.9 11.5 1.9 5.6 2.5 6.1 / 2.2 3.4 3.4 / 2.2 3.7;
+Qu-ANTI-zation s200 (fresh3) 5.6 0.5 3.1 3.9 4.3 11.0 / 1.7 3.6 6.3 / 2.1 5.4;
+Qu-ANTI-zation s256 (fresh3) 4.2-32.9 / 5.7-26.9 / 7.0 13.6;
+**clean s223 W4 per-tensor (fresh3) 4.1 28.5 3.9 22.9 1.4 3.0 / 7.9 7.7 0.4 / 5.5 1.8**: flagged at 4 of 6,
+2 of 3, 1 of 2 draws. More twins remove the lucky high draws (8 twins' sample variance is itself noisy:
+a draw with quiet twins inflates z, for QCBs and clean models alike), so spreads shrink, but the verdict
+converges to where each model really sits: s96 below, s206 and s200 at the threshold, s223 above. More
+twins alone do not fix the false positive and cost detections at the current floor. Refitted floor
+(`refit`, round 4's rule: smallest floor with no clean calibration audit's 2 x probe p below 1/56, on
+the calibration half's 56 clean audits with a pool of 24 twins, first T used): T=8 0.0285 (this draw;
+round 4's draw gave 0.0217, so the floor is draw-dependent too), T=16 0.0164, T=24 0.0199; at 2x,
+highest clean calibration score 0.20 / 0.25 / 0.20. At 2x, T=24: s96 1.4 0.3, s240 5.5 10.1, s55 4.9 16.2,
+s206 2.4 3.9, s200 2.4 6.2, s256 7.6 15.4, s223 6.0 1.9 (T=16: s96 1.8 2.4 0.1, s206 3.5 4.6 3.9, s200
+2.2 4.9 9.2, s223 10.0 10.1 0.6). Cost: a probe is T + 2 flip passes (plus the float pass); per pass
+0.11-0.21 s for 8x8-digits CNNs/MLPs, 0.29 s mlp-mnist, 0.7 s transformer, 3.2 s SmallCNN (width 8)
+on MNIST, 6.3 s SmallCNN (width 16) on Fashion-MNIST. T=24 instead of 8 adds 16 passes: about +3 s
+on digits, +51 s on s223 (its audit 32 s -> about 83 s), +100 s on Fashion s142 (x2.5 to x3 of the audit's
+time wherever the probe dominates).
+
+*2. Localisation.* (a) As proposed in round 4, each cell scored also against its class's median F over
+positions (min of the two z): removes s223 (z 2.4 at every draw) but **breaks detections**: adaptive
+QCBs' INT models answer the patch at most positions (s240: class-0 flips 27-91 at all 49 positions,
+twins 1-49), so s240 falls to 0.2-0.8 at every draw, fresh2's adaptive s138 6.2 -> 0.0, s58 38.9 -> 6.9,
+s134 47.9 -> 8.6, Fashion s142 12.5 -> 4.6 (on round 4's `--twins` counts). Rejected. (b) A no-patch
+control instead: the unpatched calibration images round to nearest sends to class c while the float
+model does not, f0_c (one extra forward of 128 images), and each cell also scored as
+(F - f0_c) / sqrt(f0_c + 1 + (PROBE_FLOOR n)²) (min of the two z). s223's INT model collapses without any
+patch (f0 = 59 to class 7 of 128, patched median 60), a QCB's mostly with its trigger (f0 of the target
+class 0-14 for the ten digits/MNIST QCBs measured; 34 for Fashion s142, whose INT model already leaks to
+its target on clean images). Result: s223 0.2 at all 6 / 3 / 2 draws (every T, library or
+refitted floor); every probe-dependent working QCB of the seen sets measured keeps its score or nearly
+(one draw of 8: s54 39.6, s58 38.9 -> 28.6, s55 29.1, s138 6.2, s134 47.9 -> 36.1, s96 6.8, s142 12.5 -> 9.2,
+s240 7.3 -> 6.4, s200, s206, s256 unchanged; over all draws and T, s240 and s55 lose at most 1.4, except
+two high draws of s240, 27.9 -> 17.4 and 16.6 -> 11.4; no draw of a working audit measured crosses the
+threshold because of it). Clean scores can only go down (min of two z). Working QCBs flagged by the
+layers are unaffected.
+Not measured: the other fresh3 audits' unpatched counts (only s223 among its clean ones was probe-
+flagged), and a QCB whose INT model also collapses on clean inputs (it would be hidden from the probe; its
+benign accuracy would show it).
+
+*3. Pooled twin variance (tried last, after seeing the above: tuned on these models).* Per cell the
+twins' variance replaced by phi_c (mean + 1), phi_c the median over positions of var / (mean + 1) for
+class c (`p_probe(..., "pooled")`, with the control (b)). Floor refitted by the same rule on the 56 clean
+calibration audits (no control there): 0.0330 / 0.0293 / 0.0298 at T = 8 / 16 / 24 (2x: 0.066 / 0.059 /
+0.060; highest clean calibration score 0.20). At 2x, per draw, T = 8 / 16 / 24: s96 5.7 9.1 5.4 5.6 22.6
+0.4 / 8.6 6.3 5.6 / 7.9 5.7; s240 4.0 2.6 3.8 4.7 9.9 5.8 / 3.7 5.1 7.8 / 3.9 6.9; s206 2.6 9.1 5.7 6.6 4.0
+9.3 / 5.5 6.8 6.2 / 5.1 6.4; s200 3.8-17.6 / 7.5-14.1 / 9.3 11.6; s55 13.2-26.2 / 19.3-30.1 / 21.5 26.9;
+s256 7.6-19.6 / 10.4-19.6 / 10.9 15.0; s223 0.2 at every draw. So at T >= 16 every one of these working
+QCBs is flagged at every draw (s96, the miss of rounds 2-4, included) and the clean s223 never is. On
+round 4's `--twins` counts (8 twins, another draw; `pooled /tmp/audit4/twins_counts.jsonl 0.0659 ...`, the
+control only where regenerated): calibration working 18/18, clean 0/56 (max 0.20), fresh 15/15, 0/48 (max
+0.00), fresh2 8/8, 0/32 (max 0.39), the same as the library's probe. Fresh3's 56 clean audits, rerun with
+8 twins and the control (`draws /tmp/audit5/fresh3_clean8.jsonl --pool 8 --seed 21 --only clean-fresh3`,
+12 min; then `pooled ... /tmp/audit5/fresh3_clean8.jsonl`): flagged 3/56 (library probe, this draw: 4/56),
+the three being LeNet Fashion s227's weight-statistic false positives (layers 3.8 / 9.5 / 3.5, untouched by
+the probe); every fresh3 clean total above 1.5 (those three, ResNet s231 W4 per-tensor 1.69) is its
+layers' score, not the pooled probe's. The probe's working fresh3
+audits at this T=8 draw: s200, s240, s256 flagged, s206 not (2.6), as with the library's probe.
+
+*Recommendation for round 5* (commit before a fresh4 set is trained): (1) the no-patch control (b) in
+`_probe` (no new constant; report f0 in the probe dict); (2) the pooled per-class twin variance (3), the
+candidate that raises power; (3) T = 16 twins (24 where cheap; a `probe_twins` argument with its
+default fixed in advance) and PROBE_FLOOR refitted on the calibration half at that T with the twins drawn
+as the library draws them (here 0.0293 -> 0.059 at T=16, 0.0298 -> 0.060 at T=24); re-fit on a second
+pool seed to measure the floor's own draw spread (T=8 gave 0.0217 in round 4's draw and 0.0285 here)
+before committing. Then re-score the seen sets with the committed code (at T=8 here pooling raised no
+clean audit of any seen set over the threshold) before any fresh4 model is trained. More twins alone trade lucky hits for a
+stable verdict at the current per-cell variance and do not fix s223. Cost of T = 16: +8 passes, +2 s on
+digits, +26 s on MNIST SmallCNNs, +50 s on Fashion ones.
+
 **Round 4: dithered twins.** Stochastic rounding, Q(W + s u), keeps round to nearest's code for a weight
 with probability 1 - its distance from it (at least 1/2), so a QCB partly survives in round 3's twins
 (Fashion s142: 84 patched images flipped, twins 20; adaptive s96: 17 vs 5). The twins are now
