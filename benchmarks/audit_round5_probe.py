@@ -55,8 +55,6 @@ def layer_scores() -> dict:
 
 
 def draws(out: str, only: list[str], pool: int, seed: int) -> None:
-    from qcb_ptq_plugin.api import prepare_plan
-
     recs = layer_scores()
     if len(only) == 1 and only[0].startswith("clean-"):  # every clean audit of a set (clean-calibration: the floor's fit)
         half = only[0][len("clean-"):]
@@ -69,32 +67,19 @@ def draws(out: str, only: list[str], pool: int, seed: int) -> None:
         if (name, int(bits), grid) in done:
             continue
         rec = recs[name, int(bits), grid][0]
-        r = by_name[name]
-        if r.dataset not in splits:
-            splits[r.dataset] = B.datasets.load(r.dataset)
-        m, _ = B.model_for(r, splits[r.dataset], Path("/tmp/qcb_audit_models"))
-        calib = splits[r.dataset].calibration(rec["calib"], seed=1000 + r.seed)
-        prepared = B.prepare_fx_calibrated(m, calib, rec["bits"], backend="qnnpack" if grid == "per-tensor" else "x86")
-        _, plan, batches = prepare_plan(prepared, m, calib, A.PurifyConfig(progress=False))
-        sim, fp, x = plan.capture.simulator, plan.capture.float_model, torch.cat(batches)[:128]
-        if x.dim() != 4:  # no probe there (transformer tokens, flat inputs)
+        plan, x = B.probe_inputs(rec, by_name, splits, Path("/tmp/qcb_audit_models"))
+        if x is None:  # no probe there (transformer tokens, flat inputs)
             continue
-        n, _, h, w = x.shape
-        side, stride, value = max(2, round(h / 10)), 1 if max(h, w) <= 12 else 2, float(x.max())
-        pos = [(i, j) for i in range(0, h - side + 1, stride) for j in range(0, w - side + 1, stride)]
-
-        def patched(i, j):
-            xp = x.clone()
-            xp[:, :, i:i + side, j:j + side] = value
-            return xp
+        n = x.shape[0]
+        sim, fp = plan.capture.simulator, plan.capture.float_model
+        _, pos, patched = A._patches(x)
 
         with torch.no_grad():
             classes = fp(x[:2]).shape[1]
             ref = [fp(patched(i, j)).argmax(-1) for i, j in pos]
 
             def flips():
-                preds = [sim(patched(i, j)).argmax(-1) for i, j in pos]
-                return torch.stack([torch.bincount(p[p != f], minlength=classes) for p, f in zip(preds, ref)]).tolist()
+                return A._flip_counts(sim, patched, pos, ref, classes).int().tolist()
 
             rtn_w = [u.grid.fake_quantize(u.weight.detach().float()) for u in plan.units]
             t0 = time.perf_counter()

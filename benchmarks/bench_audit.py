@@ -458,46 +458,47 @@ def fit_probe(path: str) -> float:
     return hi
 
 
+def probe_inputs(rec: dict, by_name: dict, splits: dict, cache: Path):
+    """(plan, images) the probe saw in a recorded audit: the model, its calibration set and FX
+    preparation as the audit had them, and the first 128 calibration images (None where the probe
+    does not run: inputs that are not images). ``splits`` caches the datasets loaded so far."""
+    from qcb_ptq_plugin.api import prepare_plan
+
+    r = by_name[rec["model"]]
+    if r.dataset not in splits:
+        splits[r.dataset] = datasets.load(r.dataset)
+    m, _ = model_for(r, splits[r.dataset], cache)
+    calib = splits[r.dataset].calibration(rec["calib"], seed=1000 + r.seed)
+    prepared = prepare_fx_calibrated(m, calib, rec["bits"], backend="qnnpack" if rec["grid"] == "per-tensor" else "x86")
+    _, plan, batches = prepare_plan(prepared, m, calib, q.PurifyConfig(progress=False))
+    x = torch.cat(batches)[:128]
+    return plan, x if x.dim() == 4 else None
+
+
 def twin_counts(out: str, sources: list[str], cache: Path) -> None:
     """Round 4: the probe's counts for round to nearest and for two families of 8 twins, stochastic
     rounding (round 3) and subtractive dither (round 4), on the (model, setting, calibration size) of
     recorded audits, appended to ``out`` (one line per audit; audits already there are skipped)."""
-    from qcb_ptq_plugin.api import prepare_plan
-
     done = {(j["model"], j["bits"], j["grid"]) for j in records(out)} if Path(out).exists() else set()
     by_name, splits = {r.name: r for r in RECIPES}, {}
     torch.set_num_threads(1)
     for rec in records(*sources):
         if (rec["model"], rec["bits"], rec["grid"]) in done:
             continue
-        r = by_name[rec["model"]]
-        if r.dataset not in splits:
-            splits[r.dataset] = datasets.load(r.dataset)
-        m, _ = model_for(r, splits[r.dataset], cache)
-        calib = splits[r.dataset].calibration(rec["calib"], seed=1000 + r.seed)
-        backend = "qnnpack" if rec["grid"] == "per-tensor" else "x86"
-        prepared = prepare_fx_calibrated(m, calib, rec["bits"], backend=backend)
-        _, plan, batches = prepare_plan(prepared, m, calib, q.PurifyConfig(progress=False))
-        sim, fp, x = plan.capture.simulator, plan.capture.float_model, torch.cat(batches)[:128]
-        if x.dim() != 4:
+        plan, x = probe_inputs(rec, by_name, splits, cache)
+        if x is None:
             continue
         t0 = time.perf_counter()
-        n, _, h, w = x.shape
-        side, stride, value = max(2, round(h / 10)), 1 if max(h, w) <= 12 else 2, float(x.max())
-        pos = [(i, j) for i in range(0, h - side + 1, stride) for j in range(0, w - side + 1, stride)]
-
-        def patched(i, j):
-            xp = x.clone()
-            xp[:, :, i:i + side, j:j + side] = value
-            return xp
+        n = x.shape[0]
+        sim, fp = plan.capture.simulator, plan.capture.float_model
+        _, pos, patched = audit_mod._patches(x)
 
         with torch.no_grad():
             classes = fp(x[:2]).shape[1]
             ref = [fp(patched(i, j)).argmax(-1) for i, j in pos]
 
             def flips():
-                preds = [sim(patched(i, j)).argmax(-1) for i, j in pos]
-                return torch.stack([torch.bincount(p[p != f], minlength=classes) for p, f in zip(preds, ref)]).tolist()
+                return audit_mod._flip_counts(sim, patched, pos, ref, classes).int().tolist()
 
             rtn = [u.grid.fake_quantize(u.weight.detach().float()) for u in plan.units]
             counts, gen = {"rtn": flips(), "sr": [], "dither": []}, torch.Generator().manual_seed(2)

@@ -516,6 +516,33 @@ def _dithered(w: torch.Tensor, grid, gen: torch.Generator) -> torch.Tensor:
     return grid.fake_quantize(w + jitter) - jitter
 
 
+def _patches(x: torch.Tensor):
+    """The probe's stimuli for images ``x`` (N, C, H, W): a square of side max(2, H/10) at the data's
+    maximum, at every position (stride 1 up to 12 px, else 2). Returns (side, positions, patched),
+    ``patched(i, j)`` a copy of ``x`` with the square's corner at (i, j)."""
+    h, w = x.shape[-2:]
+    side, stride, value = max(2, round(h / 10)), 1 if max(h, w) <= 12 else 2, float(x.max())
+    pos = [(i, j) for i in range(0, h - side + 1, stride) for j in range(0, w - side + 1, stride)]
+
+    def patched(i: int, j: int) -> torch.Tensor:
+        xp = x.clone()
+        xp[:, :, i:i + side, j:j + side] = value
+        return xp
+
+    return side, pos, patched
+
+
+def _flip_counts(model, patched, pos, ref_preds, classes: int) -> torch.Tensor:
+    """(positions, classes) float64: per patch position, how many patched images ``model`` sends to
+    each class where ``ref_preds`` (the float model's predictions on the same images) does not."""
+    out = []
+    with torch.no_grad():
+        for (i, j), ref in zip(pos, ref_preds):
+            pred = model(patched(i, j)).argmax(-1)
+            out.append(torch.bincount(pred[pred != ref], minlength=classes).double())
+    return torch.stack(out)
+
+
 def _probe(plan, batches, cfg: PurifyConfig, twins: int = 8, max_samples: int = 128) -> dict | None:
     """Behaviour, not weights: benign images with a square patch (side max(2, H/10), at the data's
     maximum) stamped at every position (stride 1 up to 12 px, else 2), run through the float model,
@@ -538,38 +565,21 @@ def _probe(plan, batches, cfg: PurifyConfig, twins: int = 8, max_samples: int = 
         log.info("probe skipped: the float model's output is not (batch, classes)")
         return None
     classes = out.shape[1]
-    n, c, h, w = x.shape
-    side = max(2, round(h / 10))
-    stride = 1 if max(h, w) <= 12 else 2
-    value = float(x.max())
-    pos = [(i, j) for i in range(0, h - side + 1, stride) for j in range(0, w - side + 1, stride)]
+    n = x.shape[0]
+    side, pos, patched = _patches(x)
     log.info("probe: %d patch positions x %d models x %d images", len(pos), twins + 2, n)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     rtn = [u.grid.fake_quantize(u.weight.detach().float()) for u in plan.units]
-
-    def flips(model, ref_preds):
-        out = []
-        with torch.no_grad():
-            for (i, j), ref in zip(pos, ref_preds):
-                xp = x.clone()
-                xp[:, :, i:i + side, j:j + side] = value
-                pred = model(xp).argmax(-1)
-                out.append(torch.bincount(pred[pred != ref], minlength=classes).double())
-        return torch.stack(out)  # (positions, classes)
-
     with torch.no_grad():
-        ref = []
-        for i, j in pos:
-            xp = x.clone()
-            xp[:, :, i:i + side, j:j + side] = value
-            ref.append(fp(xp).argmax(-1))
+        ref = [fp(patched(i, j)).argmax(-1) for i, j in pos]
+
     try:
-        f_rtn = flips(sim, ref)
+        f_rtn = _flip_counts(sim, patched, pos, ref, classes)
         f_twin = []
         for _ in range(twins):
             for u in plan.units:
                 u.write(_dithered(u.weight.detach().float(), u.grid, gen))
-            f_twin.append(flips(sim, ref))
+            f_twin.append(_flip_counts(sim, patched, pos, ref, classes))
     finally:
         for u, q in zip(plan.units, rtn):
             u.write(q)
