@@ -72,15 +72,8 @@ def draws(out: str, only: list[str], pool: int, seed: int) -> None:
             continue
         n = x.shape[0]
         sim, fp = plan.capture.simulator, plan.capture.float_model
-        _, pos, patched = A._patches(x)
-
+        pos, classes, flips = B.probe_counter(plan, x)
         with torch.no_grad():
-            classes = fp(x[:2]).shape[1]
-            ref = [fp(patched(i, j)).argmax(-1) for i, j in pos]
-
-            def flips():
-                return A._flip_counts(sim, patched, pos, ref, classes).int().tolist()
-
             rtn_w = [u.grid.fake_quantize(u.weight.detach().float()) for u in plan.units]
             t0 = time.perf_counter()
             rtn = flips()

@@ -475,6 +475,22 @@ def probe_inputs(rec: dict, by_name: dict, splits: dict, cache: Path):
     return plan, x if x.dim() == 4 else None
 
 
+def probe_counter(plan, x: torch.Tensor):
+    """(positions, classes, flips) of the library's probe on images ``x``: ``flips()`` counts, per
+    patch position and class, the patched images the plan's simulator (with whatever weights it holds
+    now) sends to that class where the float model does not (lists of ints)."""
+    sim, fp = plan.capture.simulator, plan.capture.float_model
+    _, pos, patched = audit_mod._patches(x)
+    with torch.no_grad():
+        classes = fp(x[:2]).shape[1]
+        ref = [fp(patched(i, j)).argmax(-1) for i, j in pos]
+
+    def flips() -> list:
+        return audit_mod._flip_counts(sim, patched, pos, ref, classes).int().tolist()
+
+    return pos, classes, flips
+
+
 def twin_counts(out: str, sources: list[str], cache: Path) -> None:
     """Round 4: the probe's counts for round to nearest and for two families of 8 twins, stochastic
     rounding (round 3) and subtractive dither (round 4), on the (model, setting, calibration size) of
@@ -490,16 +506,8 @@ def twin_counts(out: str, sources: list[str], cache: Path) -> None:
             continue
         t0 = time.perf_counter()
         n = x.shape[0]
-        sim, fp = plan.capture.simulator, plan.capture.float_model
-        _, pos, patched = audit_mod._patches(x)
-
+        pos, _, flips = probe_counter(plan, x)
         with torch.no_grad():
-            classes = fp(x[:2]).shape[1]
-            ref = [fp(patched(i, j)).argmax(-1) for i, j in pos]
-
-            def flips():
-                return audit_mod._flip_counts(sim, patched, pos, ref, classes).int().tolist()
-
             rtn = [u.grid.fake_quantize(u.weight.detach().float()) for u in plan.units]
             counts, gen = {"rtn": flips(), "sr": [], "dither": []}, torch.Generator().manual_seed(2)
             try:
