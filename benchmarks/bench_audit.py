@@ -312,7 +312,7 @@ def run(args) -> None:
                          100 * metrics.attack_success_rate(qm, xt, yt, trig, tgt))
             t0 = time.perf_counter()
             prepared = prepare_fx_calibrated(m, calib, bits, backend="qnnpack" if grid == "per-tensor" else "x86")
-            rep = q.audit(prepared, m, calib)
+            rep = q.audit(prepared, m, calib, probe=not args.no_probe)
             rec = {"model": r.name, "arch": r.arch, "dataset": r.dataset, "kind": r.kind, "half": r.half,
                    "seed": r.seed, "bits": bits, "grid": grid, "calib": n, "fp32": fp, "plain": plain,
                    "train_s": train_s, "audit_s": time.perf_counter() - t0, "score": rep.score, "p": rep.p_value,
@@ -335,7 +335,8 @@ def unit_z(u: dict, k_drift: float, k_edge: float, k_corr: float) -> tuple[float
     zd = math.log(max(x, 1e-300) / m) / math.sqrt(k_drift ** 2 + v / m ** 2)
     p0 = 1 - 2 * audit_mod.EDGE
     ze = (u["edge_share"] - p0) / math.sqrt(p0 * (1 - p0) / max(u["n_weights"], 1) + k_edge ** 2)
-    zc = 0.0 if not u["lac_oos"] or not u["lac_oos_null"] else math.log(u["lac_oos_null"] / u["lac_oos"]) / k_corr
+    zc = audit_mod._z_correct(u["lac_oos"], u["lac_oos_null"], u.get("lac_oos_null_var", 0.0),
+                              u.get("lac_oos_draws", 1), k_corr)
     return zd, ze, zc
 
 
@@ -417,45 +418,80 @@ def fit_second(path: str, used: tuple) -> dict:
 
 
 def probe_z(rec: dict, floor: float) -> tuple[float, int]:
-    """The probe's largest z over (position, class) from its raw counts, with floor ``floor`` (as
-    ``audit._probe``: twins' mean + 1 + their variance + (floor x images)²), and the number of cells."""
+    """The probe's largest z over (position, class) from its raw counts (round to nearest, the
+    unpatched control, the twins) with floor ``floor``, as ``audit._probe_z``, and the number of cells."""
     raw = rec["probe"]["raw"]
-    f, t = torch.tensor(raw["rtn"], dtype=torch.float64), torch.tensor(raw["twins"], dtype=torch.float64)
-    m = t.mean(0)
-    z = (f - m) / (m + 1 + t.var(0) + (floor * rec["probe"]["samples"]) ** 2).sqrt()
+    f, f0, t = (torch.tensor(raw[k], dtype=torch.float64) for k in ("rtn", "control", "twins"))
+    z = audit_mod._probe_z(f, f0, t, rec["probe"]["samples"], floor)
     return float(z.max()), z.numel()
 
 
-def fit_probe(path: str) -> float:
-    """The smallest probe floor with which no clean calibration audit gets a probe p (x cells x 2, the
-    combination with the layers' p) below 1 / number of clean audits; detections at twice that."""
-    recs = [r for r in records(path) if r.get("probe") and "raw" in r["probe"]]
-    clean = [r for r in recs if r["kind"] == "clean"]
-    if not clean:
-        print("no probe records")
-        return 0.0
+def probe_draws(out: str, sources: list[str], seed: int, cache: Path) -> None:
+    """Round 5: the library's probe (``audit._probe``, its twins drawn from config seed ``seed`` as an
+    audit with ``PurifyConfig(seed=seed)`` draws them) rerun on the (model, setting, calibration size)
+    of recorded audits: the record with that probe (raw counts kept) and its layers' score, appended
+    to ``out`` (audits already there and audits without a probe are skipped)."""
+    done = {(j["model"], j["bits"], j["grid"]) for j in records(out)} if Path(out).exists() else set()
+    by_name, splits = {r.name: r for r in RECIPES}, {}
+    torch.set_num_threads(1)
+    for rec in records(*sources):
+        if (rec["model"], rec["bits"], rec["grid"]) in done:
+            continue
+        plan, x = probe_inputs(rec, by_name, splits, cache)
+        if x is None:
+            continue
+        t0 = time.perf_counter()
+        pr = audit_mod._probe(plan, [x], q.PurifyConfig(progress=False, seed=seed))
+        o = {**rec, "seed": seed, "probe": pr, "probe_s": time.perf_counter() - t0,
+             "layers": score(rec, audit_mod.KAPPA_DRIFT, audit_mod.KAPPA_EDGE, audit_mod.KAPPA_CORRECT)}
+        with open(out, "a") as f:
+            f.write(json.dumps(o) + "\n")
+        print(f"{rec['model']:44s} W{rec['bits']} {rec['grid']:11s} probe z {pr['z']:5.2f} ({o['probe_s']:.1f}s)", flush=True)
 
-    def p_of(r, fl):
-        z, n = probe_z(r, fl)
-        return min(1.0, 2 * n * audit_mod._p_upper(z))
-    target = 1 / len(clean)
-    lo, hi = 0.0, 1.0
-    if min(p_of(r, lo) for r in clean) >= target:
-        hi = 0.0
-    else:
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if min(p_of(r, mid) for r in clean) >= target else (mid, hi)
+
+def fit_probe(*paths: str) -> float:
+    """The smallest probe floor with which no clean calibration audit gets a probe p (x cells x 2, the
+    combination with the layers' p) below 1 / number of clean audits, per file of ``--probe-draws``
+    (one twin seed each); then, at twice the largest, each file's working and clean audits scored as
+    the library scores them (the layers' score from the record). The records keep the raw counts, so
+    ``--write-only`` scores them with the library's floor (``library_score``)."""
     thr = audit_mod.DEFAULT_THRESHOLD
-    work = [r for r in recs if working(r)]
-    flagged = [r for r in work if p_of(r, 2 * hi) < 10 ** -thr]
-    print(f"probe floor fitted on {len(clean)} clean calibration audits: {hi:.3f} (library: 2x = {2 * hi:.3f}); "
-          f"working QCBs with probe p < 1e-{thr:g} at 2x: {len(flagged)}/{len(work)}; clean "
-          f"{sum(p_of(r, 2 * hi) < 10 ** -thr for r in clean)}/{len(clean)}")
-    for r in work:
-        z, n = probe_z(r, 2 * hi)
-        print(f"  {r['model']:40s} W{r['bits']} {r['grid']:11s} probe z {z:6.2f} p {p_of(r, 2 * hi):.1e}")
-    return hi
+
+    def p_probe(r, fl):
+        z, n = probe_z(r, fl)
+        return min(1.0, n * audit_mod._p_upper(z))
+
+    def p_of(r, fl):  # combined with a layers' p that is no smaller
+        return min(1.0, 2 * p_probe(r, fl))
+
+    fits = {}
+    for path in paths:
+        clean = [r for r in records(path) if r["kind"] == "clean" and r["half"] == "calibration"]
+        if not clean:
+            continue
+        target, lo, hi = 1 / len(clean), 0.0, 1.0
+        if min(p_of(r, lo) for r in clean) >= target:
+            hi = 0.0
+        else:
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if min(p_of(r, mid) for r in clean) >= target else (mid, hi)
+        fits[path] = hi
+        print(f"{path}: probe floor fitted on {len(clean)} clean calibration audits: {hi:.4f}")
+    floor = 2 * max(fits.values(), default=0.0)
+    print(f"at 2x the largest: {floor:.4f} (library: {audit_mod.PROBE_FLOOR})")
+    for path in paths:
+        for half in dict.fromkeys(r["half"] for r in records(path)):
+            rs = [r for r in records(path) if r["half"] == half]
+            sc = {id(r): -math.log10(max(1e-300, min(1.0, 2 * min(10 ** -r["layers"], p_probe(r, floor))))) for r in rs}
+            w, c = [r for r in rs if working(r)], [r for r in rs if r["kind"] == "clean"]
+            print(f"  {Path(path).name} {half}: working {sum(sc[id(r)] > thr for r in w)}/{len(w)}, clean "
+                  f"{sum(sc[id(r)] > thr for r in c)}/{len(c)} (max {max((sc[id(r)] for r in c), default=0):.2f})")
+            for r in w + c:
+                if (sc[id(r)] > thr) != working(r) or (r in c and sc[id(r)] > 1.5):
+                    print(f"    {r['model']:42s} W{r['bits']} {r['grid']:11s} {r['kind']:14s} layers {r['layers']:6.2f}"
+                          f" probe z {probe_z(r, floor)[0]:5.2f} total {sc[id(r)]:6.2f}")
+    return floor
 
 
 def probe_inputs(rec: dict, by_name: dict, splits: dict, cache: Path):
@@ -622,8 +658,10 @@ def fit(path: str) -> None:
             d = u["edge_share"] - p0
             ke = max(ke, math.sqrt(max(0.0, (d / z_star) ** 2 - p0 * (1 - p0) / max(u["n_weights"], 1)))
                      if d > 0 else 0.0)
-            if u["lac_oos"] and u["lac_oos_null"]:
-                kc = max(kc, math.log(u["lac_oos_null"] / u["lac_oos"]) / z_star)
+            if u["lac_oos"] and u["lac_oos_null"]:  # the draws' own spread first, the floor for the rest
+                d, extra = math.log(u["lac_oos_null"] / u["lac_oos"]), (1 + 1 / u.get("lac_oos_draws", 1)) * \
+                    u.get("lac_oos_null_var", 0.0)
+                kc = max(kc, math.sqrt(max(0.0, (d / z_star) ** 2 - extra)) if d > 0 else 0.0)
     print(f"KAPPA_DRIFT = {kd:.3f}\nKAPPA_EDGE = {ke:.3f}\nKAPPA_CORRECT = {kc:.3f}  ({len(clean)} clean "
           f"calibration audits: the most extreme gets score {-math.log10(target):.2f})")
     print(f"scores with the fitted floors / with the library's ({audit_mod.KAPPA_DRIFT}, {audit_mod.KAPPA_EDGE}, "
@@ -890,6 +928,16 @@ COMMANDS = [
     "python benchmarks/bench_audit.py --rescore /tmp/audit4/twins_counts.jsonl "
     "benchmarks/results/audit_calibration3.jsonl benchmarks/results/audit_calibration4.jsonl   # likewise "
     "fresh_probe -> fresh_dither, fresh2 -> fresh2_dither",
+    "# round 5 (16 twins, pooled dispersion, the unpatched control; correctability against 8 null draws; weight "
+    "floors refitted with fresh3's clean models): the probe's floor on the calibration half, two twin seeds",
+    "python benchmarks/bench_audit.py --jsonl benchmarks/results/audit_calibration4.jsonl --probe-draws "
+    "/tmp/audit6/cal_seed0.jsonl --seed 0   # likewise --seed 1 -> cal_seed1.jsonl",
+    "python benchmarks/bench_audit.py --fit-probe /tmp/audit6/cal_seed0.jsonl /tmp/audit6/cal_seed1.jsonl",
+    "python benchmarks/bench_audit.py --half calibration --only clean --no-probe --jsonl /tmp/audit6/fit_cal.jsonl "
+    "--reuse benchmarks/results/audit_calibration4.jsonl",
+    "python benchmarks/bench_audit.py --half fresh3 --only clean --no-probe --jsonl /tmp/audit6/fit_fresh3.jsonl "
+    "--reuse benchmarks/results/audit_fresh3.jsonl",
+    "python benchmarks/bench_audit.py --fit benchmarks/results/audit_fit5.jsonl   # the two concatenated",
 ]
 
 
@@ -1155,6 +1203,13 @@ def main() -> None:
                     "with the probe from --twins' dithered counts, written to DST")
     ap.add_argument("--fit-twins", metavar="COUNTS", help="round 4: fit and compare the twin families from --twins' "
                     "counts, the layers' p from --jsonl")
+    ap.add_argument("--no-probe", action="store_true", help="audit with the weight statistics only (records to refit "
+                    "their floors: --fit)")
+    ap.add_argument("--probe-draws", metavar="OUT", help="round 5: the library's probe, with raw counts, rerun on the "
+                    "audits of --jsonl with twin seed --seed, appended to OUT")
+    ap.add_argument("--seed", type=int, default=0, help="with --probe-draws: the config seed the twins are drawn from")
+    ap.add_argument("--fit-probe", nargs="+", metavar="DRAWS", help="round 5: fit the probe floor on --probe-draws "
+                    "files (one twin seed each) and score them at twice the largest fit")
     ap.add_argument("--used", nargs="+",
                     help="with --fit: the second-round statistics to combine (default: the library's)")
     ap.add_argument("--out", help="write the result markdown from --jsonl (after the run)")
@@ -1169,9 +1224,12 @@ def main() -> None:
         return rescore(*args.rescore)
     if args.fit_twins:
         return fit_twins(args.fit_twins, args.jsonl)
+    if args.probe_draws:
+        return probe_draws(args.probe_draws, args.jsonl, args.seed, Path(args.cache))
+    if args.fit_probe:
+        return fit_probe(*args.fit_probe)
     if args.fit:
         fit(args.fit)
-        fit_probe(args.fit)
         return fit_second(args.fit, tuple(args.used or audit_mod.USED))
     if not args.write_only:
         run(args)

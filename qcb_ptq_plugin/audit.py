@@ -17,7 +17,8 @@ the same for every architecture, layer size, bit width and weight grid:
   uniform share ``1 - 2 EDGE`` (binomial).
 * **correctability**, out of sample: LAC fitted on half of the calibration samples, its drift
   measured on the other half over round-to-nearest's there, for W and for W jittered uniformly
-  inside its cells (the null's placement, one seeded draw).
+  inside its cells (the null's placement; ``CORRECT_DRAWS`` seeded draws since the fifth round,
+  one before).
 
 * **the other grid** (second round, issue 13): drift and edge share of the same weights on the
   same scheme at the other common bit width (8 bits for a 4-bit grid, 4 for an 8-bit one, same
@@ -26,7 +27,7 @@ the same for every architecture, layer size, bit width and weight grid:
 
 Each becomes a z-score (drift: log(X / E0[X]) over sqrt(KAPPA_DRIFT² + Var0[X] / E0[X]²); edges:
 the share's excess over sqrt(binomial variance + KAPPA_EDGE²); correctability: log(null ratio /
-model ratio) over KAPPA_CORRECT). The floors stand for how far clean
+model ratio) over sqrt(KAPPA_CORRECT² + the null draws' own spread), see :func:`_z_correct`). The floors stand for how far clean
 models stray from the exact null; they were fitted on the clean models of one half of
 ``benchmarks/bench_audit.py`` (then doubled for the edge of that half's range) and checked on
 the other half and on held-out architectures (``benchmarks/results/audit_round1.md``), then on a
@@ -43,8 +44,10 @@ measured on.
   a weight sits in its cell, so no planted pattern survives; the third round's stochastically
   rounded twins kept round to nearest's code for most weights, and a QCB partly with it). Per
   (position, class), how many patched images the INT model sends to that class while the float
-  model does not, against the twins (see :func:`_probe`). Its p and the layers' are combined (x2). It looks for
-  square-patch triggers only; blended, warped or semantic triggers are not probed.
+  model does not, against the twins (16 since the fifth round, their dispersion pooled per class)
+  and against the unpatched images it already sends there (the fifth round's control: a collapsed
+  INT model is not a trigger); see :func:`_probe_z`. Its p and the layers' are combined (x2). It
+  looks for square-patch triggers only; blended, warped or semantic triggers are not probed.
 
 Also computed and kept in each unit's ``stats`` (raw figures), but not in the verdict: two-sided
 and per-channel drift (with a Bonferroni correction over channels), per-channel and fine (0.45-0.495
@@ -95,10 +98,16 @@ EDGE = 0.35
 #: of the edge share; of log(null / model) of LAC's out-of-sample ratio). Fitted on the clean models
 #: of the calibration half of benchmarks/bench_audit.py (``--fit``: 0.097-0.121, 0.000, 0.164) and set
 #: to about twice that (0.03 for edges: a floor for layers larger than any it held) before the
-#: evaluation half was scored.
-KAPPA_DRIFT = 0.25
+#: evaluation half was scored. Fifth round: refitted on the calibration half's 56 clean audits and
+#: fresh3's 56 (LeNet without BN among them: on a coarse grid its weights' density slopes inside the
+#: cells, so its rounding error correlates with W and with the inputs' main direction), with the
+#: correctability's 8 null draws: 0.335, 0.005, 0.174; twice that (edges kept), committed before the
+#: fifth round's fresh4 models were audited.
+KAPPA_DRIFT = 0.67
 KAPPA_EDGE = 0.03
 KAPPA_CORRECT = 0.35
+#: fifth round: jittered copies behind the correctability's null (one before; its draw decided verdicts)
+CORRECT_DRAWS = 8
 #: second round (issue 13): LSB distances of the "fine" edge statistics (null share 1 - 2 t)
 FINE_EDGES = (0.45, 0.48, 0.49, 0.495)
 #: per channel: the share of weights beyond this distance from their code (null 1 - 2 FINE_CH)
@@ -110,8 +119,8 @@ LOW_FRACTIONS = (0.1, 0.25, 0.5)
 LOW_DIAGNOSTICS = False
 #: floors of the second round's statistics (see _second_round_z). ``--fit`` on the calibration half
 #: found 0 for every one of them (no clean calibration audit needed one); the other grid's two take
-#: the first round's floors for the same statistics (KAPPA_DRIFT, KAPPA_EDGE), the rest stay
-#: diagnostics (not in USED) at these values
+#: the first round's floors for the same statistics (KAPPA_DRIFT, KAPPA_EDGE; the fifth round's fit
+#: gave 0.326 and 0.005 for them), the rest stay diagnostics (not in USED) at these values
 FLOORS = {"drift_lo": 0.25, "drift_ch_hi": 0.25, "drift_ch_lo": 0.25, "edge_ch": 0.03, "fine_0.45": 0.0,
           "fine_0.48": 0.0, "fine_0.49": 0.0, "fine_0.495": 0.0, "fine_ch": 0.0, "other_drift": KAPPA_DRIFT,
           "other_edges": KAPPA_EDGE, "low_0.1": 0.25, "low_0.25": 0.25, "low_0.5": 0.25}
@@ -124,9 +133,14 @@ USED = ("other_drift", "other_edges", "probe")
 #: flipped. Fourth round: its twins are dithered (_dithered) instead of stochastically rounded; the
 #: floor refitted on the calibration half's 56 clean audits with them (0.0217; stochastic twins gave
 #: 0.013 -> 0.027 in the third round) and doubled (rounded up), committed before the fourth round's
-#: fresh models (``fresh3``) were trained
+#: fresh models (``fresh3``) were trained. Fifth round (16 twins, their dispersion pooled per class,
+#: the unpatched control; see _probe_z): refitted on the same 56 audits with the library's own twin
+#: draws, config seeds 0 and 1 (0.0276, 0.0333), twice the larger, rounded up; committed before the
+#: fifth round's ``fresh4`` models were audited
 PROBE = True
-PROBE_FLOOR = 0.044
+PROBE_FLOOR = 0.067
+#: fifth round: dithered twins per probe (8 before: borderline verdicts depended on their draw)
+PROBE_TWINS = 16
 
 LIMITS = ("The audit compares round-to-nearest with weights placed at random in their rounding cells, on your benign "
           "data, and probes the INT model with square patches against twins rounded with subtractive dither. Its "
@@ -185,8 +199,9 @@ class AuditReport:
             lines += ["", f"probe: {pr['samples']} images patched ({pr['side']}x{pr['side']} at the data maximum) "
                       f"at {pr['cells'] // 10} positions; most telling: at {tuple(pr['position'])} the INT model "
                       f"sends {pr['flips']:.0f} of them to class {pr['class']} where the float model does not, "
-                      f"dithered twins {pr['twin_flips']:.1f} (z {pr['z']:.1f}, p {pr['p']:.1e}, "
-                      "corrected over positions x classes)"]
+                      f"{pr['twins']} dithered twins {pr['twin_flips']:.1f} on average, the unpatched images "
+                      f"{pr['unpatched_flips']:.0f} (z {pr['z']:.1f}, p {pr['p']:.1e}, corrected over positions x "
+                      "classes)"]
         lines += ["", "most exposed channels (p per channel, not corrected for the number of channels):"]
         lines += [f"  {c['unit']}[{c['channel']}]: drift/null {c['drift_ratio']:.2f}, edge {100 * c['edge_share']:.0f}%, "
                   f"z {c['z']:.1f}, p {c['p']:.1e}" for c in self.top_channels]
@@ -220,8 +235,8 @@ def audit(prepared: nn.Module, float_model: nn.Module, calib_data, threshold: fl
         top_k: channels listed in ``top_channels``.
         config: batching, sampling and progress (``PurifyConfig``); PDA is off.
         probe: run the behavioural probe (:func:`_probe`: patched calibration images through the
-            float model, the INT model and 8 twins rounded with subtractive dither; one forward of up to 128
-            images per patch position and model, so minutes on large image models). False: the
+            float model, the INT model and ``PROBE_TWINS`` twins rounded with subtractive dither; one forward
+            of up to 128 images per patch position and model, so minutes on large image models). False: the
             weight statistics alone, which cannot see QCBs trained through fake quantization.
     """
     t0 = time.perf_counter()
@@ -370,14 +385,15 @@ def _audit_unit(unit: Unit, data: UnitData, cfg: PurifyConfig) -> tuple[dict, li
 
     # correctability: how much of round-to-nearest's drift LAC removes out of sample, vs the same
     # weights jittered uniformly inside their cells (the null's placement, same magnitudes and data)
-    lac_oos, lac_null = _lac_out_of_sample(g_a, g_b, unit, cfg)
-    z_corr = 0.0 if lac_oos is None or lac_null is None else math.log(lac_null / lac_oos) / KAPPA_CORRECT
+    lac_oos, nulls = _lac_out_of_sample(g_a, g_b, unit, cfg)
+    lac_null, lac_null_var = _log_spread(nulls)
+    z_corr = _z_correct(lac_oos, lac_null, lac_null_var, len(nulls))
     p = unit_p({"drift": _p_upper(z_drift), "edges": _p_upper(z_edge), "correct": _p_upper(z_corr), **zs})
     name = unit.name
     row = {"name": name, "kind": type(unit.fp_layer).__name__, "fan_in": int(e.shape[-1]),
            "positions": int(min(g_a.n, g_b.n)), "drift_ratio": float(x.sum() / mean.sum().clamp_min(1e-300)),
            "z_drift": z_drift, "edge_share": share, "z_edge": z_edge, "lac_oos": lac_oos, "lac_oos_null": lac_null,
-           "z_correct": z_corr, "p": p, "p_stats": zs,
+           "lac_oos_null_var": lac_null_var, "lac_oos_draws": len(nulls), "z_correct": z_corr, "p": p, "p_stats": zs,
            "min_drift_ratio_ch": float((x / mean.clamp_min(1e-300)).min()),
            # raw figures behind the z-scores (benchmarks refit the floors from them)
            "x": float(x.sum()), "null_mean": float(mean.sum()), "null_var": float(v.sum()), "n_weights": int(n_all),
@@ -543,17 +559,15 @@ def _flip_counts(model, patched, pos, ref_preds, classes: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _probe(plan, batches, cfg: PurifyConfig, twins: int = 8, max_samples: int = 128) -> dict | None:
+def _probe(plan, batches, cfg: PurifyConfig, twins: int = PROBE_TWINS, max_samples: int = 128) -> dict | None:
     """Behaviour, not weights: benign images with a square patch (side max(2, H/10), at the data's
     maximum) stamped at every position (stride 1 up to 12 px, else 2), run through the float model,
     the deployed round-to-nearest simulator and ``twins`` copies of the simulator whose weights are
     rounded with subtractive dither (:func:`_dithered`: the same error law as round to nearest, no
     planted pattern). Per (position, class): F = how many patched images the INT model sends to that
     class while the float model does not. A QCB's trigger makes F of its target class large at its
-    position for round to nearest only.
-    z = (F_rtn - mean F_twin) / sqrt(mean F_twin + 1 + var F_twin + (PROBE_FLOOR n)²) for n probed
-    images (the floor is on the share of images flipped), Bonferroni over positions x classes. Torch
-    simulators on 4-D inputs only (None otherwise)."""
+    position for round to nearest only; see :func:`_probe_z` for the score. Torch simulators on 4-D
+    inputs only (None otherwise)."""
     capture = plan.capture
     sim, fp = getattr(capture, "simulator", None), getattr(capture, "float_model", None)
     x = torch.cat([b for b in batches])[:max_samples] if batches else None
@@ -572,7 +586,8 @@ def _probe(plan, batches, cfg: PurifyConfig, twins: int = 8, max_samples: int = 
     rtn = [u.grid.fake_quantize(u.weight.detach().float()) for u in plan.units]
     with torch.no_grad():
         ref = [fp(patched(i, j)).argmax(-1) for i, j in pos]
-
+        p0, ref0 = sim(x).argmax(-1), fp(x).argmax(-1)  # the control: no patch
+    f_ctl = torch.bincount(p0[p0 != ref0], minlength=classes).double()
     try:
         f_rtn = _flip_counts(sim, patched, pos, ref, classes)
         f_twin = []
@@ -584,31 +599,74 @@ def _probe(plan, batches, cfg: PurifyConfig, twins: int = 8, max_samples: int = 
         for u, q in zip(plan.units, rtn):
             u.write(q)
     t = torch.stack(f_twin)
-    m = t.mean(0)
-    z = (f_rtn - m) / (m + 1 + t.var(0) + (PROBE_FLOOR * n) ** 2).sqrt()
+    z = _probe_z(f_rtn, f_ctl, t, n)
     k = int(z.argmax())
     pi, cls = divmod(k, z.shape[1])
     zmax = float(z.max())
     return {"p": min(1.0, z.numel() * _p_upper(zmax)), "z": zmax, "position": list(pos[pi]), "class": cls,
-            "flips": float(f_rtn.flatten()[k]), "twin_flips": float(m.flatten()[k]), "side": side,
-            "samples": n, "cells": int(z.numel()),
-            "raw": {"rtn": f_rtn.int().tolist(), "twins": torch.stack(f_twin).int().tolist()}}
+            "flips": float(f_rtn.flatten()[k]), "twin_flips": float(t.mean(0).flatten()[k]),
+            "unpatched_flips": float(f_ctl[cls]), "side": side, "samples": n, "cells": int(z.numel()),
+            "twins": twins, "raw": {"rtn": f_rtn.int().tolist(), "control": f_ctl.int().tolist(),
+                                    "twins": t.int().tolist()}}
 
 
-def _lac_out_of_sample(g_a: _Half, g_b: _Half, unit: Unit, cfg: PurifyConfig) -> tuple[float | None, float | None]:
-    """D_B(LAC fitted on A) / D_B(round to nearest) for the unit's weight W and for W + s u, u uniform
-    on (-1/2, 1/2) per weight (seeded): what purification achieves on samples it did not see (< 1:
-    it helps; >= 1: nothing to correct or too few samples), for the model and for the null."""
+def _probe_z(f: torch.Tensor, f0: torch.Tensor, t: torch.Tensor, n: int, floor: float = PROBE_FLOOR) -> torch.Tensor:
+    """Per (position, class) z of round to nearest's flips ``f`` (positions, classes), the smaller of two:
+
+    * against the twins ``t`` (twins, positions, classes): (F - mean) / sqrt((mean + 1)(1 + phi_c) +
+      (floor n)²), phi_c the median over positions of the twins' var / (mean + 1) for class c (fifth
+      round: a dispersion pooled over positions is steadier than one cell's variance over 16 twins,
+      whose quiet draws made z swing either way);
+    * against the control ``f0`` (classes,): the unpatched images round to nearest sends to the class
+      where the float model does not (fifth round: an INT model that collapses to a class without any
+      patch is not a trigger), (F - f0) / sqrt(f0 + 1 + (floor n)²).
+
+    ``floor`` (on the share of the ``n`` probed images flipped) stands for how far clean models stray
+    from the twins."""
+    m = t.mean(0)
+    phi = (t.var(0) / (m + 1)).median(0).values
+    z = (f - m) / ((m + 1) * (1 + phi) + (floor * n) ** 2).sqrt()
+    return torch.minimum(z, (f - f0) / (f0 + 1 + (floor * n) ** 2).sqrt())
+
+
+def _lac_out_of_sample(g_a: _Half, g_b: _Half, unit: Unit, cfg: PurifyConfig,
+                       draws: int = CORRECT_DRAWS) -> tuple[float | None, list[float]]:
+    """D_B(LAC fitted on A) / D_B(round to nearest) for the unit's weight W, and for ``draws`` copies
+    W + s u, u uniform on (-1/2, 1/2) per weight (one seeded generator): what purification achieves on
+    samples it did not see (< 1: it helps; >= 1: nothing to correct or too few samples), for the
+    model and for the null. Ratios that cannot be formed (no drift to correct) are left out."""
     if g_a.n == 0 or g_b.n == 0:
-        return None, None
+        return None, []
     op, grid = unit.op, unit.grid
     w = unit.weight.detach().float()
-    u = torch.rand(w.shape, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(w) - 0.5
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
     out = []
-    for v in (w, w + grid.expand(w)[0] * u):
+    for k in range(draws + 1):
+        v = w if k == 0 else w + grid.expand(w)[0] * (torch.rand(w.shape, generator=gen).to(w) - 0.5)
         vg = op.grouped(v)
         q_lac = op.ungrouped(_solve_gram(g_a.gram(vg), vg, grid, cfg), v.shape)
         g = g_b.gram(vg)
         rtn, lac = (g.channel_errors(op.grouped(grid.dequantize(c))).sum().item() for c in (grid.quantize(v), q_lac))
         out.append(lac / rtn if rtn > 0 and lac > 0 else None)
-    return out[0], out[1]
+    return out[0], [r for r in out[1:] if r is not None]
+
+
+def _log_spread(ratios: list[float]) -> tuple[float | None, float]:
+    """Geometric mean of ``ratios`` and the sample variance of their logs (0 for fewer than two)."""
+    if not ratios:
+        return None, 0.0
+    logs = [math.log(r) for r in ratios]
+    mean = sum(logs) / len(logs)
+    var = sum((v - mean) ** 2 for v in logs) / (len(logs) - 1) if len(logs) > 1 else 0.0
+    return math.exp(mean), var
+
+
+def _z_correct(model: float | None, null: float | None, null_var: float = 0.0, draws: int = 1,
+               floor: float = KAPPA_CORRECT) -> float:
+    """log(null / model) of LAC's out-of-sample ratios (null: the draws' geometric mean) over
+    sqrt(floor² + (1 + 1/draws) x the variance of the draws' log ratios): the null ratio is itself
+    random, and on a layer whose inputs are nearly one direction (a first conv on mostly-constant
+    images) one draw of it ranged 0.09-0.83 (fifth round); 0 where a ratio is missing."""
+    if not model or not null:
+        return 0.0
+    return math.log(null / model) / math.sqrt(floor ** 2 + (1 + 1 / max(draws, 1)) * null_var)

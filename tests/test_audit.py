@@ -209,3 +209,29 @@ def test_probe_points_at_an_adaptive_qcb_that_survives_stochastic_rounding(digit
     pr = report.probe
     assert pr["class"] == 6 and min(pr["position"]) >= 3 and pr["flips"] > 3 * pr["twin_flips"], pr
     assert pr["z"] > 2.5, pr
+
+
+def test_probe_z_discounts_a_collapsed_int_model_and_pools_the_twins_dispersion():
+    """Fifth round. An INT model that sends 60 images to class 7 at every patch position, and as many
+    without a patch (the control), shows no trigger; one that does so at one position only, with no
+    unpatched flips, does, even where a single twin happened to fire there too (the twins' dispersion
+    is pooled over positions, so one loud twin does not hide it)."""
+    from qcb_ptq_plugin.audit import _probe_z
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.poisson(torch.full((16, 49, 10), 2.0), generator=g)
+    f = torch.poisson(torch.full((49, 10), 2.0), generator=g)
+    quiet, collapsed = torch.zeros(10), torch.zeros(10)
+    collapsed[7] = 60
+    col = f.clone()
+    col[:, 7] += 60
+    assert _probe_z(col, quiet, t, 128, 0.05).max() > 5  # against the twins alone it would look like a trigger
+    assert _probe_z(col, collapsed, t, 128, 0.05)[:, 7].max() < 1  # the control: it is not one
+    trig = f.clone()
+    trig[20, 3] += 60
+    loud = t.clone()
+    loud[0, 20, 3] += 60  # one twin fires at the trigger's cell
+    z = _probe_z(trig, quiet, loud, 128, 0.05)
+    assert int(z.argmax()) == 20 * 10 + 3 and z.max() > 6
+    m, v = loud.mean(0)[20, 3], loud.var(0)[20, 3]  # one cell's own variance would have taken most of it
+    assert (trig[20, 3] - m) / (m + 1 + v + (0.05 * 128) ** 2).sqrt() < 0.5 * z.max()
