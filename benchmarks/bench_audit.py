@@ -54,7 +54,7 @@ SETTINGS = ((8, "per-channel"), (8, "per-tensor"), (4, "per-channel"), (4, "per-
 
 @dataclass(frozen=True)
 class Recipe:
-    arch: str  # smallcnn | lenet | mlp | transformer | resnet
+    arch: str  # smallcnn | lenet | mlp | transformer | resnet | depthwise
     dataset: str  # digits | mnist | fashion-mnist
     kind: str  # clean | pqbackdoor | qu-anti-zation | adaptive | grid-aware8 | grid-aware4
     seed: int
@@ -116,7 +116,7 @@ def _recipes() -> list[Recipe]:
         ("resnet", "digits", "qu-anti-zation", 71), ("mlp", "fashion-mnist", "grid-aware4", 76),
         ("resnet", "digits", "pqbackdoor", 73), ("resnet", "digits", "grid-aware8", 72))]
     return (cal + _interleave(_interleave(planted, clean), _interleave(planted_h, clean_h)) + _fresh() + _fresh2()
-            + _fresh3())
+            + _fresh3() + _fresh4())
 
 
 def _fresh() -> list[Recipe]:
@@ -188,6 +188,37 @@ def _fresh3() -> list[Recipe]:
     return _interleave(planted, clean) + more
 
 
+def _fresh4() -> list[Recipe]:
+    """Issue 13, fifth round: trained before round 5's constants were committed but audited only after
+    they were (seeds 300+). They include an architecture no earlier set holds: DepthwiseCNN
+    (MobileNet-style depthwise 3x3 + pointwise 1x1 convs), on digits and Fashion-MNIST."""
+    clean = [Recipe(a, d, "clean", s, "fresh4") for a, d, s in (
+        ("smallcnn", "digits", 300), ("depthwise", "digits", 302), ("mlp", "digits", 301), ("lenet", "digits", 303),
+        ("lenet", "mnist", 304), ("smallcnn", "digits", 305), ("transformer", "digits", 306),
+        ("depthwise", "digits", 307), ("resnet", "digits", 308), ("lenet", "fashion-mnist", 309),
+        ("smallcnn", "digits", 311), ("depthwise", "fashion-mnist", 312), ("depthwise", "digits", 313),
+        ("mlp", "digits", 314), ("mlp", "mnist", 315), ("lenet", "digits", 316),
+        ("smallcnn", "fashion-mnist", 317), ("smallcnn", "digits", 318), ("depthwise", "digits", 320),
+        ("transformer", "digits", 321), ("resnet", "digits", 325), ("mlp", "digits", 327),
+        ("smallcnn", "digits", 333), ("depthwise", "digits", 339))]
+    planted = [Recipe(a, d, k, s, "fresh4") for a, d, k, s in (
+        ("smallcnn", "digits", "qu-anti-zation", 350), ("depthwise", "digits", "qu-anti-zation", 352),
+        ("smallcnn", "digits", "adaptive", 351), ("depthwise", "digits", "adaptive", 356),
+        ("smallcnn", "digits", "pqbackdoor", 355), ("mlp", "digits", "qu-anti-zation", 357),
+        ("depthwise", "digits", "pqbackdoor", 359), ("smallcnn", "digits", "qu-anti-zation", 353),
+        ("resnet", "digits", "qu-anti-zation", 360), ("smallcnn", "digits", "adaptive", 358),
+        ("depthwise", "digits", "grid-aware8", 365), ("smallcnn", "digits", "grid-aware8", 362),
+        ("lenet", "mnist", "pqbackdoor", 366), ("depthwise", "digits", "qu-anti-zation", 369),
+        ("smallcnn", "digits", "adaptive", 364), ("smallcnn", "digits", "qu-anti-zation", 367),
+        ("depthwise", "digits", "adaptive", 373), ("resnet", "digits", "pqbackdoor", 374),
+        ("smallcnn", "digits", "adaptive", 372), ("depthwise", "digits", "pqbackdoor", 378),
+        ("smallcnn", "digits", "qu-anti-zation", 376), ("mlp", "digits", "grid-aware8", 383),
+        ("smallcnn", "digits", "pqbackdoor", 381), ("depthwise", "digits", "adaptive", 387),
+        ("smallcnn", "digits", "adaptive", 385), ("lenet", "mnist", "qu-anti-zation", 391),
+        ("smallcnn", "digits", "qu-anti-zation", 389), ("depthwise", "digits", "qu-anti-zation", 394))]
+    return _interleave(planted, clean)
+
+
 RECIPES = _recipes()
 
 
@@ -205,6 +236,8 @@ def _arch(r: Recipe) -> torch.nn.Module:
     width = 8 if r.seed % 2 and (r.kind == "clean" or r.half == "calibration") else 16
     if r.arch == "smallcnn":
         return models.SmallCNN(1, 10, width=width)
+    if r.arch == "depthwise":
+        return models.DepthwiseCNN(1, 10, image_size=8 if r.dataset == "digits" else 28, width=width)
     if r.arch == "resnet":
         return models.SmallResNet(1, 10, width=8)
     if r.arch == "lenet":
@@ -220,7 +253,7 @@ def train(r: Recipe, split: datasets.Split) -> torch.nn.Module:
     n = len(split.x_train) if small else 10000
     x, y = split.x_train[:n], split.y_train[:n]
     m, trig, tgt = _arch(r), trigger(r), target(r)
-    clean_epochs = {"smallcnn": 20, "lenet": 20, "resnet": 15, "transformer": 40, "mlp": 30 if small else 3}[r.arch]
+    clean_epochs = {"smallcnn": 20, "depthwise": 20, "lenet": 20, "resnet": 15, "transformer": 40, "mlp": 30 if small else 3}[r.arch]
     if r.kind == "clean":
         return attacks.train_clean_or_badnets(m, x, y, epochs=clean_epochs, batch_size=64, seed=r.seed)
     if r.kind == "pqbackdoor":
@@ -1183,7 +1216,7 @@ eigendecomposition of H per layer. Median 0.5 s per audit on these models (load 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--half", choices=["calibration", "evaluation", "fresh", "fresh2", "fresh3"], default="evaluation",
+    ap.add_argument("--half", choices=["calibration", "evaluation", "fresh", "fresh2", "fresh3", "fresh4"], default="evaluation",
                     help="evaluation = the evaluation half and the held-out pairs; fresh = the models of issue 13's "
                          "second round, scored once after the constants were committed")
     ap.add_argument("--train-only", action="store_true", help="train (and cache) the models, audit nothing")

@@ -15,6 +15,12 @@ audit's earlier sets never held)::
 
     x -> conv5x5-ReLU(w) -> avgpool -> conv5x5-ReLU(16) -> avgpool -> fc-ReLU(120) -> fc-ReLU(84) -> fc
 
+``DepthwiseCNN``: MobileNet-style depthwise-separable blocks (issue 13, round 5: an architecture the
+audit's earlier sets never held)::
+
+    x -> conv3x3-BN-ReLU(w) -> [dwconv3x3-BN-ReLU -> conv1x1-BN-ReLU(2c) -> maxpool if side >= 8] x 2
+      -> avgpool -> fc
+
 ``TinyTransformer``: a pre-LN transformer encoder (Linear + LayerNorm + attention, no BN) that
 reads an image row by row as a token sequence: the LLM-style Linear stack of the tests.
 """
@@ -24,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SmallCNN", "LeNet", "MLP", "SmallResNet", "resnet18_cifar", "BasicBlock", "ResNet", "TinyTransformer"]
+__all__ = ["SmallCNN", "LeNet", "DepthwiseCNN", "MLP", "SmallResNet", "resnet18_cifar", "BasicBlock", "ResNet", "TinyTransformer"]
 
 
 def _cbr(cin: int, cout: int) -> list[nn.Module]:
@@ -56,6 +62,29 @@ class LeNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+class DepthwiseCNN(nn.Module):
+    """MobileNet-style for ``image_size`` x ``image_size`` inputs: a 3x3 conv-BN-ReLU stem (``width``
+    channels), then two depthwise-separable blocks, each a 3x3 depthwise conv (groups = channels)-BN-ReLU
+    and a 1x1 pointwise conv-BN-ReLU doubling the channels, followed by 2x2 max pooling while the map is
+    at least 8 wide (8x8 digits: 8 -> 4 -> 4; 28x28: 28 -> 14 -> 7); global average pooling, Linear."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: int = 8) -> None:
+        super().__init__()
+        layers, c, side = _cbr(in_channels, width), width, image_size
+        for _ in range(2):
+            layers += [nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                       nn.Conv2d(c, 2 * c, 1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU()]
+            c *= 2
+            if side >= 8:
+                layers.append(nn.MaxPool2d(2))
+                side //= 2
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
 
 
 class MLP(nn.Module):

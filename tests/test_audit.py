@@ -118,6 +118,35 @@ def test_unsupported_layers_are_listed_not_dropped(digits):
     assert "NOT audited" in report.table() and "up (Conv2d)" in report.table()
 
 
+def test_depthwise_convs_are_audited_and_purified(digits):
+    """DepthwiseCNN (groups = channels 3x3 convs, 1x1 pointwise convs): every conv and the head is a unit
+    of the audit and of purify at W8 per-channel and W4 per-tensor, none left unsupported or skipped; PDA
+    runs on the depthwise convs and the converted INT model holds purify's integers."""
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    from qcb_ptq_plugin.evalkit import models
+    from qcb_ptq_plugin.ptq import prepare_fx_calibrated
+
+    torch.manual_seed(0)
+    model, calib = models.DepthwiseCNN(1, 10, image_size=8).eval(), digits.calibration(256)
+    layers = [n for n, mod in model.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
+    depthwise = [n for n, mod in model.named_modules() if isinstance(mod, nn.Conv2d) and mod.groups > 1]
+    assert len(layers) == 6 and len(depthwise) == 2
+    for bits, backend in ((8, "x86"), (4, "qnnpack")):
+        report = qcb_ptq_plugin.audit(prepare_fx_calibrated(model, calib, bits, backend=backend), model, calib)
+        assert report.unsupported == [] and [u["name"] for u in report.units] == layers, (bits, backend)
+        prepared = prepare_fx_calibrated(model, calib, bits, backend=backend)
+        pur = qcb_ptq_plugin.purify(prepared, model, calib, progress=False)
+        assert pur.skipped == [] and [u.name for u in pur.units] == layers, (bits, backend)
+        for u in pur.units:
+            if u.name in depthwise:
+                assert u.pda.startswith("applied") and u.error_after < u.error_before, (bits, backend, u)
+        int_w = {n: mod.weight().int_repr().long() for n, mod in convert_fx(prepared).named_modules()
+                 if type(mod).__module__.startswith("torch.ao.nn") and callable(getattr(mod, "weight", None))}
+        assert sorted(int_w) == sorted(layers)
+        assert all(torch.equal(int_w[n], pur.codes[n].reshape(int_w[n].shape)) for n in layers), (bits, backend)
+
+
 def _pt2(model, x, path):
     torch.export.save(torch.export.export(copy.deepcopy(model), (x[:2],),
                                           dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
