@@ -390,9 +390,18 @@ def score(rec: dict, k_drift: float, k_edge: float, k_corr: float, floors: dict 
     return max(0.0, -math.log10(max(p, 1e-300)))
 
 
+#: the floors of rounds 1-4 (KAPPA_DRIFT, KAPPA_EDGE, KAPPA_CORRECT, second-round overrides): records their
+#: code made (one correctability draw, no ``lac_oos_draws``) are scored with them, as they were
+ROUND4 = (0.25, 0.03, 0.35, {"other_drift": 0.25})
+
+
 def library_score(rec: dict) -> float:
-    """The verdict's score as the library computes it (the probe where the record has one)."""
-    s = score(rec, audit_mod.KAPPA_DRIFT, audit_mod.KAPPA_EDGE, audit_mod.KAPPA_CORRECT)
+    """The verdict's score as the library of the record's round computes it (the probe where the record
+    has one; records from before round 5 with round 4's floors)."""
+    current = all("lac_oos_draws" in u for u in rec["units"])
+    kd, ke, kc, floors = (audit_mod.KAPPA_DRIFT, audit_mod.KAPPA_EDGE, audit_mod.KAPPA_CORRECT, None) if current \
+        else ROUND4
+    s = score(rec, kd, ke, kc, floors)
     if rec.get("probe") and "probe" in audit_mod.USED:
         if "raw" in rec["probe"]:
             z, n = probe_z(rec, audit_mod.PROBE_FLOOR)
@@ -459,20 +468,25 @@ def probe_z(rec: dict, floor: float) -> tuple[float, int]:
     return float(z.max()), z.numel()
 
 
+def _probe_targets(out: str, sources: list[str], cache: Path):
+    """(record, plan, images) of the recorded audits in ``sources`` that have a probe and are not in
+    ``out`` yet, rebuilt as they were audited (``probe_inputs``), one thread."""
+    done = {(j["model"], j["bits"], j["grid"]) for j in records(out)} if Path(out).exists() else set()
+    by_name, splits = {r.name: r for r in RECIPES}, {}
+    torch.set_num_threads(1)
+    for rec in records(*sources):
+        if (rec["model"], rec["bits"], rec["grid"]) not in done:
+            plan, x = probe_inputs(rec, by_name, splits, cache)
+            if x is not None:
+                yield rec, plan, x
+
+
 def probe_draws(out: str, sources: list[str], seed: int, cache: Path) -> None:
     """Round 5: the library's probe (``audit._probe``, its twins drawn from config seed ``seed`` as an
     audit with ``PurifyConfig(seed=seed)`` draws them) rerun on the (model, setting, calibration size)
     of recorded audits: the record with that probe (raw counts kept) and its layers' score, appended
     to ``out`` (audits already there and audits without a probe are skipped)."""
-    done = {(j["model"], j["bits"], j["grid"]) for j in records(out)} if Path(out).exists() else set()
-    by_name, splits = {r.name: r for r in RECIPES}, {}
-    torch.set_num_threads(1)
-    for rec in records(*sources):
-        if (rec["model"], rec["bits"], rec["grid"]) in done:
-            continue
-        plan, x = probe_inputs(rec, by_name, splits, cache)
-        if x is None:
-            continue
+    for rec, plan, x in _probe_targets(out, sources, cache):
         t0 = time.perf_counter()
         pr = audit_mod._probe(plan, [x], q.PurifyConfig(progress=False, seed=seed))
         o = {**rec, "seed": seed, "probe": pr, "probe_s": time.perf_counter() - t0,
@@ -564,15 +578,7 @@ def twin_counts(out: str, sources: list[str], cache: Path) -> None:
     """Round 4: the probe's counts for round to nearest and for two families of 8 twins, stochastic
     rounding (round 3) and subtractive dither (round 4), on the (model, setting, calibration size) of
     recorded audits, appended to ``out`` (one line per audit; audits already there are skipped)."""
-    done = {(j["model"], j["bits"], j["grid"]) for j in records(out)} if Path(out).exists() else set()
-    by_name, splits = {r.name: r for r in RECIPES}, {}
-    torch.set_num_threads(1)
-    for rec in records(*sources):
-        if (rec["model"], rec["bits"], rec["grid"]) in done:
-            continue
-        plan, x = probe_inputs(rec, by_name, splits, cache)
-        if x is None:
-            continue
+    for rec, plan, x in _probe_targets(out, sources, cache):
         t0 = time.perf_counter()
         n = x.shape[0]
         pos, _, flips = probe_counter(plan, x)
@@ -862,7 +868,7 @@ def write_rounds(args) -> None:
     thr = audit_mod.DEFAULT_THRESHOLD
     seconds = sorted(r["audit_s"] for r in head)
     lines = ["# Audit: detection of working QCBs vs false positives, threshold and floors fixed in advance", "",
-             "Issue 13, rounds 2 to 4. Commands, in the order they ran (cached models; plain-INT figures of models "
+             "Issue 13, rounds 2 to 5. Commands, in the order they ran (cached models; plain-INT figures of models "
              "audited before reused with `--reuse`):", "", *[f"    {c}" for c in COMMANDS],
              f"    python benchmarks/bench_audit.py {shlex.join(sys.argv[1:])}", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} cores shared with other jobs, torch {torch.__version__}, 1 "
@@ -873,8 +879,10 @@ def write_rounds(args) -> None:
              f"{audit_mod.KAPPA_DRIFT}`, `KAPPA_EDGE = {audit_mod.KAPPA_EDGE}`, `KAPPA_CORRECT = "
              f"{audit_mod.KAPPA_CORRECT}`, `EDGE = {audit_mod.EDGE}`; in the verdict besides the first round's three: "
              f"`USED = {audit_mod.USED}`, floors {', '.join(f'{k} {audit_mod.FLOORS[k]}' for k in audit_mod.USED if k in audit_mod.FLOORS)}, "
-             f"`PROBE_FLOOR = {audit_mod.PROBE_FLOOR}`. Each set is scored with the code of its round (records without "
-             "a probe: layer statistics only).", "",
+             f"`PROBE_FLOOR = {audit_mod.PROBE_FLOOR}`, `PROBE_TWINS = {audit_mod.PROBE_TWINS}`, `CORRECT_DRAWS = "
+             f"{audit_mod.CORRECT_DRAWS}`. Each set is scored with the code of its round, labelled (records without a "
+             "probe: layer statistics only); rows marked 'seen' were re-audited with round 5's code after it was fitted "
+             "on them or after they were looked at.", "",
              f"*Working QCB*: a planted model under a setting where its plain INT model has ASR >= {WORKING_ASR:.0f}%. "
              f"*Dormant*: working, and its FP32 model has ASR <= {DORMANT_FP_ASR:.0f}%. Settings: W8A8 / W4A8 x "
              "per-channel (torch.ao FX x86) / per-tensor (FX qnnpack), one calibration size in 128-1024 per audit.", "",
@@ -919,7 +927,7 @@ def write_rounds(args) -> None:
                      f"{100 * max(u['edge_share'] for u in r['units']):.0f} | {other:.1e} | {probe} | {r['score']:.2f} | "
                      f"{'EXPOSED' if r['score'] > thr else 'not exposed'} |")
     lines += ["", "Recipes (`benchmarks/bench_audit.py`, `RECIPES`; arch-dataset-kind-seed; target class = seed mod 10):", ""]
-    for half in ("fresh3", "fresh2", "fresh", "calibration"):
+    for half in ("fresh4", "fresh3", "fresh2", "fresh", "calibration"):
         lines.append(f"- {half}: " + ", ".join(r.name for r in RECIPES if r.half == half))
     lines += ["- evaluation and held-out: see `audit_round1.md`", ""]
     lines += NOTES
