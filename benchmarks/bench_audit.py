@@ -729,7 +729,7 @@ def _norm_ppf(p: float) -> float:
 
 
 def _frac(k: int, n: int) -> str:
-    return f"{k}/{n} ({100 * k / n:.0f}%)" if n else "-"
+    return f"{k}/{n} ({100 * k / n:.1f}%)" if n else "-"
 
 
 def rates(recs: list[dict], thr: float) -> tuple[str, str, str]:
@@ -979,10 +979,83 @@ COMMANDS = [
     "python benchmarks/bench_audit.py --half fresh3 --only clean --no-probe --jsonl /tmp/audit6/fit_fresh3.jsonl "
     "--reuse benchmarks/results/audit_fresh3.jsonl",
     "python benchmarks/bench_audit.py --fit benchmarks/results/audit_fit5.jsonl   # the two concatenated",
+    "# fresh4 recipes committed (94e4f04) and trained (--half fresh4 --train-only, two processes) while the above ran; "
+    "constants committed (7a24e07), then fresh4 audited once, two processes from both ends (merged):",
+    "python benchmarks/bench_audit.py --half fresh4 --jsonl benchmarks/results/audit_fresh4.jsonl "
+    "--shared /tmp/audit6/fresh4_b.jsonl   # and --reverse --jsonl /tmp/audit6/fresh4_b.jsonl --shared <this>",
+    "# reference: seen sets re-audited with round 5's code (layer statistics and probe; plain-INT figures reused)",
+    "python benchmarks/bench_audit.py --half calibration --jsonl benchmarks/results/audit_calibration5.jsonl "
+    "--reuse benchmarks/results/audit_calibration4.jsonl   # likewise fresh3, fresh2, fresh -> audit_*_r5.jsonl",
 ]
 
 
 NOTES = """## Notes (hand-written)
+
+**Round 5 (the headline): what changed, fitted on seen models, committed (7a24e07) before any fresh4
+audit.** fresh4's 52 recipes were committed (94e4f04, 06:23 UTC) and trained (06:25-06:40) while the
+constants below were being fitted; nothing of fresh4 but its training logs was looked at before 7a24e07
+(06:27); its audits ran 06:41-07:29. Changes (`qcb_ptq_plugin/audit.py`):
+(1) *Probe*: 16 dithered twins (8 before); per cell the twins' variance replaced by phi_c (mean + 1), phi_c
+the median over positions of var / (mean + 1) for the class (8 or 16 twins' own cell variance swung
+borderline verdicts either way); each cell also scored against the *unpatched* images round to nearest
+already sends to the class (the no-patch control; min of the two z), which is what removes fresh3's
+collapsed clean SmallCNN s223. `PROBE_FLOOR` refitted by round 4's rule on the calibration half's 56 clean
+audits with the library's own draws (`--probe-draws`, config seeds 0 and 1: 0.0276 and 0.0333; `--fit-probe`):
+0.067, twice the larger. (2) *Correctability*: its null is 8 jittered copies (geometric mean of their
+ratios, and their log spread in the z's denominator) instead of one: on fresh3's clean LeNet/Fashion s227
+(W4 per-channel, z 6.7, p 1e-11) the first conv's single null draw was 0.83 while seven more gave
+0.09-0.38 (sd of the log ratio 0.71, twice KAPPA_CORRECT), the model's 0.081 inside that range; in the 8
+clean units with the highest correctability z over all seen sets (all first layers, fan-in 8-25) the
+library's draw was the largest of 8 every time. (3) *Floors*: refitted (`--fit`, rule of round 1) on the
+calibration half's 56 clean audits plus fresh3's 56 (so fresh3 is now a fitting set), re-audited with (2),
+without the probe (`--no-probe`, `audit_fit5.jsonl`): KAPPA_DRIFT 0.335 -> 0.67 (was 0.25; the calibration
+half alone gives 0.097), other-grid drift 0.326 -> follows KAPPA_DRIFT, KAPPA_CORRECT 0.174 -> 0.35
+(unchanged), KAPPA_EDGE 0.005 and other-grid edges 0.005 -> 0.03 kept. Why the drift floor rose: on a
+coarse grid a no-BN LeNet's weight density slopes inside the cells (s227's 784-input Linear at W4
+per-tensor: 58% of weights in the zero cell, mean error x sign(w) -0.24 LSB there and +0.19 at +-1, against
+0 +- 0.002 under the null), so the rounding error correlates with W (+0.59), W points along the inputs' mean
+direction (71% of H), and the drift along it is 3.9x its null; it does not shrink with more data (z 4.2 at
+1024, 2048 and 4096 calibration images). Rejected after measurement on the seen records (a read-only
+helper, /tmp/audit6/wstat): dropping H-based statistics where positions < fan-in (fixes s227 only where
+its layer happened to be thin), removing H's top direction (costs grid-aware s114 its unit, 15.1 -> 0.6),
+a per-code mean-error null (erases s52's and s50's other-grid drift). Offline, on every seen set's
+records, KAPPA_DRIFT 0.67 loses no working detection by the weight statistics (15/18, 14/15, 5/8, 26/31
+before and after) and leaves 1 of fresh3's 56 clean audits flagged by them (3 before).
+
+**Fresh4 (round 5), scored once: 52 models, 208 audits.** New architecture: `evalkit.models.DepthwiseCNN`
+(MobileNet-style depthwise 3x3 + pointwise 1x1, BN), on digits and Fashion-MNIST; also SmallCNN, LeNet
+(digits, MNIST, Fashion-MNIST), MLP, transformer, ResNet. **Working 18/19 (94.7%), dormant 14/15, clean
+0/96 (0%).** The false-positive bar is met; detection misses the 95% bar by one audit of 19 (the issue asks
+for at least 20 planted models; fresh4 has 28, but only 19 of their 112 audits fire). The miss:
+DepthwiseCNN Qu-ANTI-zation-style s369 at W4 per-tensor (FP32 BA 92.4%, INT BA 55.7%, ASR 96.8%): its INT
+model already sends 58 of 128 *unpatched* calibration images to the target class 9 where the float model
+does not; patched, 93 at the best position, the twins 26.9 on average. Against the twins alone z would be
+about 5.8 (flagged); against the control 3.0; the verdict takes the smaller. This is the control's cost
+that round 5's candidate notes predicted ("a QCB whose INT model also collapses on clean inputs would be
+hidden from the probe; its benign accuracy would show it"), and it is the same picture as fresh3's clean
+s223 (INT BA 26.8%, 59 unpatched images to class 7): the probe cannot tell a QCB that leaks onto clean
+inputs from a clean model whose INT model collapses. The weight statistics see nothing (score 0.0: trained
+through fake quantization). On the new architecture that leaves 0/1 working and 0/24 clean flagged: its
+QCBs mostly did not plant (the three adaptive ones did not even train, FP32 BA 45-61%; 1 of its 36 planted
+audits fires), so fresh4 cannot show that the verdict holds on it. Lowest working score flagged 3.58
+(adaptive s372 W4 per-tensor), highest clean 1.15. The weight statistics flagged 12 of the 18 detections,
+the probe alone 6 (all Qu-ANTI-zation-style or adaptive). Audit time at one thread (shared machine, load
+2-3): median 4 s on 8x8 digits CNNs, 44 s LeNet on MNIST/Fashion, 56 s SmallCNN on Fashion, 274-299 s
+DepthwiseCNN on Fashion (169 patch positions x 18 models).
+
+**Over the sets scored once** (fresh: round 2, fresh2: round 3, fresh3: round 4, fresh4: round 5, each with
+its round's code): working 68/73 (93%), clean 4/232 (1.7%).
+**The seen sets re-audited with round 5's code** (reference, after the fact; the calibration half and
+fresh3's clean audits fitted the floors, the others were looked at in earlier rounds; same models,
+settings and calibration sets, plain-INT figures reused): calibration half 18/18 working, 0/56 clean
+(highest 0.00); fresh 15/15, 0/48 (round 2's and 3's miss, adaptive s96, found: it scores 3.2-9.8 over
+config seeds 0-3, `tests/test_audit.py`); fresh2 8/8, 0/32 (highest 0.27); fresh3 29/31, 0/56 (highest
+0.29; round 4's four false positives, the collapsed SmallCNN s223 and LeNet s227 at three settings, all
+gone). fresh3's two misses remain: adaptive s216 (its float model already fires at 80%) and adaptive s240
+at W4 per-channel, score 1.44 (probe z 3.96, 70 flips against 8.2 for the twins, 14 unpatched): the
+candidate notes below had it flagged at every draw with pooling at a floor of 0.059 on other draws; at
+the committed 0.067 and the library's draw it is not. Together: 70/72 working, 0/192 clean, but these are
+not out-of-sample figures.
 
 **Round 5 candidates (measured on seen models only; nothing changed in the library).** Side script
 `benchmarks/audit_round5_probe.py` (uses `audit._dithered` and the library's z as they are). Machine: the
