@@ -146,7 +146,9 @@ LIMITS = ("The audit compares round-to-nearest with weights placed at random in 
           "data, and probes the INT model with square patches against twins rounded with subtractive dither. Its "
           "weight statistics cannot see an attacker who trains through fake quantization (Qu-ANTI-zation) or aligns "
           "float and integer activations on benign data (the adaptive attack); only the probe can, and only for patch "
-          "triggers. A backdoor the float model already carries is not its business. Calibration data with fewer "
+          "triggers, and it discounts what the INT model already does without a patch, so a backdoor that also leaks "
+          "onto clean inputs (a drop in INT accuracy shows it) can pass. A backdoor the float model already carries "
+          "is not its business. Calibration data with fewer "
           "samples (x positions) than a layer's fan-in is warned about: the statistics lose power. 'not exposed' is "
           "evidence, not proof: purify anyway.")
 
