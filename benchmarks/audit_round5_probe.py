@@ -1,5 +1,7 @@
-"""Issue 13, round 5 candidates for the audit's probe, measured on SEEN models only (nothing here
-changes the library; ``qcb_ptq_plugin.audit`` is used as it is).
+"""Issue 13, round 5 candidates for the audit's probe, measured on SEEN models only, before round 5
+was committed: "library" below is round 4's probe (8 twins, its floor ``bench_audit.ROUND4_PROBE_FLOOR``,
+no pooling, no control) and the layers' scores are round 4's (``bench_audit.layer_score``); the
+candidate "pooled" with the control is what round 5 committed (``audit._probe_z``).
 
 1. More twins: the probe's verdict on QCBs near the threshold depends on the draw of its 8 dithered
    twins. ``draws`` regenerates, for a few recorded audits (same model, setting, calibration size as
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 import warnings
@@ -50,8 +51,7 @@ LAYER_RECORDS = [str(RES / f) for f in ("audit_calibration4.jsonl", "audit_fresh
 
 
 def layer_scores() -> dict:
-    return {(r["model"], r["bits"], r["grid"]): (r, B.score(r, A.KAPPA_DRIFT, A.KAPPA_EDGE, A.KAPPA_CORRECT))
-            for r in B.records(*LAYER_RECORDS)}
+    return {(r["model"], r["bits"], r["grid"]): (r, B.layer_score(r)) for r in B.records(*LAYER_RECORDS)}
 
 
 def draws(out: str, only: list[str], pool: int, seed: int) -> None:
@@ -97,7 +97,7 @@ def draws(out: str, only: list[str], pool: int, seed: int) -> None:
         print(f"{name:44s} W{bits} {grid:11s} {pool} twins, {secs:.2f}s per pass", flush=True)
 
 
-def cell_z(f: torch.Tensor, t: torch.Tensor, n: int, f0=None, floor: float = A.PROBE_FLOOR) -> dict:
+def cell_z(f: torch.Tensor, t: torch.Tensor, n: int, f0=None, floor: float = B.ROUND4_PROBE_FLOOR) -> dict:
     """Per cell: the library's z, the positional z (against the class's median over positions) and the
     control z (against the class's unpatched flips f0, where given); f (positions, classes), t (twins,
     positions, classes)."""
@@ -111,8 +111,7 @@ def cell_z(f: torch.Tensor, t: torch.Tensor, n: int, f0=None, floor: float = A.P
 
 
 def total(p_probe: float, s_layers: float) -> float:
-    p = min(1.0, 2 * min(10 ** -s_layers, p_probe))
-    return max(0.0, -math.log10(max(p, 1e-300)))
+    return B.combined_score(s_layers, p_probe)
 
 
 def scores(f, t, n, s_layers, f0=None) -> dict:
@@ -178,7 +177,7 @@ def analyze(draw_files: list[str], counts: str | None) -> None:
 
 
 def p_probe(f, t, n, floor, f0=None, variant="library") -> float:
-    """The probe's p as the library computes it ("library"), with the no-patch control ("control"), or
+    """The probe's p as round 4's library computed it ("library"), with the no-patch control ("control"), or
     with the control and the twins' variance pooled per class ("pooled": var = phi_c (mean + 1), phi_c
     the median over positions of each cell's var / (mean + 1): a steadier variance than one cell's T twins)."""
     m = t.mean(0)
@@ -213,15 +212,12 @@ def refit(clean_file: str, draw_files: list[str]) -> None:
         fls = {}
         for variant in variants:  # clean calibration audits have no control counts: fitted without it
             fit_v = "pooled_nc" if variant == "pooled" else "library"
-            lo, hi = 0.0, 1.0
-            for _ in range(30):
-                mid = (lo + hi) / 2
-                ok = min(2 * p_probe(f, t, n, mid, None, fit_v.replace("_nc", "")) for f, t, n in cs) >= 1 / len(cs)
-                lo, hi = (lo, mid) if ok else (mid, hi)
+            hi = B.smallest_floor(lambda fl: min(2 * p_probe(f, t, n, fl, None, fit_v.replace("_nc", ""))
+                                                 for f, t, n in cs) >= 1 / len(cs))
             fls[variant] = 2 * hi
             worst = max(total(p_probe(f, t, n, 2 * hi, None, fit_v.replace("_nc", "")), recs[d["model"], d["bits"], d["grid"]][1])
                         for (f, t, n), d in zip(cs, clean))
-            print(f"T={T:2d} {variant}: floor fitted {hi:.4f}, at 2x = {2 * hi:.4f} (library, T=8: {A.PROBE_FLOOR}); "
+            print(f"T={T:2d} {variant}: floor fitted {hi:.4f}, at 2x = {2 * hi:.4f} (round 4, T=8: {B.ROUND4_PROBE_FLOOR}); "
                   f"highest clean calibration score at 2x {worst:.2f}")
         for d in ds:
             key = (d["model"], d["bits"], d["grid"])
@@ -255,7 +251,7 @@ def pooled_sets(counts: str, floor: float, draw_files: list[str]) -> None:
             continue
         f, t = torch.tensor(f, dtype=torch.float64), torch.tensor(t, dtype=torch.float64)
         s_lay = recs[key][1]
-        a = total(p_probe(f, t, x["n"], A.PROBE_FLOOR), s_lay)
+        a = total(p_probe(f, t, x["n"], B.ROUND4_PROBE_FLOOR), s_lay)
         b = total(p_probe(f, t, x["n"], floor, ctl.get(key), "pooled"), s_lay)
         c = tally.setdefault((x["half"], kind), [0, 0, 0, 0.0])
         c[0] += 1

@@ -253,7 +253,8 @@ def train(r: Recipe, split: datasets.Split) -> torch.nn.Module:
     n = len(split.x_train) if small else 10000
     x, y = split.x_train[:n], split.y_train[:n]
     m, trig, tgt = _arch(r), trigger(r), target(r)
-    clean_epochs = {"smallcnn": 20, "depthwise": 20, "lenet": 20, "resnet": 15, "transformer": 40, "mlp": 30 if small else 3}[r.arch]
+    clean_epochs = {"smallcnn": 20, "depthwise": 20, "lenet": 20, "resnet": 15, "transformer": 40,
+                    "mlp": 30 if small else 3}[r.arch]
     if r.kind == "clean":
         return attacks.train_clean_or_badnets(m, x, y, epochs=clean_epochs, batch_size=64, seed=r.seed)
     if r.kind == "pqbackdoor":
@@ -393,24 +394,50 @@ def score(rec: dict, k_drift: float, k_edge: float, k_corr: float, floors: dict 
 #: the floors of rounds 1-4 (KAPPA_DRIFT, KAPPA_EDGE, KAPPA_CORRECT, second-round overrides): records their
 #: code made (one correctability draw, no ``lac_oos_draws``) are scored with them, as they were
 ROUND4 = (0.25, 0.03, 0.35, {"other_drift": 0.25})
+#: round 4's probe floor (8 dithered twins, no pooling, no control): what its reference tools (--fit-twins,
+#: --rescore) reproduce
+ROUND4_PROBE_FLOOR = 0.044
+
+
+def layer_score(rec: dict) -> float:
+    """The layers' score as the library of the record's round computes it (records from before round 5,
+    without ``lac_oos_draws``, with round 4's floors)."""
+    current = all("lac_oos_draws" in u for u in rec["units"])
+    kd, ke, kc, floors = (audit_mod.KAPPA_DRIFT, audit_mod.KAPPA_EDGE, audit_mod.KAPPA_CORRECT, None) if current \
+        else ROUND4
+    return score(rec, kd, ke, kc, floors)
+
+
+def combined_score(s_layers: float, p_probe: float) -> float:
+    """The verdict's score from the layers' score and the probe's p, as ``audit.audit`` combines them (x2)."""
+    p = min(1.0, 2 * min(10 ** -s_layers, p_probe))
+    return max(0.0, -math.log10(max(p, 1e-300)))
 
 
 def library_score(rec: dict) -> float:
     """The verdict's score as the library of the record's round computes it (the probe where the record
-    has one; records from before round 5 with round 4's floors)."""
-    current = all("lac_oos_draws" in u for u in rec["units"])
-    kd, ke, kc, floors = (audit_mod.KAPPA_DRIFT, audit_mod.KAPPA_EDGE, audit_mod.KAPPA_CORRECT, None) if current \
-        else ROUND4
-    s = score(rec, kd, ke, kc, floors)
+    has one: from its raw counts with the library's floor where it keeps them)."""
+    s = layer_score(rec)
     if rec.get("probe") and "probe" in audit_mod.USED:
         if "raw" in rec["probe"]:
             z, n = probe_z(rec, audit_mod.PROBE_FLOOR)
             p_probe = min(1.0, n * audit_mod._p_upper(z))
         else:
             p_probe = rec["probe"]["p"]
-        p = min(1.0, 2 * min(10 ** -s, p_probe))
-        s = max(0.0, -math.log10(max(p, 1e-300)))
+        s = combined_score(s, p_probe)
     return s
+
+
+def smallest_floor(ok, hi: float = 1.0) -> float:
+    """The smallest floor in [0, hi] for which ``ok(floor)`` holds (``ok`` monotone: true from some
+    floor on), by bisection; 0 where it holds at 0. The fitting rule of every round."""
+    if ok(0.0):
+        return 0.0
+    lo = 0.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi
 
 
 def fit_second(path: str, used: tuple) -> dict:
@@ -428,14 +455,7 @@ def fit_second(path: str, used: tuple) -> dict:
         def worst(fl):
             return min(len(r["units"]) * m * audit_mod._second_round_z(u["stats"], {name: fl}, (name,)).get(name, 1.0)
                        for r in clean for u in r["units"])
-        lo, hi = 0.0, 5.0
-        if worst(lo) >= target:
-            fitted[name] = 0.0
-            continue
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if worst(mid) >= target else (mid, hi)
-        fitted[name] = hi
+        fitted[name] = smallest_floor(lambda fl: worst(fl) >= target, hi=5.0)
     print(f"{len(clean)} clean calibration audits; fitted floors (library: 2x):")
     for name, fl in fitted.items():
         print(f"  {name:12s} {fl:.4f}   library {audit_mod.FLOORS[name]}")
@@ -489,11 +509,11 @@ def probe_draws(out: str, sources: list[str], seed: int, cache: Path) -> None:
     for rec, plan, x in _probe_targets(out, sources, cache):
         t0 = time.perf_counter()
         pr = audit_mod._probe(plan, [x], q.PurifyConfig(progress=False, seed=seed))
-        o = {**rec, "seed": seed, "probe": pr, "probe_s": time.perf_counter() - t0,
-             "layers": score(rec, audit_mod.KAPPA_DRIFT, audit_mod.KAPPA_EDGE, audit_mod.KAPPA_CORRECT)}
+        o = {**rec, "seed": seed, "probe": pr, "probe_s": time.perf_counter() - t0, "layers": layer_score(rec)}
         with open(out, "a") as f:
             f.write(json.dumps(o) + "\n")
-        print(f"{rec['model']:44s} W{rec['bits']} {rec['grid']:11s} probe z {pr['z']:5.2f} ({o['probe_s']:.1f}s)", flush=True)
+        print(f"{rec['model']:44s} W{rec['bits']} {rec['grid']:11s} probe z {pr['z']:5.2f} ({o['probe_s']:.1f}s)",
+              flush=True)
 
 
 def fit_probe(*paths: str) -> float:
@@ -511,26 +531,19 @@ def fit_probe(*paths: str) -> float:
     def p_of(r, fl):  # combined with a layers' p that is no smaller
         return min(1.0, 2 * p_probe(r, fl))
 
-    fits = {}
-    for path in paths:
-        clean = [r for r in records(path) if r["kind"] == "clean" and r["half"] == "calibration"]
+    recs, fits = {path: records(path) for path in paths}, {}
+    for path, rs in recs.items():
+        clean = [r for r in rs if r["kind"] == "clean" and r["half"] == "calibration"]
         if not clean:
             continue
-        target, lo, hi = 1 / len(clean), 0.0, 1.0
-        if min(p_of(r, lo) for r in clean) >= target:
-            hi = 0.0
-        else:
-            for _ in range(40):
-                mid = (lo + hi) / 2
-                lo, hi = (lo, mid) if min(p_of(r, mid) for r in clean) >= target else (mid, hi)
-        fits[path] = hi
-        print(f"{path}: probe floor fitted on {len(clean)} clean calibration audits: {hi:.4f}")
+        fits[path] = smallest_floor(lambda fl: min(p_of(r, fl) for r in clean) >= 1 / len(clean))
+        print(f"{path}: probe floor fitted on {len(clean)} clean calibration audits: {fits[path]:.4f}")
     floor = 2 * max(fits.values(), default=0.0)
     print(f"at 2x the largest: {floor:.4f} (library: {audit_mod.PROBE_FLOOR})")
-    for path in paths:
-        for half in dict.fromkeys(r["half"] for r in records(path)):
-            rs = [r for r in records(path) if r["half"] == half]
-            sc = {id(r): -math.log10(max(1e-300, min(1.0, 2 * min(10 ** -r["layers"], p_probe(r, floor))))) for r in rs}
+    for path, all_rs in recs.items():
+        for half in dict.fromkeys(r["half"] for r in all_rs):
+            rs = [r for r in all_rs if r["half"] == half]
+            sc = {id(r): combined_score(r["layers"], p_probe(r, floor)) for r in rs}
             w, c = [r for r in rs if working(r)], [r for r in rs if r["kind"] == "clean"]
             print(f"  {Path(path).name} {half}: working {sum(sc[id(r)] > thr for r in w)}/{len(w)}, clean "
                   f"{sum(sc[id(r)] > thr for r in c)}/{len(c)} (max {max((sc[id(r)] for r in c), default=0):.2f})")
@@ -609,8 +622,7 @@ def fit_twins(path: str, layer_sources: list[str]) -> None:
     set's detections and false positives, the probe's p combined with the layers' p of the records in
     ``layer_sources`` as the library does."""
     xs = records(path)
-    layers = {(r["model"], r["bits"], r["grid"]): score(r, audit_mod.KAPPA_DRIFT, audit_mod.KAPPA_EDGE,
-                                                        audit_mod.KAPPA_CORRECT) for r in records(*layer_sources)}
+    layers = {(r["model"], r["bits"], r["grid"]): layer_score(r) for r in records(*layer_sources)}
 
     def zmax(r, fam, floor, robust=False):
         f = torch.tensor(r["probe"]["rtn"], dtype=torch.float64)
@@ -627,15 +639,11 @@ def fit_twins(path: str, layer_sources: list[str]) -> None:
     thr = audit_mod.DEFAULT_THRESHOLD
     clean_cal = [r for r in xs if r["half"] == "calibration" and r["kind"] == "clean"]
     for var in ("sr", "dither", "sr_robust", "dither_robust"):
-        lo, hi = 0.0, 1.0
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if min(2 * p_probe(r, var, mid) for r in clean_cal) >= 1 / len(clean_cal) else (mid, hi)
+        hi = smallest_floor(lambda fl: min(2 * p_probe(r, var, fl) for r in clean_cal) >= 1 / len(clean_cal))
         line = f"{var:14s} floor fitted {hi:.4f}, at 2x:"
         for half in dict.fromkeys(r["half"] for r in xs):
             rs = [r for r in xs if r["half"] == half and (r["model"], r["bits"], r["grid"]) in layers]
-            sc = {id(r): -math.log10(max(1e-300, min(1.0, 2 * min(10 ** -layers[r["model"], r["bits"], r["grid"]],
-                                                                  p_probe(r, var, 2 * hi))))) for r in rs}
+            sc = {id(r): combined_score(layers[r["model"], r["bits"], r["grid"]], p_probe(r, var, 2 * hi)) for r in rs}
             w, c = [r for r in rs if working(r)], [r for r in rs if r["kind"] == "clean"]
             line += (f"  {half}: working {sum(sc[id(r)] > thr for r in w)}/{len(w)}, clean "
                      f"{sum(sc[id(r)] > thr for r in c)}/{len(c)} (max {max((sc[id(r)] for r in c), default=0):.2f})")
@@ -643,10 +651,9 @@ def fit_twins(path: str, layer_sources: list[str]) -> None:
 
 
 def rescore(counts: str, src: str, dst: str) -> None:
-    """Round 4, reference only: the records of ``src`` with their probe replaced by the one the
-    library's code computes from ``--twins``' counts of round to nearest and the dithered twins (drawn
-    in another order than the library draws them), at the library's PROBE_FLOOR; audits without counts
-    are left out."""
+    """Round 4, reference only: the records of ``src`` with their probe replaced by the one round 4's
+    library computed from ``--twins``' counts of round to nearest and the dithered twins (drawn in
+    another order than the library draws them), at round 4's floor; audits without counts are left out."""
     xs = {(r["model"], r["bits"], r["grid"]): r for r in records(counts)}
     kept = 0
     with open(dst, "w") as f:
@@ -657,7 +664,7 @@ def rescore(counts: str, src: str, dst: str) -> None:
             rtn = torch.tensor(x["probe"]["rtn"], dtype=torch.float64)
             t = torch.tensor(x["probe"]["dither"], dtype=torch.float64)
             m = t.mean(0)
-            z = (rtn - m) / (m + 1 + t.var(0) + (audit_mod.PROBE_FLOOR * x["n"]) ** 2).sqrt()
+            z = (rtn - m) / (m + 1 + t.var(0) + (ROUND4_PROBE_FLOOR * x["n"]) ** 2).sqrt()
             k = int(z.argmax())
             pi, cls = divmod(k, z.shape[1])
             r["probe"] = {"z": float(z.max()), "p": min(1.0, z.numel() * audit_mod._p_upper(float(z.max()))),

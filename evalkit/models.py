@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SmallCNN", "LeNet", "DepthwiseCNN", "MLP", "SmallResNet", "resnet18_cifar", "BasicBlock", "ResNet", "TinyTransformer"]
+__all__ = ["SmallCNN", "LeNet", "DepthwiseCNN", "MLP", "SmallResNet", "resnet18_cifar", "BasicBlock", "ResNet",
+           "TinyTransformer"]
 
 
 def _cbr(cin: int, cout: int) -> list[nn.Module]:

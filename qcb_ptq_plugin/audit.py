@@ -27,8 +27,8 @@ the same for every architecture, layer size, bit width and weight grid:
 
 Each becomes a z-score (drift: log(X / E0[X]) over sqrt(KAPPA_DRIFT² + Var0[X] / E0[X]²); edges:
 the share's excess over sqrt(binomial variance + KAPPA_EDGE²); correctability: log(null ratio /
-model ratio) over sqrt(KAPPA_CORRECT² + the null draws' own spread), see :func:`_z_correct`). The floors stand for how far clean
-models stray from the exact null; they were fitted on the clean models of one half of
+model ratio) over sqrt(KAPPA_CORRECT² + the null draws' own spread), see :func:`_z_correct`). The
+floors stand for how far clean models stray from the exact null; they were fitted on the clean models of one half of
 ``benchmarks/bench_audit.py`` (then doubled for the edge of that half's range) and checked on
 the other half and on held-out architectures (``benchmarks/results/audit_round1.md``), then on a
 fresh set scored once after the second round's constants were committed
@@ -148,9 +148,8 @@ LIMITS = ("The audit compares round-to-nearest with weights placed at random in 
           "float and integer activations on benign data (the adaptive attack); only the probe can, and only for patch "
           "triggers, and it discounts what the INT model already does without a patch, so a backdoor that also leaks "
           "onto clean inputs (a drop in INT accuracy shows it) can pass. A backdoor the float model already carries "
-          "is not its business. Calibration data with fewer "
-          "samples (x positions) than a layer's fan-in is warned about: the statistics lose power. 'not exposed' is "
-          "evidence, not proof: purify anyway.")
+          "is not its business. Calibration data with fewer samples (x positions) than a layer's fan-in is warned "
+          "about: the statistics lose power. 'not exposed' is evidence, not proof: purify anyway.")
 
 
 @dataclass
