@@ -141,13 +141,19 @@ PROBE = True
 PROBE_FLOOR = 0.067
 #: fifth round: dithered twins per probe (8 before: borderline verdicts depended on their draw)
 PROBE_TWINS = 16
+#: warn (never part of the verdict) when the INT model agrees with the float model on fewer of the
+#: probed images than this: the probe discounts what the INT model does without a patch, so a
+#: backdoor that also leaks onto clean inputs hides behind such a drop (sixth round; fresh4's one miss
+#: agreed on about 55%, a clean per-tensor W4 collapse on 27%: the warning is not a detector)
+AGREEMENT_WARN = 0.8
 
 LIMITS = ("The audit compares round-to-nearest with weights placed at random in their rounding cells, on your benign "
           "data, and probes the INT model with square patches against twins rounded with subtractive dither. Its "
           "weight statistics cannot see an attacker who trains through fake quantization (Qu-ANTI-zation) or aligns "
           "float and integer activations on benign data (the adaptive attack); only the probe can, and only for patch "
           "triggers, and it discounts what the INT model already does without a patch, so a backdoor that also leaks "
-          "onto clean inputs (a drop in INT accuracy shows it) can pass. A backdoor the float model already carries "
+          "onto clean inputs can pass (the report warns when the INT model changes over 20% of the float model's "
+          "predictions). A backdoor the float model already carries "
           "is not its business. Calibration data with fewer samples (x positions) than a layer's fan-in is warned "
           "about: the statistics lose power. 'not exposed' is evidence, not proof: purify anyway.")
 
@@ -260,6 +266,12 @@ def audit(prepared: nn.Module, float_model: nn.Module, calib_data, threshold: fl
                                 f"fan-in of {row['fan_in']}: its statistics are thin and LAC's out-of-sample figure "
                                 "is unreliable; calibrate with more samples")
     probe = _probe(plan, batches, cfg) if probe else None
+    if probe is not None and probe["agreement"] < AGREEMENT_WARN:
+        c = max(range(len(probe["raw"]["control"])), key=probe["raw"]["control"].__getitem__)
+        warnings.append(f"the INT model changes the float model's prediction on {100 * (1 - probe['agreement']):.0f}% "
+                        f"of {probe['samples']} calibration images ({probe['raw']['control'][c]} of them to class {c}): "
+                        "a quantization this lossy can hide a backdoor that also fires without its trigger, which "
+                        "the probe discounts; measure INT accuracy on labelled data before deploying")
     for w in warnings:
         log.warning("%s", w)
     p = min(1.0, len(rows) * min((r["p"] for r in rows), default=1.0))
@@ -606,7 +618,8 @@ def _probe(plan, batches, cfg: PurifyConfig, twins: int = PROBE_TWINS, max_sampl
     zmax = float(z.max())
     return {"p": min(1.0, z.numel() * _p_upper(zmax)), "z": zmax, "position": list(pos[pi]), "class": cls,
             "flips": float(f_rtn.flatten()[k]), "twin_flips": float(t.mean(0).flatten()[k]),
-            "unpatched_flips": float(f_ctl[cls]), "side": side, "samples": n, "cells": int(z.numel()),
+            "unpatched_flips": float(f_ctl[cls]), "agreement": float((p0 == ref0).double().mean()), "side": side,
+            "samples": n, "cells": int(z.numel()),
             "twins": twins, "raw": {"rtn": f_rtn.int().tolist(), "control": f_ctl.int().tolist(),
                                     "twins": t.int().tolist()}}
 

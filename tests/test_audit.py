@@ -49,6 +49,7 @@ def test_planted_qcb_is_exposed_and_clean_model_is_not(qcb_w4, clean_cnn, digits
         clean = qcb_ptq_plugin.audit(prepare_calibrated(clean_cnn, calib, bits, mapping), clean_cnn, calib)
         assert not clean.exposed, (bits, backend, clean.score)
         assert clean.probe["p"] > 1e-3, (bits, backend, clean.probe)
+        assert not any("changes the float model's prediction" in w for w in clean.warnings), clean.warnings
         assert clean.p_value > report.p_value
 
 
@@ -96,6 +97,25 @@ def test_calibration_smaller_than_fan_in_is_warned(clean_cnn, digits, caplog):
     enough = digits.calibration(256)
     assert not any("fan-in" in w for w in qcb_ptq_plugin.audit(prepare_calibrated(clean_cnn, enough), clean_cnn,
                                                                enough).warnings)
+
+
+def test_lossy_quantization_is_warned_about(clean_cnn, digits):
+    """A backdoor that also fires without its trigger hides behind the probe's no-patch control: the
+    report warns (outside the verdict) when the INT model changes many of the float model's predictions.
+    Checked against the converted model on the qnnpack engine: with 3-bit per-tensor weights it changes
+    about half of them (the simulator a quarter: torch keeps the code round(absmax / scale) = 4 that
+    the 3-bit grid clamps to 3). At 8 and 4 bits none is warned about (the first test)."""
+    calib = digits.calibration(256)
+    x = calib[:128]
+    report = qcb_ptq_plugin.audit(prepare_calibrated(clean_cnn, calib, 3, attacks.qnnpack_qconfig_mapping(3)),
+                                  clean_cnn, calib)
+    int_model = attacks.quantize_fx_qnnpack(clean_cnn, calib, 3)[0]
+    with torch.no_grad():
+        changed = (int_model(x).argmax(-1) != clean_cnn(x).argmax(-1)).double().mean().item()
+    warned = [w for w in report.warnings if "changes the float model's prediction" in w]
+    assert changed > 0.2 and report.probe["agreement"] < 0.8 and len(warned) == 1, (changed, report.warnings)
+    assert f"{100 * (1 - report.probe['agreement']):.0f}% of 128 calibration images" in warned[0]
+    assert warned[0] in report.table()
 
 
 class _Reflect(nn.Module):
