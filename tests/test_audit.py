@@ -49,7 +49,7 @@ def test_planted_qcb_is_exposed_and_clean_model_is_not(qcb_w4, clean_cnn, digits
         clean = qcb_ptq_plugin.audit(prepare_calibrated(clean_cnn, calib, bits, mapping), clean_cnn, calib)
         assert not clean.exposed, (bits, backend, clean.score)
         assert clean.probe["p"] > 1e-3, (bits, backend, clean.probe)
-        assert not any("changes the float model's prediction" in w for w in clean.warnings), clean.warnings
+        assert not clean.warnings, clean.warnings  # none lossy (> 20% of predictions changed), none below 4 bits
         assert clean.p_value > report.p_value
 
 
@@ -116,6 +116,8 @@ def test_lossy_quantization_is_warned_about(clean_cnn, digits):
     assert changed > 0.2 and report.probe["agreement"] < 0.8 and len(warned) == 1, (changed, report.warnings)
     assert f"{100 * (1 - report.probe['agreement']):.0f}% of 128 calibration images" in warned[0]
     assert warned[0] in report.table()
+    # and it says its floors were not fitted at 3 bits (this clean model's probe scores over the threshold)
+    assert any(w.startswith("3-bit weights: the audit's floors were fitted at 4 and 8 bits") for w in report.warnings)
 
 
 class _Reflect(nn.Module):
