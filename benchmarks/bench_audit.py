@@ -902,6 +902,10 @@ def write_rounds(args) -> None:
     for bits, grid in SETTINGS:
         sub = [r for r in head if r["bits"] == bits and r["grid"] == grid]
         lines.append(f"| W{bits}A8 {grid} | " + " | ".join(rates(sub, thr)) + " |")
+    lines += ["", f"{sets[0][0]}, by architecture:", "", "| architecture | detection, working | detection, dormant | "
+              "false positives |", "|---|---:|---:|---:|"]
+    for arch in dict.fromkeys(r["arch"] for r in head):
+        lines.append(f"| {arch} | " + " | ".join(rates([r for r in head if r["arch"] == arch], thr)) + " |")
     for label, rs in sets:
         lines += _by_attack(f"{label}, by attack", rs, thr)
     seen, clean_all = set(), []
@@ -934,7 +938,7 @@ def write_rounds(args) -> None:
                      f"{100 * max(u['edge_share'] for u in r['units']):.0f} | {other:.1e} | {probe} | {r['score']:.2f} | "
                      f"{'EXPOSED' if r['score'] > thr else 'not exposed'} |")
     lines += ["", "Recipes (`benchmarks/bench_audit.py`, `RECIPES`; arch-dataset-kind-seed; target class = seed mod 10):", ""]
-    for half in ("fresh4", "fresh3", "fresh2", "fresh", "calibration"):
+    for half in ("fresh5", "fresh4", "fresh3", "fresh2", "fresh", "calibration"):
         lines.append(f"- {half}: " + ", ".join(r.name for r in RECIPES if r.half == half))
     lines += ["- evaluation and held-out: see `audit_round1.md`", ""]
     lines += NOTES
