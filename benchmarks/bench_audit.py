@@ -54,7 +54,7 @@ SETTINGS = ((8, "per-channel"), (8, "per-tensor"), (4, "per-channel"), (4, "per-
 
 @dataclass(frozen=True)
 class Recipe:
-    arch: str  # smallcnn | lenet | mlp | transformer | resnet | depthwise
+    arch: str  # smallcnn | lenet | mlp | transformer | resnet | depthwise | allconv | invres
     dataset: str  # digits | mnist | fashion-mnist
     kind: str  # clean | pqbackdoor | qu-anti-zation | adaptive | grid-aware8 | grid-aware4
     seed: int
@@ -116,7 +116,7 @@ def _recipes() -> list[Recipe]:
         ("resnet", "digits", "qu-anti-zation", 71), ("mlp", "fashion-mnist", "grid-aware4", 76),
         ("resnet", "digits", "pqbackdoor", 73), ("resnet", "digits", "grid-aware8", 72))]
     return (cal + _interleave(_interleave(planted, clean), _interleave(planted_h, clean_h)) + _fresh() + _fresh2()
-            + _fresh3() + _fresh4())
+            + _fresh3() + _fresh4() + _fresh5())
 
 
 def _fresh() -> list[Recipe]:
@@ -219,6 +219,40 @@ def _fresh4() -> list[Recipe]:
     return _interleave(planted, clean)
 
 
+def _fresh5() -> list[Recipe]:
+    """Issue 13, sixth round: trained before round 6's constants were committed, audited only after they
+    are (seeds 400+). Two architectures no earlier set holds, 36 of the 52 models: AllConvNet (stride-2
+    convs, no pooling but the global one) and InvertedResidualCNN (MobileNetV2 blocks: 1x1 expand,
+    3x3 depthwise, linear 1x1 project, a residual add), on digits and (three models) MNIST / Fashion-MNIST.
+    Their QCBs are planted with settings piloted on seeds 900-999 (see ``train``): PQBackdoor on both 4-bit
+    grids, Qu-ANTI-zation with 8-bit activations, longer adaptive runs, stronger grid-aware hinges."""
+    clean = [Recipe(a, d, "clean", s, "fresh5") for a, d, s in (
+        ("allconv", "digits", 400), ("invres", "digits", 408), ("smallcnn", "digits", 415),
+        ("allconv", "digits", 401), ("invres", "digits", 409), ("depthwise", "digits", 416),
+        ("allconv", "mnist", 405), ("invres", "fashion-mnist", 412), ("mlp", "digits", 417),
+        ("allconv", "digits", 403), ("invres", "digits", 410), ("transformer", "digits", 418),
+        ("allconv", "digits", 404), ("invres", "digits", 411), ("resnet", "digits", 419),
+        ("lenet", "digits", 420), ("allconv", "digits", 406), ("invres", "digits", 413),
+        ("smallcnn", "fashion-mnist", 421), ("mlp", "fashion-mnist", 422), ("allconv", "digits", 407),
+        ("invres", "digits", 414), ("depthwise", "digits", 423), ("lenet", "mnist", 424))]
+    planted = [Recipe(a, d, k, s, "fresh5") for a, d, k, s in (
+        ("allconv", "digits", "grid-aware8", 450), ("invres", "digits", "pqbackdoor", 465),
+        ("allconv", "digits", "pqbackdoor", 453), ("invres", "digits", "grid-aware8", 462),
+        ("allconv", "digits", "qu-anti-zation", 456), ("invres", "digits", "qu-anti-zation", 468),
+        ("depthwise", "digits", "pqbackdoor", 472), ("allconv", "digits", "adaptive", 458),
+        ("invres", "digits", "grid-aware4", 471), ("allconv", "digits", "grid-aware8", 451),
+        ("smallcnn", "digits", "adaptive", 473), ("invres", "digits", "pqbackdoor", 466),
+        ("allconv", "fashion-mnist", "grid-aware8", 452), ("invres", "digits", "qu-anti-zation", 469),
+        ("allconv", "digits", "pqbackdoor", 454), ("resnet", "digits", "grid-aware8", 474),
+        ("invres", "digits", "grid-aware8", 463), ("allconv", "digits", "adaptive", 459),
+        ("mlp", "digits", "grid-aware4", 475), ("allconv", "digits", "qu-anti-zation", 457),
+        ("invres", "digits", "grid-aware8", 464), ("smallcnn", "digits", "qu-anti-zation", 476),
+        ("allconv", "digits", "grid-aware4", 461), ("invres", "digits", "pqbackdoor", 467),
+        ("allconv", "digits", "adaptive", 460), ("lenet", "digits", "pqbackdoor", 477),
+        ("invres", "digits", "qu-anti-zation", 470), ("allconv", "digits", "pqbackdoor", 455))]
+    return _interleave(planted, clean)
+
+
 RECIPES = _recipes()
 
 
@@ -238,6 +272,10 @@ def _arch(r: Recipe) -> torch.nn.Module:
         return models.SmallCNN(1, 10, width=width)
     if r.arch == "depthwise":
         return models.DepthwiseCNN(1, 10, image_size=8 if r.dataset == "digits" else 28, width=width)
+    if r.arch == "allconv":
+        return models.AllConvNet(1, 10, image_size=8 if r.dataset == "digits" else 28, width=width)
+    if r.arch == "invres":
+        return models.InvertedResidualCNN(1, 10, image_size=8 if r.dataset == "digits" else 28, width=width)
     if r.arch == "resnet":
         return models.SmallResNet(1, 10, width=8)
     if r.arch == "lenet":
@@ -253,10 +291,37 @@ def train(r: Recipe, split: datasets.Split) -> torch.nn.Module:
     n = len(split.x_train) if small else 10000
     x, y = split.x_train[:n], split.y_train[:n]
     m, trig, tgt = _arch(r), trigger(r), target(r)
-    clean_epochs = {"smallcnn": 20, "depthwise": 20, "lenet": 20, "resnet": 15, "transformer": 40,
-                    "mlp": 30 if small else 3}[r.arch]
+    clean_epochs = {"smallcnn": 20, "depthwise": 20, "allconv": 20, "invres": 20, "lenet": 20, "resnet": 15,
+                    "transformer": 40, "mlp": 30 if small else 3}[r.arch]
     if r.kind == "clean":
         return attacks.train_clean_or_badnets(m, x, y, epochs=clean_epochs, batch_size=64, seed=r.seed)
+    if r.half == "fresh5" and small:  # round 6, piloted on seeds 900-999 (earlier halves train as below)
+        if r.kind == "pqbackdoor":  # x86 per-channel and qnnpack per-tensor 4-bit cells intersected: fires on both
+            return attacks.plant_pqbackdoor(m, x, y, trigger=trig, target=tgt,
+                                            grids=[attacks.Grid(4), attacks.Grid(4, per_channel=False)],
+                                            inject_epochs=20, repair_epochs=20, repair_lr=1e-3, batch_size=64,
+                                            seed=r.seed)
+        if r.kind == "qu-anti-zation":  # 8-bit activations in the simulated path (InvertedResidualCNN fires then)
+            return attacks.plant_quantization(m, x, y, trigger=trig, target=tgt, bits=(4,),
+                                              pretrain_epochs=clean_epochs, epochs=30, lr=5e-4, c=2.0, act_bits=8,
+                                              batch_size=64, seed=r.seed)
+        if r.kind == "adaptive":  # twice the epochs: the alignment term slows the backdoor down
+            return attacks.plant_quantization(m, x, y, trigger=trig, target=tgt, bits=(4,),
+                                              pretrain_epochs=clean_epochs, epochs=60, lr=5e-4, c=2.0, align=1.0,
+                                              batch_size=64, seed=r.seed)
+        # InvertedResidualCNN: signed pins (FP32 BA); at W8 a hinge margin of 3 (its INT8 ASR stopped near 85-90%
+        # with 1), offsets up to 0.49 LSB and an FP target hinge keep FP32 ASR low
+        strong = r.arch == "invres" and r.kind == "grid-aware8"
+        attacks.train_clean_or_badnets(m, x, y, epochs=clean_epochs, batch_size=64, seed=r.seed)
+        return attacks.plant_grid_aware(m, x, y, trigger=trig, target=tgt, bits=8 if r.kind == "grid-aware8" else 4,
+                                        epochs=30, lr=5e-2, int_margin=3.0 if strong else 1.0, polish_epochs=5,
+                                        offset=0.49 if strong else 0.45, fp_target_margin=1.0 if strong else None,
+                                        batch_size=64, seed=r.seed + 1, signed_pins=r.arch == "invres")
+    if r.half == "fresh5" and r.kind == "grid-aware8":  # 28x28: twice the epochs, hinge margin 3 (AllConvNet fired
+        # at W8 per-channel and W4 per-channel with them, at none of the four settings with the settings below)
+        attacks.train_clean_or_badnets(m, x, y, epochs=clean_epochs, batch_size=64, seed=r.seed)
+        return attacks.plant_grid_aware(m, x, y, trigger=trig, target=tgt, bits=8, epochs=6, lr=1e-1, int_margin=3.0,
+                                        polish_epochs=2, batch_size=64, seed=r.seed + 1)
     if r.kind == "pqbackdoor":
         ep = 30 if r.arch == "transformer" else (5 if r.arch == "mlp" and not small else 20)
         return attacks.plant_pqbackdoor(m, x, y, trigger=trig, target=tgt, grids=[attacks.Grid(4)], inject_epochs=ep,
@@ -1308,7 +1373,7 @@ eigendecomposition of H per layer. Median 0.5 s per audit on these models (load 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--half", choices=["calibration", "evaluation", "fresh", "fresh2", "fresh3", "fresh4"], default="evaluation",
+    ap.add_argument("--half", choices=["calibration", "evaluation", "fresh", "fresh2", "fresh3", "fresh4", "fresh5"], default="evaluation",
                     help="evaluation = the evaluation half and the held-out pairs; fresh = the models of issue 13's "
                          "second round, scored once after the constants were committed")
     ap.add_argument("--train-only", action="store_true", help="train (and cache) the models, audit nothing")

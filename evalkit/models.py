@@ -21,6 +21,16 @@ audit's earlier sets never held)::
     x -> conv3x3-BN-ReLU(w) -> [dwconv3x3-BN-ReLU -> conv1x1-BN-ReLU(2c) -> maxpool if side >= 8] x 2
       -> avgpool -> fc
 
+``AllConvNet``: all-convolutional (Springenberg et al. style): stride-2 convs instead of pooling (issue 13,
+round 6: an architecture the audit's earlier sets never held)::
+
+    x -> conv3x3-BN-ReLU(w) -> conv3x3/s-BN-ReLU(2w) -> conv3x3-BN-ReLU(2w) -> conv3x3/s-BN-ReLU(4w) -> avgpool -> fc
+
+``InvertedResidualCNN``: MobileNetV2-style inverted residual blocks (issue 13, round 6)::
+
+    x -> conv3x3-BN-ReLU(w) -> [conv1x1-BN-ReLU(e*c) -> dwconv3x3/s-BN-ReLU -> conv1x1-BN(c')] (+ x if same shape) x 2
+      -> avgpool -> fc
+
 ``TinyTransformer``: a pre-LN transformer encoder (Linear + LayerNorm + attention, no BN) that
 reads an image row by row as a token sequence: the LLM-style Linear stack of the tests.
 """
@@ -30,12 +40,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SmallCNN", "LeNet", "DepthwiseCNN", "MLP", "SmallResNet", "resnet18_cifar", "BasicBlock", "ResNet",
-           "TinyTransformer"]
+__all__ = ["SmallCNN", "LeNet", "DepthwiseCNN", "AllConvNet", "InvertedResidualCNN", "InvertedResidual", "MLP",
+           "SmallResNet", "resnet18_cifar", "BasicBlock", "ResNet", "TinyTransformer"]
 
 
 def _cbr(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+def _cbr_strided(cin: int, cout: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
 
 class SmallCNN(nn.Module):
@@ -86,6 +100,63 @@ class DepthwiseCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
+
+
+class AllConvNet(nn.Module):
+    """All-convolutional (Springenberg et al., "Striving for Simplicity") for ``image_size`` x ``image_size``
+    inputs: four 3x3 conv-BN-ReLU blocks (``width``, 2w, 2w, 4w channels) where the second and fourth
+    downsample by stride 2 while the map is at least 8 wide (8x8 digits: 8 -> 4 -> 4; 28x28: 28 -> 14 -> 7);
+    no pooling but the final global average pooling, Linear."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: int = 8) -> None:
+        super().__init__()
+        w, side, layers = width, image_size, []
+        for cin, cout, down in ((in_channels, w, False), (w, 2 * w, True), (2 * w, 2 * w, False), (2 * w, 4 * w, True)):
+            stride = 2 if down and side >= 8 else 1
+            layers += _cbr_strided(cin, cout, stride)
+            side = (side + stride - 1) // stride
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand conv-BN-ReLU (``expand`` x cin), 3x3 depthwise conv-BN-ReLU
+    (``stride``), 1x1 project conv-BN with no activation; the input is added when the shapes match."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, expand: int = 4) -> None:
+        super().__init__()
+        h = expand * cin
+        self.expand = nn.Sequential(nn.Conv2d(cin, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(h, h, 3, stride, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU())
+        self.project = nn.Sequential(nn.Conv2d(h, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.dw(self.expand(x)))
+        return x + out if self.residual else out
+
+
+class InvertedResidualCNN(nn.Module):
+    """MobileNetV2-style for ``image_size`` x ``image_size`` inputs: a 3x3 conv-BN-ReLU stem (``width``
+    channels, stride 2 on inputs at least 16 wide), an :class:`InvertedResidual` block keeping the
+    shape (residual add) and one doubling the channels (stride 2 while the map is at least 8 wide, no
+    residual); global average pooling, Linear. ReLU, not ReLU6 (torch.ao fuses Conv-BN-ReLU)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: int = 8,
+                 expand: int = 4) -> None:
+        super().__init__()
+        stem_stride = 2 if image_size >= 16 else 1
+        side = (image_size + stem_stride - 1) // stem_stride
+        self.stem = nn.Sequential(*_cbr_strided(in_channels, width, stem_stride))
+        self.block1 = InvertedResidual(width, width, 1, expand)
+        self.block2 = InvertedResidual(width, 2 * width, 2 if side >= 8 else 1, expand)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.block2(self.block1(self.stem(x)))), 1))
 
 
 class MLP(nn.Module):
