@@ -220,8 +220,9 @@ def _fresh4() -> list[Recipe]:
 
 
 def _fresh5() -> list[Recipe]:
-    """Issue 13, sixth round: trained before round 6's constants were committed, audited only after they
-    are (seeds 400+). Two architectures no earlier set holds, 36 of the 52 models: AllConvNet (stride-2
+    """Issue 13, sixth round: a second set for round 5's verdict, unchanged (its constants were committed,
+    7a24e07, before these recipes were written; round 6 added warnings outside the verdict), audited once
+    (seeds 400+). Two architectures no earlier set holds, 36 of the 52 models: AllConvNet (stride-2
     convs, no pooling but the global one) and InvertedResidualCNN (MobileNetV2 blocks: 1x1 expand,
     3x3 depthwise, linear 1x1 project, a residual add), on digits and (three models) MNIST / Fashion-MNIST.
     Their QCBs are planted with settings piloted on seeds 900-999 (see ``train``): PQBackdoor on both 4-bit
@@ -1062,6 +1063,11 @@ COMMANDS = [
     "# reference: seen sets re-audited with round 5's code (layer statistics and probe; plain-INT figures reused)",
     "python benchmarks/bench_audit.py --half calibration --jsonl benchmarks/results/audit_calibration5.jsonl "
     "--reuse benchmarks/results/audit_calibration4.jsonl   # likewise fresh3, fresh2, fresh -> audit_*_r5.jsonl",
+    "# round 6: round 5's verdict unchanged (two warnings added outside it); fresh5 recipes committed (3198eba), "
+    "trained, then audited once, two processes from both ends (merged):",
+    "python benchmarks/bench_audit.py --half fresh5 --train-only",
+    "python benchmarks/bench_audit.py --half fresh5 --jsonl benchmarks/results/audit_fresh5.jsonl "
+    "--shared /tmp/r6/fresh5_b.jsonl   # and --reverse --jsonl /tmp/r6/fresh5_b.jsonl --shared <this>",
 ]
 
 
