@@ -1075,8 +1075,9 @@ NOTES = """## Notes (hand-written)
 
 **Round 6 (the headline): round 5's verdict, unchanged, on a second set built after it, fresh5.** Nothing
 in the verdict changed after 7a24e07 (round 5's constants). Round 6 added two warnings outside it
-(03633e4, 0cfa709): the report warns when the INT model changes over 20% of the float model's predictions
-on the probed images (the probe's no-patch control lets a QCB that leaks onto clean inputs pass, fresh4's
+(03633e4, 0cfa709; reworded after the audits, same rule): the report warns when round to nearest, as the
+audit simulates the INT model, changes over 20% of the float model's predictions on the first 128
+calibration samples (the probe's no-patch control lets a QCB that leaks onto clean inputs pass, fresh4's
 one miss), and below 4 bits (floors fitted at 8 and 4 bits only; a clean 6-epoch SmallCNN with 3-bit
 per-tensor weights scores 3.3 by the probe). Before any fresh5 audit, the looked-at data for the first
 warning was fresh4's s369 and fresh3's s223 (both flip about 45% of predictions; the positions and twins
@@ -1085,24 +1086,27 @@ and +22 for the twins, s223's bottom-edge bump +23 and +5, with floor x n = 8.6)
 warning and not a statistic. fresh5's 52 recipes (3198eba) were written and trained by a helper after
 7a24e07 on two architectures no set held, `AllConvNet` (stride-2 convs, no pooling but the global one) and
 `InvertedResidualCNN` (MobileNetV2 blocks: 1x1 expand, 3x3 depthwise, linear 1x1 project, a residual add),
-36 of the 52 models; its attack settings were piloted on seeds 900-944 so that QCBs fire on them (fresh4's
-depthwise QCBs mostly did not), with no audit of any pilot. fresh5 was audited once (09:25-10:03 UTC, two
-processes, 1 thread each, load 2-4 with the test suite running beside them).
+36 of the 52 models; its attack settings were piloted on seeds 900-944 (of the reserved 900-999) so that
+QCBs fire on them (fresh4's depthwise QCBs mostly did not), with no audit of any pilot. fresh5 was
+audited once (09:25-10:03 UTC, two processes, 1 thread each, load 2-4 with the test suite running beside
+them).
 **fresh5: working 41/41, dormant 41/41, clean 0/96** (highest clean score 0.41; no clean audit with p < 0.1).
 On the two new architectures: **37/37 working, 0/56 clean**. By attack: grid-aware8 20/20, PQBackdoor
 11/11, grid-aware4 6/6, Qu-ANTI-zation 3/3, adaptive 1/1; lowest working score 6.2. The weight statistics
 flagged 37 of the 41, the probe alone 4 (the Qu-ANTI-zation and adaptive ones). *Caveat*: fresh5's working
 audits are mostly of the kinds the weight statistics see (37 of 41); QCBs trained through fake
-quantization rarely fired on the new architectures (3 of 24 Qu-ANTI-zation audits, 1 of 16 adaptive), so
-the probe's share of the claim rests on few audits. **Round 5's code on the two sets built after it
-(fresh4 + fresh5): working 59/60 (98.3%), clean 0/192; on the three architectures no earlier set held
-(DepthwiseCNN, AllConvNet, InvertedResidualCNN): 38/39 (97.4%), 0/88.** Fake-quantization kinds over both:
-Qu-ANTI-zation 7/8, adaptive 3/3. The new warning fired on 13 of fresh5's 208 audits, all at W4: 6 clean
-(e.g. AllConvNet/MNIST s405 per-tensor, INT accuracy 95.8 -> 40.5%; InvertedResidualCNN/Fashion s412
-per-tensor, 86.0 -> 30.8%) and 7 planted (one working, flagged anyway): the warned audits lost 4.9-55
-points of INT accuracy, while unwarned ones lost up to 18 (a drop on the test set need not reach 20%
-changed predictions on 128 calibration images): it is a prompt, not a measurement. Audit time at one thread under that load: median 9 s; 5 s
-AllConvNet and 21 s InvertedResidualCNN on 8x8 digits; 89 s and 214 s on 28x28.
+quantization rarely fired (Qu-ANTI-zation 3 of 24 audits, adaptive 1 of 16; on the new architectures 2 of
+20 and 1 of 12), so the probe's share of the claim rests on few audits. **Round 5's code on the two sets
+built after it (fresh4 + fresh5): working 59/60 (98.3%), clean 0/192; on the three architectures no
+earlier set held (DepthwiseCNN, AllConvNet, InvertedResidualCNN): 38/39 (97.4%), 0/88.** Fake-quantization
+kinds over both: Qu-ANTI-zation 7/8, adaptive 3/3, together 10/11 (91%, below the bar on their own, on 11
+audits). The lossy-quantization warning fired on 13 of fresh5's 208 audits, all at W4: 5 clean (e.g.
+AllConvNet/MNIST s405 per-tensor, INT accuracy 95.8 -> 40.5%; InvertedResidualCNN/Fashion s412
+per-tensor, 86.0 -> 30.8%) and 8 planted (one working, flagged anyway): the warned audits lost 4.9-55
+points of INT accuracy on the test set, while unwarned ones lost up to 18 (a drop on the test set need
+not reach 20% changed predictions on 128 calibration samples): it is a prompt, not a measurement. Audit
+time at one thread under that load: median 9 s; on 8x8 digits AllConvNet 2-10 s, InvertedResidualCNN
+8-34 s; on 28x28 AllConvNet 76-92 s, InvertedResidualCNN 128-229 s.
 *Found on the way, not changed*: torch.ao's convert stores the weight code round(absmax / scale) for a
 channel's largest weight without clamping it to the observer's range (it clamps to int8): at 4 bits,
 scale = absmax / 7.5, so the code is 8 outside [-8, 7] (3 bits: 4 outside [-4, 3]); the audit's
@@ -1110,7 +1114,7 @@ simulator clamps it. The simulator and the converted model then agree on 91-93% 
 predictions at W4 (69% at 3 bits per-tensor). Purify's own codes are in range (tests check the converted
 model holds them); the audit's round to nearest is off by one code on one weight per channel at W4.
 
-**Round 5 (the headline): what changed, fitted on seen models, committed (7a24e07) before any fresh4
+**Round 5: what changed, fitted on seen models, committed (7a24e07) before any fresh4
 audit.** fresh4's 52 recipes were committed (94e4f04, 06:23 UTC) and trained (06:25-06:40) while the
 constants below were being fitted; nothing of fresh4 but its training logs was looked at before 7a24e07
 (06:27); its audits ran 06:41-07:29. Changes (`qcb_ptq_plugin/audit.py`):
@@ -1416,7 +1420,8 @@ eigendecomposition of H per layer. Median 0.5 s per audit on these models (load 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--half", choices=["calibration", "evaluation", "fresh", "fresh2", "fresh3", "fresh4", "fresh5"], default="evaluation",
+    ap.add_argument("--half", choices=["calibration", "evaluation", "fresh", "fresh2", "fresh3", "fresh4", "fresh5"],
+                    default="evaluation",
                     help="evaluation = the evaluation half and the held-out pairs; fresh = the models of issue 13's "
                          "second round, scored once after the constants were committed")
     ap.add_argument("--train-only", action="store_true", help="train (and cache) the models, audit nothing")

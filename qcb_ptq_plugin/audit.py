@@ -141,10 +141,11 @@ PROBE = True
 PROBE_FLOOR = 0.067
 #: fifth round: dithered twins per probe (8 before: borderline verdicts depended on their draw)
 PROBE_TWINS = 16
-#: warn (never part of the verdict) when the INT model agrees with the float model on fewer of the
-#: probed images than this: the probe discounts what the INT model does without a patch, so a
-#: backdoor that also leaks onto clean inputs hides behind such a drop (sixth round; fresh4's one miss
-#: agreed on about 55%, a clean per-tensor W4 collapse on 27%: the warning is not a detector)
+#: warn (never part of the verdict) when the INT model, as the audit simulates it, keeps the float
+#: model's prediction on fewer of the first 128 calibration samples than this: the probe discounts what
+#: the INT model does without a patch, so a backdoor that also leaks onto clean inputs hides behind such
+#: a drop (sixth round; fresh4's one miss kept about 55%, a clean per-tensor W4 collapse 27%: the
+#: warning is not a detector)
 AGREEMENT_WARN = 0.8
 
 LIMITS = ("The audit compares round-to-nearest with weights placed at random in their rounding cells, on your benign "
@@ -152,10 +153,11 @@ LIMITS = ("The audit compares round-to-nearest with weights placed at random in 
           "weight statistics cannot see an attacker who trains through fake quantization (Qu-ANTI-zation) or aligns "
           "float and integer activations on benign data (the adaptive attack); only the probe can, and only for patch "
           "triggers, and it discounts what the INT model already does without a patch, so a backdoor that also leaks "
-          "onto clean inputs can pass (the report warns when the INT model changes over 20% of the float model's "
-          "predictions). A backdoor the float model already carries "
-          "is not its business. Calibration data with fewer samples (x positions) than a layer's fan-in is warned "
-          "about: the statistics lose power. 'not exposed' is evidence, not proof: purify anyway.")
+          f"onto clean inputs can pass (the report warns when the INT model changes over {1 - AGREEMENT_WARN:.0%} of "
+          "the float model's predictions). A backdoor the float model already carries is not its business. Its "
+          "floors were fitted at 8 and 4 bits: below 4 a clean model can be flagged (warned about). Calibration "
+          "data with fewer samples (x positions) than a layer's fan-in is warned about: the statistics lose power. "
+          "'not exposed' is evidence, not proof: purify anyway.")
 
 
 @dataclass
@@ -165,7 +167,7 @@ class AuditReport:
     ``score`` = -log10(``p_value``); ``p_value`` bounds the probability that a clean model looks at
     least this exposed (Bonferroni over layers and statistics). ``unsupported``: quantized layers
     the audit could not look at; ``warnings``: layers whose calibration data is thin, data ranges
-    unlike the observers'.
+    unlike the observers', weights below 4 bits, a lossy quantization (:data:`AGREEMENT_WARN`).
     """
 
     exposed: bool
@@ -270,13 +272,10 @@ def audit(prepared: nn.Module, float_model: nn.Module, calib_data, threshold: fl
                 warnings.append(f"{unit.name}: {row['positions']} calibration positions (samples x spatial) for a "
                                 f"fan-in of {row['fan_in']}: its statistics are thin and LAC's out-of-sample figure "
                                 "is unreliable; calibrate with more samples")
+    lossy = _lossy_warning(plan, batches)
+    if lossy:
+        warnings.append(lossy)
     probe = _probe(plan, batches, cfg) if probe else None
-    if probe is not None and probe["agreement"] < AGREEMENT_WARN:
-        c = max(range(len(probe["raw"]["control"])), key=probe["raw"]["control"].__getitem__)
-        warnings.append(f"the INT model changes the float model's prediction on {100 * (1 - probe['agreement']):.0f}% "
-                        f"of {probe['samples']} calibration images ({probe['raw']['control'][c]} of them to class {c}): "
-                        "a quantization this lossy can hide a backdoor that also fires without its trigger, which "
-                        "the probe discounts; measure INT accuracy on labelled data before deploying")
     for w in warnings:
         log.warning("%s", w)
     p = min(1.0, len(rows) * min((r["p"] for r in rows), default=1.0))
@@ -287,6 +286,33 @@ def audit(prepared: nn.Module, float_model: nn.Module, calib_data, threshold: fl
     return AuditReport(exposed=score > threshold, score=score, threshold=threshold, p_value=p, units=rows,
                        top_channels=channels[:top_k], unsupported=unsupported, warnings=warnings, samples=samples,
                        seconds=time.perf_counter() - t0, probe=probe)
+
+
+def _lossy_warning(plan, batches, max_samples: int = 128) -> str | None:
+    """The warning for a lossy quantization: round to nearest, as the audit simulates the INT model,
+    changes the float model's prediction on more than 1 - :data:`AGREEMENT_WARN` of the first
+    ``max_samples`` calibration samples. None otherwise, and where there is no torch simulator or the
+    output is not (batch, classes). (torch.ao's convert can differ from the simulator by one code on a
+    channel's largest weight below 8 bits: it clamps to int8, not to the observer's range.)"""
+    sim, fp = getattr(plan.capture, "simulator", None), getattr(plan.capture, "float_model", None)
+    if sim is None or fp is None or not batches or not all(isinstance(b, torch.Tensor) for b in batches):
+        return None
+    x = torch.cat(list(batches))[:max_samples]
+    with torch.no_grad():
+        out, ref = sim(x), fp(x)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or not isinstance(ref, torch.Tensor) or ref.shape != out.shape:
+        return None
+    pred = out.argmax(-1)
+    changed = pred != ref.argmax(-1)
+    k, n = int(changed.sum()), len(x)
+    if k <= (1 - AGREEMENT_WARN) * n:
+        return None
+    counts = torch.bincount(pred[changed], minlength=out.shape[1])
+    c = int(counts.argmax())
+    return (f"round to nearest (the INT model as the audit simulates it) changes the float model's prediction on {k} "
+            f"of {n} calibration samples ({int(counts[c])} of them to class {c}): a quantization this lossy can hide a "
+            "backdoor that also fires without its trigger, which the probe discounts; measure the deployed model's "
+            "accuracy on labelled data")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,9 +649,7 @@ def _probe(plan, batches, cfg: PurifyConfig, twins: int = PROBE_TWINS, max_sampl
     zmax = float(z.max())
     return {"p": min(1.0, z.numel() * _p_upper(zmax)), "z": zmax, "position": list(pos[pi]), "class": cls,
             "flips": float(f_rtn.flatten()[k]), "twin_flips": float(t.mean(0).flatten()[k]),
-            "unpatched_flips": float(f_ctl[cls]), "agreement": float((p0 == ref0).double().mean()), "side": side,
-            "samples": n, "cells": int(z.numel()),
-            "twins": twins, "raw": {"rtn": f_rtn.int().tolist(), "control": f_ctl.int().tolist(),
+            "unpatched_flips": float(f_ctl[cls]), "side": side, "samples": n, "cells": int(z.numel()), "twins": twins, "raw": {"rtn": f_rtn.int().tolist(), "control": f_ctl.int().tolist(),
                                     "twins": t.int().tolist()}}
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from qcb_ptq_plugin.evalkit import attacks, metrics, models
 from torch import nn
 from torch.ao.quantization.quantize_fx import convert_fx
 
 import qcb_ptq_plugin
-from qcb_ptq_plugin.evalkit import attacks, metrics, models
 from qcb_ptq_plugin.ptq import prepare_fx_calibrated
 
 from .conftest import int_weights

@@ -101,23 +101,24 @@ def test_calibration_smaller_than_fan_in_is_warned(clean_cnn, digits, caplog):
 
 def test_lossy_quantization_is_warned_about(clean_cnn, digits):
     """A backdoor that also fires without its trigger hides behind the probe's no-patch control: the
-    report warns (outside the verdict) when the INT model changes many of the float model's predictions.
-    Checked against the converted model on the qnnpack engine: with 3-bit per-tensor weights it changes
-    about half of them (the simulator a quarter: torch keeps the code round(absmax / scale) = 4 that
-    the 3-bit grid clamps to 3). At 8 and 4 bits none is warned about (the first test)."""
+    report warns (outside the verdict) when round to nearest changes over 20% of the float model's
+    predictions, and that the floors were never fitted below 4 bits. 2-bit per-tensor weights: the
+    converted model on the qnnpack engine changes most predictions. At 8 and 4 bits nothing is warned
+    about (the first test)."""
+    import re
+
     calib = digits.calibration(256)
     x = calib[:128]
-    report = qcb_ptq_plugin.audit(prepare_calibrated(clean_cnn, calib, 3, attacks.qnnpack_qconfig_mapping(3)),
-                                  clean_cnn, calib)
-    int_model = attacks.quantize_fx_qnnpack(clean_cnn, calib, 3)[0]
+    report = qcb_ptq_plugin.audit(prepare_calibrated(clean_cnn, calib, 2, attacks.qnnpack_qconfig_mapping(2)),
+                                  clean_cnn, calib, probe=False)  # the warning does not need the probe
+    int_model = attacks.quantize_fx_qnnpack(clean_cnn, calib, 2)[0]
     with torch.no_grad():
         changed = (int_model(x).argmax(-1) != clean_cnn(x).argmax(-1)).double().mean().item()
     warned = [w for w in report.warnings if "changes the float model's prediction" in w]
-    assert changed > 0.2 and report.probe["agreement"] < 0.8 and len(warned) == 1, (changed, report.warnings)
-    assert f"{100 * (1 - report.probe['agreement']):.0f}% of 128 calibration images" in warned[0]
-    assert warned[0] in report.table()
-    # and it says its floors were not fitted at 3 bits (this clean model's probe scores over the threshold)
-    assert any(w.startswith("3-bit weights: the audit's floors were fitted at 4 and 8 bits") for w in report.warnings)
+    assert changed > 0.5 and len(warned) == 1, (changed, report.warnings)
+    k = int(re.search(r"prediction on (\d+) of 128 calibration samples", warned[0]).group(1))
+    assert k > 0.5 * 128 and warned[0] in report.table()
+    assert any(w.startswith("2-bit weights: the audit's floors were fitted at 4 and 8 bits") for w in report.warnings)
 
 
 class _Reflect(nn.Module):
