@@ -485,11 +485,7 @@ def library_score(rec: dict) -> float:
     has one: from its raw counts with the library's floor where it keeps them)."""
     s = layer_score(rec)
     if rec.get("probe") and "probe" in audit_mod.USED:
-        if "raw" in rec["probe"]:
-            z, n = probe_z(rec, audit_mod.PROBE_FLOOR)
-            p_probe = min(1.0, n * audit_mod._p_upper(z))
-        else:
-            p_probe = rec["probe"]["p"]
+        p_probe = probe_p(rec, audit_mod.PROBE_FLOOR) if "raw" in rec["probe"] else rec["probe"]["p"]
         s = combined_score(s, p_probe)
     return s
 
@@ -554,6 +550,12 @@ def probe_z(rec: dict, floor: float) -> tuple[float, int]:
     return float(z.max()), z.numel()
 
 
+def probe_p(rec: dict, floor: float) -> float:
+    """The probe's p from its raw counts with floor ``floor``, corrected over its cells as ``audit._probe``."""
+    z, n = probe_z(rec, floor)
+    return min(1.0, n * audit_mod._p_upper(z))
+
+
 def _probe_targets(out: str, sources: list[str], cache: Path):
     """(record, plan, images) of the recorded audits in ``sources`` that have a probe and are not in
     ``out`` yet, rebuilt as they were audited (``probe_inputs``), one thread."""
@@ -590,12 +592,8 @@ def fit_probe(*paths: str) -> float:
     ``--write-only`` scores them with the library's floor (``library_score``)."""
     thr = audit_mod.DEFAULT_THRESHOLD
 
-    def p_probe(r, fl):
-        z, n = probe_z(r, fl)
-        return min(1.0, n * audit_mod._p_upper(z))
-
     def p_of(r, fl):  # combined with a layers' p that is no smaller
-        return min(1.0, 2 * p_probe(r, fl))
+        return min(1.0, 2 * probe_p(r, fl))
 
     recs, fits = {path: records(path) for path in paths}, {}
     for path, rs in recs.items():
@@ -609,7 +607,7 @@ def fit_probe(*paths: str) -> float:
     for path, all_rs in recs.items():
         for half in dict.fromkeys(r["half"] for r in all_rs):
             rs = [r for r in all_rs if r["half"] == half]
-            sc = {id(r): combined_score(r["layers"], p_probe(r, floor)) for r in rs}
+            sc = {id(r): combined_score(r["layers"], probe_p(r, floor)) for r in rs}
             w, c = [r for r in rs if working(r)], [r for r in rs if r["kind"] == "clean"]
             print(f"  {Path(path).name} {half}: working {sum(sc[id(r)] > thr for r in w)}/{len(w)}, clean "
                   f"{sum(sc[id(r)] > thr for r in c)}/{len(c)} (max {max((sc[id(r)] for r in c), default=0):.2f})")

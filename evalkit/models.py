@@ -44,11 +44,7 @@ __all__ = ["SmallCNN", "LeNet", "DepthwiseCNN", "AllConvNet", "InvertedResidualC
            "SmallResNet", "resnet18_cifar", "BasicBlock", "ResNet", "TinyTransformer"]
 
 
-def _cbr(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-
-
-def _cbr_strided(cin: int, cout: int, stride: int) -> list[nn.Module]:
+def _cbr(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
 
@@ -113,7 +109,7 @@ class AllConvNet(nn.Module):
         w, side, layers = width, image_size, []
         for cin, cout, down in ((in_channels, w, False), (w, 2 * w, True), (2 * w, 2 * w, False), (2 * w, 4 * w, True)):
             stride = 2 if down and side >= 8 else 1
-            layers += _cbr_strided(cin, cout, stride)
+            layers += _cbr(cin, cout, stride)
             side = (side + stride - 1) // stride
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(4 * w, num_classes)
@@ -150,7 +146,7 @@ class InvertedResidualCNN(nn.Module):
         super().__init__()
         stem_stride = 2 if image_size >= 16 else 1
         side = (image_size + stem_stride - 1) // stem_stride
-        self.stem = nn.Sequential(*_cbr_strided(in_channels, width, stem_stride))
+        self.stem = nn.Sequential(*_cbr(in_channels, width, stem_stride))
         self.block1 = InvertedResidual(width, width, 1, expand)
         self.block2 = InvertedResidual(width, 2 * width, 2 if side >= 8 else 1, expand)
         self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(2 * width, num_classes)

@@ -288,19 +288,29 @@ def audit(prepared: nn.Module, float_model: nn.Module, calib_data, threshold: fl
                        seconds=time.perf_counter() - t0, probe=probe)
 
 
+def _simulated(plan, batches, max_samples: int):
+    """(round-to-nearest simulator, float model, the first ``max_samples`` calibration samples) of a
+    torch plan; None where it has no simulator (ONNX) or there are no samples."""
+    sim, fp = getattr(plan.capture, "simulator", None), getattr(plan.capture, "float_model", None)
+    if sim is None or fp is None or not batches:
+        return None
+    return sim, fp, torch.cat(list(batches))[:max_samples]
+
+
 def _lossy_warning(plan, batches, max_samples: int = 128) -> str | None:
     """The warning for a lossy quantization: round to nearest, as the audit simulates the INT model,
     changes the float model's prediction on more than 1 - :data:`AGREEMENT_WARN` of the first
     ``max_samples`` calibration samples. None otherwise, and where there is no torch simulator or the
     output is not (batch, classes). (torch.ao's convert can differ from the simulator by one code on a
     channel's largest weight below 8 bits: it clamps to int8, not to the observer's range.)"""
-    sim, fp = getattr(plan.capture, "simulator", None), getattr(plan.capture, "float_model", None)
-    if sim is None or fp is None or not batches or not all(isinstance(b, torch.Tensor) for b in batches):
+    models = _simulated(plan, batches, max_samples) if all(isinstance(b, torch.Tensor) for b in batches) else None
+    if models is None:
         return None
-    x = torch.cat(list(batches))[:max_samples]
+    sim, fp, x = models
     with torch.no_grad():
         out, ref = sim(x), fp(x)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or not isinstance(ref, torch.Tensor) or ref.shape != out.shape:
+    if not (isinstance(out, torch.Tensor) and isinstance(ref, torch.Tensor) and out.dim() == 2
+            and ref.shape == out.shape):
         return None
     pred = out.argmax(-1)
     changed = pred != ref.argmax(-1)
@@ -612,11 +622,10 @@ def _probe(plan, batches, cfg: PurifyConfig, twins: int = PROBE_TWINS, max_sampl
     class while the float model does not. A QCB's trigger makes F of its target class large at its
     position for round to nearest only; see :func:`_probe_z` for the score. Torch simulators on 4-D
     inputs only (None otherwise)."""
-    capture = plan.capture
-    sim, fp = getattr(capture, "simulator", None), getattr(capture, "float_model", None)
-    x = torch.cat([b for b in batches])[:max_samples] if batches else None
-    if sim is None or fp is None or x is None or x.dim() != 4 or not plan.units:
+    models = _simulated(plan, batches, max_samples)
+    if models is None or models[2].dim() != 4 or not plan.units:
         return None
+    sim, fp, x = models
     with torch.no_grad():
         out = fp(x[:2])
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
@@ -649,8 +658,8 @@ def _probe(plan, batches, cfg: PurifyConfig, twins: int = PROBE_TWINS, max_sampl
     zmax = float(z.max())
     return {"p": min(1.0, z.numel() * _p_upper(zmax)), "z": zmax, "position": list(pos[pi]), "class": cls,
             "flips": float(f_rtn.flatten()[k]), "twin_flips": float(t.mean(0).flatten()[k]),
-            "unpatched_flips": float(f_ctl[cls]), "side": side, "samples": n, "cells": int(z.numel()), "twins": twins, "raw": {"rtn": f_rtn.int().tolist(), "control": f_ctl.int().tolist(),
-                                    "twins": t.int().tolist()}}
+            "unpatched_flips": float(f_ctl[cls]), "side": side, "samples": n, "cells": int(z.numel()), "twins": twins,
+            "raw": {"rtn": f_rtn.int().tolist(), "control": f_ctl.int().tolist(), "twins": t.int().tolist()}}
 
 
 def _probe_z(f: torch.Tensor, f0: torch.Tensor, t: torch.Tensor, n: int, floor: float = PROBE_FLOOR) -> torch.Tensor:
